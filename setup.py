@@ -1,0 +1,128 @@
+"""Build script: the Python package, plus the optional CUDA extension via CMake.
+
+SPHERE_FAST_BUILD_CUDA selects the extension build:
+  auto (default)  build when nvcc and the cuBLAS/cuSOLVER headers are found,
+                  otherwise install the package without it;
+  1               build it, and fail if it cannot be built;
+  0               never build it.
+CMAKE_ARGS and CMAKE_BUILD_PARALLEL_LEVEL are honoured. torch is never imported.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def nvidia_wheel_roots() -> list[str]:
+    """Folders of the nvidia-* wheels (cuBLAS, cuSOLVER, runtime) in this environment."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    roots = []
+    for base in spec.submodule_search_locations:
+        for sub in sorted(glob.glob(os.path.join(base, "*"))):
+            if os.path.isdir(os.path.join(sub, "include")):
+                roots.append(sub)
+    return roots
+
+
+def find_nvcc() -> str | None:
+    for env in ("CUDACXX",):
+        if os.environ.get(env):
+            return os.environ[env]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_headers_found(nvcc: str, roots: list[str]) -> bool:
+    candidates = [os.path.join(r, "include") for r in roots]
+    candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
+    have = lambda h: any(os.path.exists(os.path.join(c, h)) for c in candidates)
+    return have("cublas_v2.h") and have("cusolverDn.h")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str, source_dir: Path):
+        super().__init__(name, sources=[])
+        self.source_dir = str(source_dir)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        mode = os.environ.get("SPHERE_FAST_BUILD_CUDA", "auto").strip().lower()
+        if mode not in ("auto", "0", "1"):
+            raise SystemExit(f"SPHERE_FAST_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
+        if mode == "0":
+            print("sphere_fast: SPHERE_FAST_BUILD_CUDA=0, skipping the CUDA extension")
+            return
+        nvcc = find_nvcc()
+        roots = nvidia_wheel_roots()
+        if nvcc is None or not cuda_headers_found(nvcc, roots):
+            why = "nvcc not found" if nvcc is None else "cuBLAS/cuSOLVER headers not found"
+            if mode == "1":
+                raise SystemExit(f"sphere_fast: cannot build the CUDA extension: {why}")
+            print(f"sphere_fast: {why}; installing without the CUDA extension")
+            return
+        try:
+            self._cmake(ext, nvcc, roots)
+        except (subprocess.CalledProcessError, OSError) as exc:
+            if mode == "1":
+                raise
+            print(f"sphere_fast: CUDA extension build failed ({exc}); installing without it")
+
+    def _cmake(self, ext, nvcc, roots):
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / ext.name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        import pybind11
+
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DSPHERE_FAST_CUDA_ROOTS={';'.join(roots)}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        args += os.environ.get("CMAKE_ARGS", "").split()
+        build_args = ["--config", "Release"]
+        if "CMAKE_BUILD_PARALLEL_LEVEL" not in os.environ:
+            build_args += ["--parallel", str(os.cpu_count() or 2)]
+        subprocess.run(["cmake", ext.source_dir, *args], cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", *build_args], cwd=build_dir, check=True)
+
+
+setup(
+    name="sphere_fast",
+    version="0.1.0",
+    description="Fast SPHERE sparse projection for sequential LLM knowledge editing",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["sphere_fast", "sphere_fast.*"]) + ["sphere_fast.kernels"],
+    package_dir={"sphere_fast.kernels": "kernels"},
+    package_data={"sphere_fast": ["hparams/**/*.yaml"]},
+    install_requires=["torch", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "editing": ["transformers", "accelerate", "safetensors", "tqdm", "tokenizers", "pyyaml", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis"],
+        "bench": ["pytest", "pytest-benchmark"],
+    },
+    ext_modules=[CMakeExtension("sphere_fast._C", ROOT)],
+    cmdclass={"build_ext": CMakeBuild},
+    entry_points={"console_scripts": ["sphere-fast=sphere_fast.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,25 @@
+"""sphere_fast: fast SPHERE sparse projection for sequential LLM editing.
+
+Public API: :func:`sparse_projection` (drop-in for the reference),
+:class:`SphereProjector` (fit once, apply many, warm refit),
+:func:`hyperspherical_energy`, :func:`normalized_gram`, :func:`available_backends`.
+Importing the package never compiles anything or touches a GPU.
+"""
+from .backends import BackendUnavailableError, available_backends
+from .eigensolver import ConvergenceError
+from .ops import hyperspherical_energy, normalized_gram
+from .projection import sparse_projection
+from .projector import SphereProjector
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConvergenceError",
+    "SphereProjector",
+    "available_backends",
+    "hyperspherical_energy",
+    "normalized_gram",
+    "sparse_projection",
+    "__version__",
+]

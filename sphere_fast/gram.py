@@ -1,0 +1,89 @@
+"""The normalised Gram of a weight matrix and its hyperspherical energy: torch twins.
+
+These are the CPU path and the oracles the Triton kernels are tested against.
+Rows are normalised as in the reference ``sparse_projection``:
+``a_hat_i = a_i / (||a_i|| + 1e-8)`` (a zero row stays zero).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NORM_EPS = 1e-8  # the reference's guard against zero rows
+
+
+@dataclass(frozen=True)
+class NormalizedGram:
+    """Gram of the unit-normalised rows of W (n x d), on the smaller side.
+
+    side == "rows": ``gram = A_hat A_hat^T / n`` (n x n), used when n <= d;
+    side == "cols": ``gram = A_hat^T A_hat / n`` (d x d), used when n > d.
+    Both have the same non-zero eigenvalues, and ``trace`` (from the row
+    norms, no eigensolve) is their sum.
+    """
+
+    gram: torch.Tensor  # fp32 (fp64 for fp64 input), symmetric, m x m
+    row_norms: torch.Tensor  # ||a_i||, fp32 (fp64 for fp64 input), shape (n,)
+    trace: float
+    side: str
+    n: int
+    d: int
+
+    @property
+    def row_scale(self) -> torch.Tensor:
+        """The diagonal D with A_hat = D A."""
+        return 1.0 / (self.row_norms + NORM_EPS)
+
+
+def gram_side(n: int, d: int) -> str:
+    return "rows" if n <= d else "cols"
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64; fp32, bf16 and fp16 are computed in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def trace_from_norms(row_norms: torch.Tensor) -> float:
+    """trace(G) = sum_i ||a_hat_i||^2 / n, known without any eigensolve."""
+    norms = row_norms.double()
+    return float(((norms / (norms + NORM_EPS)) ** 2).sum() / norms.numel())
+
+
+def normalized_gram_reference(W: torch.Tensor, *, dtype: torch.dtype | None = None) -> NormalizedGram:
+    """Torch twin of the fused Gram kernel (``dtype`` overrides the working precision)."""
+    dtype = dtype or work_dtype(W.dtype)
+    n, d = W.shape
+    A = W.to(dtype)
+    norms = torch.linalg.vector_norm(A, dim=1)
+    A_hat = A / (norms + NORM_EPS).unsqueeze(1)
+    side = gram_side(n, d)
+    G = A_hat @ A_hat.T if side == "rows" else A_hat.T @ A_hat
+    G = G.div_(n)
+    G = 0.5 * (G + G.T)  # exactly symmetric, as the kernel's mirrored triangle
+    return NormalizedGram(G, norms, trace_from_norms(norms), side, n, d)
+
+
+def hyperspherical_energy_reference(
+    W: torch.Tensor, s: float = 2.0, eps: float = 1e-6, *, block_rows: int = 1024, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Eq. 6 of the paper: sum over i != j of (2 - 2 cos theta_ij + eps)^(-s/2).
+
+    Row blocks of ``block_rows`` keep memory at block_rows x n; the sum is
+    accumulated in float64. Returns a 0-d float64 tensor on W's device.
+    """
+    dtype = dtype or work_dtype(W.dtype)
+    n = W.shape[0]
+    A = W.to(dtype)
+    A_hat = A / (torch.linalg.vector_norm(A, dim=1) + NORM_EPS).unsqueeze(1)
+    total = torch.zeros((), dtype=torch.float64, device=W.device)
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        cos = A_hat[start:stop] @ A_hat.T
+        dist2 = (2.0 - 2.0 * cos).clamp_min_(0.0)
+        terms = (dist2 + eps).pow_(-s / 2.0)
+        rows = torch.arange(start, stop, device=W.device)
+        terms[rows - start, rows] = 0.0
+        total += terms.sum(dtype=torch.float64)
+    return total

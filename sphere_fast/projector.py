@@ -1,0 +1,185 @@
+"""SphereProjector: fit the principal hyperspherical directions once, apply many times.
+
+For a weight W (n x d) with unit-normalised rows A_hat, U holds the top-r
+eigenvectors of C = A_hat^T A_hat / n and the projector is P = I - alpha U U^T.
+The eigenproblem is solved on the smaller Gram side (DESIGN.md section 2):
+when n <= d, an eigenpair (lambda, v) of A_hat A_hat^T / n lifts to the
+eigenvector u = A_hat^T v / sqrt(n lambda) of C. P is never formed unless
+:meth:`projection_matrix` is called.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _validation as val
+from .backends import resolve_backend
+from .eigensolver import Eigenpairs, orthonormalize, top_eigenpairs
+from .gram import NormalizedGram, work_dtype
+from .ops import normalized_gram
+
+
+def _solve(gram: NormalizedGram, eta: float, *, backend: str, method: str, init: torch.Tensor | None) -> Eigenpairs:
+    if resolve_backend("eigensolver", backend, gram.gram.device) == "cuda":
+        from . import _cuda
+
+        return _cuda.top_eigenpairs(gram.gram, gram.trace, eta, method=method, init=init)
+    return top_eigenpairs(gram.gram, gram.trace, eta, method=method, init=init)
+
+
+def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Tensor:
+    """Eigenvectors of C (d x r) from those of the Gram on the smaller side."""
+    if gram.side == "cols":
+        return pairs.vectors
+    dtype = pairs.vectors.dtype
+    scaled = pairs.vectors * gram.row_scale.to(dtype).unsqueeze(1)  # D V
+    U = W.to(dtype).T @ scaled
+    U /= torch.sqrt(gram.n * pairs.values.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
+    # The lift is exact in exact arithmetic; one CholeskyQR2 pass removes its rounding.
+    return orthonormalize(U)
+
+
+class SphereProjector:
+    """Projector ``P = I - alpha U U^T`` onto the sparse space of a weight matrix.
+
+    Build with :meth:`fit`. Attributes: ``U`` (d x r, orthonormal columns, by
+    descending eigenvalue), ``eigenvalues`` (descending, float64), ``rank``,
+    ``trace``, ``eta``, ``alpha``, ``method`` (the eigensolver path taken).
+    """
+
+    def __init__(self, U, eigenvalues, *, trace, eta, alpha, side, basis, backend, method, shape):
+        self.U = U
+        self.eigenvalues = eigenvalues
+        self.trace = trace
+        self.eta = eta
+        self.alpha = alpha
+        self.method = method
+        self.backend = backend
+        self.shape = shape
+        self._side = side
+        self._basis = basis  # eigenvectors on the Gram side: the warm start for refit
+
+    # -- fitting -----------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        W: torch.Tensor,
+        eta: float = 0.5,
+        alpha: float = 0.5,
+        *,
+        backend: str = "auto",
+        method: str = "auto",
+        precision: str = "fp32",
+    ) -> "SphereProjector":
+        """Fit on the current weight W (n x d; fp16, bf16, fp32 or fp64).
+
+        Parameters
+        ----------
+        eta : cumulative energy ratio in (0, 1]; r is the smallest count of
+            leading eigenvalues whose sum passes ``eta * trace``.
+        alpha : suppression strength in [0, 1].
+        backend : "auto", "cuda", "triton" or "torch" (:mod:`sphere_fast.backends`).
+        method : eigensolver, "auto", "dense" or "block".
+        precision : input precision of the Gram products ("fp32", "tf32", "bf16").
+        """
+        val.check_matrix(W, "W")
+        eta = val.check_eta(eta)
+        alpha = val.check_alpha(alpha)
+        return cls._fit(W, eta, alpha, backend=backend, method=method, precision=precision, init=None)
+
+    @classmethod
+    def _fit(cls, W, eta, alpha, *, backend, method, precision, init):
+        gram = normalized_gram(W, backend=backend, precision=precision)
+        pairs = _solve(gram, eta, backend=backend, method=method, init=init)
+        U = _lift(W, gram, pairs)
+        return cls(
+            U,
+            pairs.values,
+            trace=gram.trace,
+            eta=eta,
+            alpha=alpha,
+            side=gram.side,
+            basis=pairs.vectors,
+            backend=backend,
+            method=pairs.method,
+            shape=tuple(W.shape),
+        )
+
+    def refit(self, W_new: torch.Tensor, *, method: str = "auto") -> "SphereProjector":
+        """Recompute for a changed weight of the same shape, warm-started from the current basis.
+
+        The result meets the same accuracy contract as a cold :meth:`fit`;
+        the warm start only makes it faster. Updates this projector and returns it.
+        """
+        val.check_matrix(W_new, "W_new")
+        if tuple(W_new.shape) != self.shape:
+            raise ValueError(f"W_new must have the fitted shape {self.shape}, got {tuple(W_new.shape)}")
+        init = self._basis.to(device=W_new.device, dtype=work_dtype(W_new.dtype))
+        fresh = self._fit(
+            W_new, self.eta, self.alpha, backend=self.backend, method=method, precision="fp32", init=init
+        )
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    # -- properties ---------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def d(self) -> int:
+        return self.U.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"SphereProjector(d={self.d}, rank={self.rank}, eta={self.eta}, alpha={self.alpha}, "
+            f"captured={float(self.eigenvalues.sum()) / self.trace:.4f}, method={self.method!r})"
+        )
+
+    # -- application --------------------------------------------------------------
+    def _check_update(self, B: torch.Tensor, name: str) -> None:
+        val.check_matrix(B, name)
+        val.check_columns(B, self.d, name, "the fitted weight")
+        val.check_same_device(**{name: B, "U": self.U})
+
+    def apply(self, B: torch.Tensor) -> torch.Tensor:
+        """``B - alpha (B U) U^T`` in B's dtype (fp32 accumulation), any number of rows."""
+        self._check_update(B, "B")
+        if resolve_backend("apply", self.backend, B.device) == "cuda":
+            from . import _cuda
+
+            return _cuda.project(B, self.U, self.alpha)
+        return self._project_work(B).to(B.dtype)
+
+    def apply_(self, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``W += B - alpha (B U) U^T`` in place, in W's dtype with fp32 accumulation; returns W.
+
+        All checks run before W is touched: on error W is unchanged.
+        """
+        val.check_matrix(W, "W", finite=False)
+        self._check_update(B, "B")
+        if W.shape != B.shape:
+            raise ValueError(f"W and B must have the same shape, got W {tuple(W.shape)} and B {tuple(B.shape)}")
+        val.check_same_device(W=W, B=B)
+        with torch.no_grad():
+            if resolve_backend("apply", self.backend, W.device) == "cuda":
+                from . import _cuda
+
+                return _cuda.project_add_(W, B, self.U, self.alpha)
+            update = self._project_work(B)
+            if W.dtype == update.dtype:
+                W.add_(update)
+            else:
+                W.copy_(update.add_(W.to(update.dtype)))
+        return W
+
+    def _project_work(self, B: torch.Tensor) -> torch.Tensor:
+        U = self.U
+        Bw = B.to(U.dtype)
+        return torch.addmm(Bw, Bw @ U, U.T, alpha=-self.alpha)
+
+    def projection_matrix(self) -> torch.Tensor:
+        """The dense d x d ``P = I - alpha U U^T`` (only when asked for)."""
+        eye = torch.eye(self.d, dtype=self.U.dtype, device=self.U.device)
+        return torch.addmm(eye, self.U, self.U.T, alpha=-self.alpha)
