@@ -1,0 +1,1 @@
+"""The editing layer: MEMIT and AlphaEdit on Hugging Face models, with SPHERE."""
