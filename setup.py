@@ -60,13 +60,18 @@ class CMakeExtension(Extension):
 
 
 class CMakeBuild(build_ext):
-    def build_extension(self, ext):
+    def build_extensions(self):
+        # Extensions that were skipped are dropped, so the install (editable
+        # too) does not look for their output.
+        self.extensions = [ext for ext in self.extensions if self.build_extension(ext)]
+
+    def build_extension(self, ext) -> bool:
         mode = os.environ.get("SPHERE_FAST_BUILD_CUDA", "auto").strip().lower()
         if mode not in ("auto", "0", "1"):
             raise SystemExit(f"SPHERE_FAST_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
         if mode == "0":
             print("sphere_fast: SPHERE_FAST_BUILD_CUDA=0, skipping the CUDA extension")
-            return
+            return False
         nvcc = find_nvcc()
         roots = nvidia_wheel_roots()
         if nvcc is None or not cuda_headers_found(nvcc, roots):
@@ -74,13 +79,15 @@ class CMakeBuild(build_ext):
             if mode == "1":
                 raise SystemExit(f"sphere_fast: cannot build the CUDA extension: {why}")
             print(f"sphere_fast: {why}; installing without the CUDA extension")
-            return
+            return False
         try:
             self._cmake(ext, nvcc, roots)
         except (subprocess.CalledProcessError, OSError) as exc:
             if mode == "1":
                 raise
             print(f"sphere_fast: CUDA extension build failed ({exc}); installing without it")
+            return False
+        return True
 
     def _cmake(self, ext, nvcc, roots):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
