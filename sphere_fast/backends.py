@@ -88,6 +88,9 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
             raise BackendUnavailableError(f"backend {choice!r} is unavailable: {why}")
         chain = BACKENDS[BACKENDS.index(choice):]
     for name in chain:
+        # The Triton interpreter is a testing tool: auto never picks it for CPU tensors.
+        if name == "triton" and choice == "auto" and torch.device(device).type == "cpu":
+            continue
         if name in OPS[op] and backend_status(name, device)[0]:
             return name
     return "torch"

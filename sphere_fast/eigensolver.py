@@ -29,6 +29,7 @@ import torch
 FULL_ENERGY_SLACK = 5e-7
 DEFAULT_TOL = {torch.float32: 2e-6, torch.float64: 1e-11}
 METHODS = ("auto", "dense", "block")
+AUTO_BLOCK_FRACTION = 4  # auto uses the block method only for blocks of at most m / 4 columns
 
 
 class ConvergenceError(RuntimeError):
@@ -119,12 +120,14 @@ def block_eigenpairs(
     max_iter: int = 200,
     oversample: int | None = None,
     cost_budget: float | None = None,
+    max_block: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Eigenpairs | None:
     """Block subspace iteration with Rayleigh-Ritz.
 
-    Returns None when ``cost_budget`` (in flops) would be exceeded, so the
-    caller can fall back to a dense solve; raises ConvergenceError when
+    Returns None when ``cost_budget`` (in flops) would be exceeded or the block
+    would outgrow ``max_block`` columns, so the caller can fall back to a dense
+    solve; raises ConvergenceError when
     ``max_iter`` is reached.
     """
     m = G.shape[0]
@@ -146,6 +149,7 @@ def block_eigenpairs(
         p = oversample if oversample is not None else 8
     X = orthonormalize(X)
     spent = 0.0
+    previous = None  # worst relative residual of the leading r pairs, last iteration
     for iteration in range(1, max_iter + 1):
         k = X.shape[1]
         spent += _iteration_cost(m, k)
@@ -154,12 +158,32 @@ def block_eigenpairs(
         theta, X, Y, residual = rayleigh_ritz(G, X)
         r = select_rank(theta, trace, eta, complete=(k == m))
         if r is not None and (r + p <= k or k == m):
-            if bool((residual[:r] <= tol * theta[0]).all()):
+            worst = float((residual[:r] / theta[0]).max())
+            if worst <= tol:
                 return Eigenpairs(theta[:r].clone(), X[:, :r].contiguous(), "block", iteration, k)
+            if cost_budget is not None and previous is not None:
+                # Give up early when the observed convergence rate cannot reach
+                # tol within the budget (flat spectra: a dense solve is cheaper).
+                rate = worst / previous
+                needed = math.inf if rate >= 1.0 else math.log(tol / worst) / math.log(rate)
+                if spent + needed * _iteration_cost(m, k) > cost_budget:
+                    return None
+            previous = worst
             X = orthonormalize(Y)  # one subspace-iteration step
             continue
+        previous = None
         # The block holds too little energy, or too few guard vectors: grow it.
         k_new = min(m, max(2 * k, (r or 0) + p))
+        if r is None:
+            # Every eigenvalue outside the block is <= its smallest Ritz value,
+            # so at least this many more are needed to pass eta * trace.
+            missing = eta * trace - float(theta.sum())
+            lower_bound = k + math.ceil(missing / max(float(theta[-1]), 1e-300))
+            if max_block is not None and lower_bound + p > max_block:
+                return None
+            k_new = min(m, max(k_new, lower_bound + p))
+        if max_block is not None and k_new > max_block:
+            return None
         extra = random_columns(k_new - k)
         extra -= X @ (X.T @ extra)
         X = orthonormalize(torch.cat([Y, extra], dim=1)) if k < m else X
@@ -190,8 +214,15 @@ def top_eigenpairs(
     m = G.shape[0]
     if method == "dense" or (method == "auto" and m <= 64):
         return dense_eigenpairs(G, trace, eta)
-    budget = None if method == "block" else 0.5 * _dense_cost(m) if init is None else _dense_cost(m)
-    result = block_eigenpairs(G, trace, eta, init=init, tol=tol, max_iter=max_iter, cost_budget=budget)
-    if result is None:
+    if method == "block":
+        return block_eigenpairs(G, trace, eta, init=init, tol=tol, max_iter=max_iter)
+    # auto: the block method wins only while its block is a small part of m
+    # (its per-iteration cost grows as k^3 and flat spectra converge slowly).
+    max_block = max(m // AUTO_BLOCK_FRACTION, 1)
+    if init is not None and init.shape[1] + max(8, init.shape[1] // 8) > max_block:
         return dense_eigenpairs(G, trace, eta)
-    return result
+    budget = (0.5 if init is None else 1.0) * _dense_cost(m)
+    result = block_eigenpairs(
+        G, trace, eta, init=init, tol=tol, max_iter=max_iter, cost_budget=budget, max_block=max_block
+    )
+    return dense_eigenpairs(G, trace, eta) if result is None else result

@@ -1,8 +1,8 @@
 """The reference algorithm, restated for tests and benchmarks.
 
-``sparse_projection_reference`` is a plain torch transcription of the function
-in the SPHERE code README (shared/seeds/000_*.txt), minus its print; the
-benchmarks import it from here so tests and benchmarks cannot drift apart.
+``sparse_projection_reference`` is the plain torch transcription of the
+function in the SPHERE code README (shared/seeds/000_*.txt), minus its print;
+tests and benchmarks import it from here so they cannot drift apart.
 ``oracle`` runs the same algorithm in float64 and also returns the full
 spectrum, so tests can judge ambiguous cuts and eigengaps.
 """
@@ -12,18 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def sparse_projection_reference(A, B, eta=0.5, alpha=0.5):
-    A_hat = A / (A.norm(dim=1, keepdim=True) + 1e-8)
-    C = (A_hat.T @ A_hat) / A_hat.size(0)
-    eigvals, eigvecs = torch.linalg.eigh(C)
-    cumsum = torch.cumsum(eigvals.flip(0), 0)
-    total = eigvals.sum()
-    r = (cumsum / total <= eta).sum().item() + 1
-    U = eigvecs[:, -r:]
-    P_soft = torch.eye(A.size(1), device=A.device, dtype=A.dtype) - alpha * (U @ U.T)
-    B_proj = B @ P_soft.T
-    return B_proj, P_soft, U
+from sphere_fast.reference import sparse_projection_reference  # noqa: F401  (re-exported)
 
 
 @dataclass

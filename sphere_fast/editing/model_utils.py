@@ -1,0 +1,134 @@
+"""Module lookup, weight orientation, hooks and weight fingerprints.
+
+Orientation: every edit works on ``W`` as ``[out_features, in_features]`` (rows
+are output neurons; ``y = W k``). ``nn.Linear`` stores exactly that. GPT-2's
+``Conv1D`` stores ``[in, out]`` (``y = k W``), so its oriented view is
+``weight.T``. The choice is made from the module type, never from the shape
+(a square weight would otherwise be ambiguous).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"model {type(model).__name__} has no module {name!r} (check the hparams templates)") from None
+
+
+def has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return False
+    return isinstance(module, Conv1D)
+
+
+def oriented_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an ``[out, in]`` view that writes through to the parameter."""
+    if is_conv1d(module):
+        return module.weight.data.T
+    if isinstance(module, nn.Linear):
+        return module.weight.data
+    raise TypeError(f"edited module must be nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def hidden_of(output):
+    """Hidden states from a decoder layer's output (bare tensor in transformers 5, tuple before)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _replace_hidden(output, hidden):
+    if isinstance(output, tuple):
+        return (hidden,) + tuple(output[1:])
+    if isinstance(output, list):
+        return [hidden] + list(output[1:])
+    return hidden
+
+
+@contextlib.contextmanager
+def trace(model: nn.Module, names: Iterable[str], *, inputs: bool = False, outputs: bool = True,
+          edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+    """Record inputs/outputs of the named modules during forwards in the block.
+
+    Yields a dict ``name -> {"input": tensor, "output": tensor}`` (hidden states
+    only). ``edit(name, hidden)`` may return a replacement output hidden state.
+    """
+    records: dict[str, dict] = {}
+    handles = []
+
+    def make_hook(name):
+        def hook(module, args, kwargs, output):
+            rec = records.setdefault(name, {})
+            if inputs:
+                rec["input"] = args[0] if args else next(iter(kwargs.values()))
+            hidden = hidden_of(output)
+            if edit is not None:
+                new = edit(name, hidden)
+                if new is not None and new is not hidden:
+                    output = _replace_hidden(output, new)
+                    hidden = new
+            if outputs:
+                rec["output"] = hidden
+            return output
+
+        return hook
+
+    try:
+        for name in dict.fromkeys(names):
+            handles.append(get_module(model, name).register_forward_hook(make_hook(name), with_kwargs=True))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def num_layers(model: nn.Module) -> int:
+    return int(model.config.num_hidden_layers)
+
+
+def weights_fingerprint(model: nn.Module, *, samples_per_tensor: int = 4096) -> str:
+    """A hash that identifies the weights: names, shapes, dtypes and a strided sample of every tensor.
+
+    Cheap (a few thousand values per tensor) yet any real training or edit
+    changes it; ``_name_or_path`` is not used (it is empty for models built from a config).
+    """
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.numel() == 0 or not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool)):
+                continue
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // samples_per_tensor)
+            sample = flat[::step].float().cpu()
+            # Sums over the whole tensor catch changes between sampled entries.
+            full = torch.stack([flat.double().sum(), flat.double().abs().sum()]).cpu()
+            h.update(sample.numpy().tobytes())
+            h.update(full.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    probe = "The quick brown fox, Danielle Darrieux, 1e-1 <unk> \u00e9t\u00e9."
+    ids = tok(probe)["input_ids"]
+    return hashlib.sha256(f"{type(tok).__name__}|{len(tok)}|{ids}".encode()).hexdigest()[:16]
