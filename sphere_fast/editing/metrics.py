@@ -83,6 +83,7 @@ def teacher_forced_predictions(
     targets: Sequence[str],
     *,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> list[tuple[list[int], list[int]]]:
     """For each (prompt, target): (the model's top-1 ids at the target positions, the target ids).
 
@@ -100,8 +101,13 @@ def teacher_forced_predictions(
     was_training = model.training
     model.eval()
     out: list[tuple[list[int], list[int]]] = []
+    starts = range(0, len(encoded), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="evaluate", unit="batch", leave=False)
     try:
-        for start in range(0, len(encoded), batch_size):
+        for start in starts:
             chunk = encoded[start:start + batch_size]
             # The last target token is never an input.
             seqs = [p + t[:-1] for p, t in chunk]
@@ -146,7 +152,9 @@ def _pairs(requests: Sequence[EditRequest]) -> list[tuple[int, str, str, str]]:
     return pairs
 
 
-def neighborhood_predictions(model, tokenizer, requests: Sequence[EditRequest], *, batch_size: int = 16) -> list[list[list[int]]]:
+def neighborhood_predictions(
+    model, tokenizer, requests: Sequence[EditRequest], *, batch_size: int = 16, progress: bool = False
+) -> list[list[list[int]]]:
     """The model's top-1 ids on every neighbourhood target position: ``[request][prompt][token]``.
 
     Take them from the unedited model and pass them to :func:`evaluate` as
@@ -158,7 +166,8 @@ def neighborhood_predictions(model, tokenizer, requests: Sequence[EditRequest], 
             prompts.append(p)
             targets.append(t)
             owner.append(i)
-    preds = teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size=batch_size) if prompts else []
+    preds = (teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size=batch_size, progress=progress)
+             if prompts else [])
     out: list[list[list[int]]] = [[] for _ in requests]
     for i, (pred, _) in zip(owner, preds):
         out[i].append(pred)
@@ -181,6 +190,7 @@ def evaluate(
     sample: bool = False,
     seed: int = 0,
     per_request: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Efficacy, generalization, specificity (and locality, fluency) over ``requests``.
 
@@ -197,7 +207,8 @@ def evaluate(
         raise ValueError(f"reference has {len(reference)} entries but there are {len(requests)} requests")
     pairs = _pairs(requests)
     preds = teacher_forced_predictions(
-        model, tokenizer, [p for _, _, p, _ in pairs], [t for _, _, _, t in pairs], batch_size=batch_size
+        model, tokenizer, [p for _, _, p, _ in pairs], [t for _, _, _, t in pairs], batch_size=batch_size,
+        progress=progress,
     )
     scores: list[dict[str, list[float]]] = [{k: [] for k in ACCURACY_METRICS + ("locality",)} for _ in requests]
     seen_neighbors = [0] * len(requests)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 METRIC_COLUMNS = ("efficacy", "generalization", "specificity", "locality", "fluency")
-BASE_COLUMNS = ("batch", "edits", "batch_size", "seconds_total", "seconds_sphere", "eval_requests")
+BASE_COLUMNS = ("batch", "edits", "batch_size", "seconds_total", "seconds_stats", "seconds_sphere", "eval_requests")
 ENERGY_PREFIX = "energy:"
 
 
