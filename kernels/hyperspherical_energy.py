@@ -1,0 +1,129 @@
+"""Hyperspherical energy of W's unit-normalised rows, without storing the n x n cosines.
+
+With ``a_hat_i = w_i / (||w_i|| + 1e-8)`` and ``cos_ij = <a_hat_i, a_hat_j>`` (the
+rows-side Gram tiles of :mod:`normalized_gram`, times n, whatever n vs d),
+
+    E = sum_{i != j} (max(2 - 2 cos_ij, 0) + eps)^(-s/2)
+
+(paper Eq. 6, Riesz s-kernel; ``2 - 2 cos_ij = ||a_hat_i - a_hat_j||^2`` for unit
+rows). Each program computes one upper-triangle tile (I <= J) of the cosines in
+fp32 (fp64 for fp64 W), turns it into kernel values in the epilogue, and writes
+the tile's sum, doubled for off-diagonal tiles (the (J, I) tile has the same
+values), to a buffer of per-tile partials that the host sums in fp64.
+
+Layout: the ``@triton.jit`` kernel, the launcher, the public function.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .normalized_gram import (
+    INTERPRET_CONFIG,
+    _gram_tile,
+    _upper_tile,
+    acc_dtype,
+    check_input,
+    cuda_configs,
+    dot_mode,
+    interpreting,
+    launch_kernel,
+    num_upper_tiles,
+    row_norms,
+    tl_dtype,
+)
+
+
+@triton.jit
+def _hyperspherical_energy_kernel(
+    # pointers
+    w_ptr,  # W, n x d, any strides
+    scale_ptr,  # s_i = 1 / (||w_i|| + eps_norm), length n
+    params_ptr,  # [-s/2, eps] in the accumulator dtype
+    partial_ptr,  # out: one partial sum per upper-triangle tile (zero-initialised)
+    # sizes
+    m,  # n (the Gram is n x n)
+    K,  # d
+    # strides (elements)
+    stride_wn,
+    stride_wd,
+    # meta-parameters
+    SCALE_K: tl.constexpr,  # always False here (rows side), kept for the shared autotune key
+    DOT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``partial[p] = c * sum_{a, b in tile p, a != b} (max(2 - 2 cos_ab, 0) + eps)^(-s/2)``, c = 1 or 2.
+
+    ``cos_ab = s_a s_b sum_k W_ak W_bk``; padding rows and the diagonal a == b are masked out.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    tile_i, tile_j = _upper_tile(pid, tl.cdiv(m, BLOCK))
+    acc = _gram_tile(w_ptr, scale_ptr, tile_i, tile_j, m, K, stride_wn, stride_wd,
+                     SCALE_K, DOT, INTERPRET, ACC_DTYPE, BLOCK, BLOCK_K)
+    offs_i = tile_i * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tile_j * BLOCK + tl.arange(0, BLOCK)
+    mask_i = offs_i < m
+    mask_j = offs_j < m
+    s_i = tl.load(scale_ptr + offs_i, mask=mask_i, other=0.0)
+    s_j = tl.load(scale_ptr + offs_j, mask=mask_j, other=0.0)
+    neg_half_s = tl.load(params_ptr)
+    eps = tl.load(params_ptr + 1)
+    cos = acc * (s_i[:, None] * s_j[None, :])
+    dist2 = tl.maximum(2.0 - 2.0 * cos, 0.0)
+    terms = tl.exp(tl.log(dist2 + eps) * neg_half_s)
+    valid = mask_i[:, None] & mask_j[None, :] & (offs_i[:, None] != offs_j[None, :])
+    terms = tl.where(valid, terms, 0.0)
+    total = tl.sum(tl.sum(terms, axis=1), axis=0)
+    # an off-diagonal tile stands for itself and its mirror
+    total = total * tl.where(tile_i == tile_j, 1.0, 2.0).to(ACC_DTYPE)
+    tl.store(partial_ptr + pid, total)
+
+
+def hyperspherical_energy(W: torch.Tensor, *, s: float, eps: float) -> torch.Tensor:
+    """Hyperspherical energy ``sum_{i != j} (max(2 - 2 cos_ij, 0) + eps)^(-s/2)`` of W's rows.
+
+    Parameters
+    ----------
+    W : (n, d) tensor, fp16 / bf16 / fp32 (fp64 also accepted), any strides,
+        on a CUDA device (or CPU under ``TRITON_INTERPRET=1``); read in its
+        stored dtype, never copied. Rows are normalised by ``1 / (||w|| + 1e-8)``.
+    s : Riesz exponent, > 0.
+    eps : regulariser added to the squared distance, > 0.
+
+    Returns
+    -------
+    0-d float64 tensor on W's device: per-tile partial sums (fp32, or fp64 for
+    fp64 W) added up in float64.
+    """
+    check_input(W, "W")
+    for name, value in (("s", s), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not (value > 0.0 and value < float("inf")):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    n, d = W.shape
+    work = acc_dtype(W.dtype)
+    _, scale = row_norms(W)
+    params = torch.tensor([-0.5 * float(s), float(eps)], dtype=work, device=W.device)
+    dot = dot_mode(W.dtype, "fp32", scaled_operands=False)
+    if interpreting():
+        smallest_block = INTERPRET_CONFIG["BLOCK"]
+    else:
+        cap = torch.cuda.get_device_capability(W.device)
+        smallest_block = min(c.kwargs["BLOCK"] for c in cuda_configs(cap, dot, W.element_size()))
+    # sized for the smallest tile of any config; unused entries stay zero
+    partials = torch.zeros(num_upper_tiles(n, smallest_block), dtype=work, device=W.device)
+    launch_kernel(
+        _hyperspherical_energy_kernel,
+        W,
+        n,
+        dot,
+        (W, scale, params, partials, n, d, W.stride(0), W.stride(1)),
+        dict(SCALE_K=False, DOT=dot, ACC_DTYPE=tl_dtype(W.dtype)),
+        reset=("partial_ptr",),
+    )
+    return partials.sum(dtype=torch.float64)

@@ -1,0 +1,326 @@
+"""Triton kernel ``kernels/normalized_gram.py`` against its torch twin and a float64 oracle.
+
+Without a GPU the kernels run on CPU tensors under the Triton interpreter:
+``TRITON_INTERPRET=1`` has to be in the environment when the kernel module is
+imported (``@triton.jit`` picks the interpreter at decoration time), so it is
+set below before that import. With a GPU the same tests run on CUDA tensors.
+
+Tolerances are error bounds, not fitted constants. For an entry of the Gram
+with reduction length K (d on the rows side, n on the cols side), operands
+rounded to unit ``u_op`` (0 when they enter the dot exactly) and accumulation
+unit ``u``, the usual dot-product bound with ``sum_k |a_k b_k| <= n sqrt(G_aa G_bb)``
+(Cauchy-Schwarz on the normalised rows) gives
+
+    |G_ab - G64_ab| <= (2 u_op + (2 K + 10) u) sqrt(G64_aa G64_bb)
+
+(2K u for the dot and both row norms' sums of squares, 10 u for the
+scalings, the division by n and the oracle's own rounding).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of sphere_fast.kernels.* (see the docstring)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from sphere_fast.gram import NORM_EPS, normalized_gram_reference, trace_from_norms  # noqa: E402
+from sphere_fast.kernels import normalized_gram as ng  # noqa: E402
+from sphere_fast.kernels.normalized_gram import _upper_tile  # noqa: E402
+
+INTERPRETING = ng.interpreting()
+HAS_CUDA = torch.cuda.is_available()
+
+if INTERPRETING:
+    CPU_SKIP = None
+elif HAS_CUDA:
+    CPU_SKIP = "CUDA is available: the kernels were compiled for the GPU, not the interpreter"
+else:
+    CPU_SKIP = (
+        "sphere_fast.kernels was imported before TRITON_INTERPRET=1 was set (or it is set to 0); "
+        "run these tests with TRITON_INTERPRET=1 in the environment"
+    )
+CUDA_SKIP = None if HAS_CUDA and not INTERPRETING else (
+    "no CUDA device" if not HAS_CUDA else "TRITON_INTERPRET=1 is set: kernels run on the interpreter only"
+)
+
+
+def _device_param(device: str):
+    if device == "cpu":
+        marks = [pytest.mark.triton_interpret] + ([pytest.mark.skip(reason=CPU_SKIP)] if CPU_SKIP else [])
+    else:
+        marks = [pytest.mark.cuda] + ([pytest.mark.skip(reason=CUDA_SKIP)] if CUDA_SKIP else [])
+    return pytest.param(device, marks=marks, id=device)
+
+
+DEVICES = [_device_param("cpu"), _device_param("cuda")]
+
+
+# ----------------------------------------------------------------------------
+# Torch twin (the benchmarks import it from here) and input makers
+# ----------------------------------------------------------------------------
+
+
+def torch_normalized_gram(W: torch.Tensor, compute_dtype: torch.dtype | None = None):
+    """Unfused torch equivalent: ``A_hat = W / (||w_i|| + 1e-8)``, then one matmul on the smaller side.
+
+    ``compute_dtype`` defaults to fp32 (fp64 for fp64 W); the benchmarks pass
+    W's own dtype to time torch's bf16 path. Returns ``(G, norms)``.
+    """
+    n, d = W.shape
+    dtype = compute_dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
+    A = W.to(dtype)
+    norms = torch.linalg.vector_norm(A, dim=1)
+    A_hat = A / (norms + NORM_EPS).unsqueeze(1)
+    G = (A_hat @ A_hat.T) if n <= d else (A_hat.T @ A_hat)
+    return G / n, norms
+
+
+LAYOUTS = ("contiguous", "transposed", "col_strided", "row_strided")
+
+
+def make_matrix(n: int, d: int, dtype: torch.dtype, device: str, layout: str = "contiguous", *, seed: int = 0,
+                zero_rows: tuple[int, ...] = ()) -> torch.Tensor:
+    """An n x d matrix with row norms spread over four decades, in the requested memory layout.
+
+    transposed: W = M.T of a contiguous d x n M (unit stride along rows);
+    col_strided: W = M[:, ::2]; row_strided: W = M[::3] (views, never copies).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows_needed = 3 * n if layout == "row_strided" else n
+    cols_needed = 2 * d if layout == "col_strided" else d
+    base = torch.randn(rows_needed, cols_needed, generator=g, dtype=torch.float64)
+    base *= torch.logspace(-2, 2, rows_needed, dtype=torch.float64)[torch.randperm(rows_needed, generator=g)][:, None]
+    if layout == "transposed":
+        W = base.T.contiguous().to(dtype).to(device).T
+    else:
+        W = base.to(dtype).to(device)
+        if layout == "col_strided":
+            W = W[:, ::2]
+        elif layout == "row_strided":
+            W = W[::3]
+    W = W.clone() if layout == "contiguous" else W
+    for i in zero_rows:
+        W[i] = 0
+    assert W.shape == (n, d)
+    return W
+
+
+UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24}
+# Operand rounding of the tensor-core precisions (tf32: hardware may truncate, hence 2^-10).
+OPERAND_ROUNDING = {"fp32": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-8}
+
+
+def operand_rounding(dtype: torch.dtype, precision: str, side: str) -> float:
+    """Rounding of the dot's operands: none for fp64, none for unscaled 16-bit tiles (rows side)."""
+    if dtype == torch.float64:
+        return 0.0
+    if dtype in (torch.float16, torch.bfloat16) and side == "rows":
+        return 0.0
+    return OPERAND_ROUNDING[precision]
+
+
+def gram_tolerance(G64: torch.Tensor, K: int, dtype: torch.dtype, precision: str, side: str) -> torch.Tensor:
+    """Entrywise bound ``(2 u_op + (2K + 10) u) sqrt(G_aa G_bb)`` (module docstring)."""
+    e = 2.0 * operand_rounding(dtype, precision, side) + (2 * K + 10) * UNIT[dtype]
+    diag = G64.diagonal().clamp_min(0.0)
+    return e * torch.sqrt(diag[:, None] * diag[None, :])
+
+
+def norm_tolerance(norms64: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """|r - r64| <= (d + 2) u r64: a sum of d squares, then a square root."""
+    return (d + 2) * UNIT[dtype] * norms64
+
+
+def check_against_oracle(W: torch.Tensor, out, precision: str = "fp32") -> None:
+    n, d = W.shape
+    ref = normalized_gram_reference(W.cpu(), dtype=torch.float64)
+    side = "rows" if n <= d else "cols"
+    m = n if side == "rows" else d
+    K = d if side == "rows" else n
+    assert out.side == side and out.n == n and out.d == d
+    want_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    assert out.gram.dtype == want_dtype and out.row_norms.dtype == want_dtype
+    assert out.gram.shape == (m, m) and out.row_norms.shape == (n,)
+    assert out.gram.device == W.device and out.row_norms.device == W.device
+    G = out.gram.cpu().double()
+    assert torch.equal(out.gram, out.gram.T), "Gram must be exactly symmetric"
+    err = (G - ref.gram).abs()
+    tol = gram_tolerance(ref.gram, K, W.dtype, precision, side)
+    worst = int(torch.argmax(err - tol))
+    assert bool((err <= tol).all()), (
+        f"Gram off by {err.flatten()[worst]:.3e} > bound {tol.flatten()[worst]:.3e} at {divmod(worst, m)}"
+    )
+    r = out.row_norms.cpu().double()
+    assert bool(((r - ref.row_norms).abs() <= norm_tolerance(ref.row_norms, d, W.dtype)).all())
+    # the trace comes from the kernel's norms; it is insensitive to their rounding
+    assert out.trace == trace_from_norms(out.row_norms)
+    nonzero = ref.row_norms[ref.row_norms > 0]
+    r_min = float(nonzero.min()) if nonzero.numel() else 1.0
+    assert abs(out.trace - ref.trace) <= 2 * NORM_EPS * (d + 2) * UNIT[W.dtype] / r_min + 8 * 2.0**-53
+
+
+def check_against_twin(W: torch.Tensor, out, precision: str = "fp32") -> None:
+    """Kernel vs the fp32 torch twin: both lie within their bound of the fp64 oracle."""
+    n, d = W.shape
+    side = "rows" if n <= d else "cols"
+    K = d if side == "rows" else n
+    G_twin, norms_twin = torch_normalized_gram(W)
+    ref = normalized_gram_reference(W.cpu(), dtype=torch.float64)
+    tol = gram_tolerance(ref.gram, K, W.dtype, precision, side) + gram_tolerance(ref.gram, K, W.dtype, "fp32", side)
+    assert bool(((out.gram.cpu().double() - G_twin.cpu().double()).abs() <= tol).all())
+    tol_r = 2 * norm_tolerance(ref.row_norms, d, W.dtype)
+    assert bool(((out.row_norms.cpu().double() - norms_twin.cpu().double()).abs() <= tol_r).all())
+
+
+SHAPES = [(37, 123), (123, 37), (1, 50), (50, 1), (64, 64), (16, 16)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+# ----------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gram_matches_oracle_and_twin(device, dtype, shape):
+    W = make_matrix(*shape, dtype, device)
+    out = ng.normalized_gram(W)
+    check_against_oracle(W, out)
+    check_against_twin(W, out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gram_strided_inputs_are_read_in_place(device, dtype, layout, shape):
+    W = make_matrix(*shape, dtype, device, layout)
+    assert not W.is_contiguous()
+    before = W.clone()
+    out = ng.normalized_gram(W)
+    check_against_oracle(W, out)
+    assert torch.equal(W, before), "W must not be modified"
+    if device == "cpu":  # the interpreter sums in the same order whatever the strides
+        out_c = ng.normalized_gram(W.contiguous())
+        assert torch.equal(out.gram, out_c.gram) and torch.equal(out.row_norms, out_c.row_norms)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_zero_rows(device, dtype, shape):
+    zero = (0, 5, shape[0] - 1)
+    W = make_matrix(*shape, dtype, device, zero_rows=zero)
+    out = ng.normalized_gram(W)
+    check_against_oracle(W, out)
+    assert bool((out.row_norms[list(zero)] == 0).all())
+    if out.side == "rows":  # a zero row gives an exactly zero row and column
+        assert bool((out.gram[list(zero)] == 0).all()) and bool((out.gram[:, list(zero)] == 0).all())
+    n = shape[0]
+    assert out.trace == pytest.approx((n - len(zero)) / n, abs=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_precisions(device, precision, dtype, shape):
+    W = make_matrix(*shape, dtype, device, seed=3)
+    out = ng.normalized_gram(W, precision=precision)
+    check_against_oracle(W, out, precision)
+    check_against_twin(W, out, precision)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_bf16_precision_is_honoured(device, shape):
+    """precision="bf16" on fp32 operands really rounds them (the interpreter emulates the rounding)."""
+    W = make_matrix(*shape, torch.float32, device, seed=4)
+    ref = normalized_gram_reference(W.cpu(), dtype=torch.float64).gram
+    err = {p: float((ng.normalized_gram(W, precision=p).gram.cpu().double() - ref).abs().max()) for p in ("fp32", "bf16")}
+    assert err["bf16"] > 10 * err["fp32"]
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(257, 1031), (1031, 257), (300, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gram_cuda_multi_tile(device, precision, dtype, shape):
+    """Shapes spanning several of the GPU's larger tiles, every autotune family."""
+    W = make_matrix(*shape, dtype, device, seed=5)
+    out = ng.normalized_gram(W, precision=precision)
+    check_against_oracle(W, out, precision)
+    check_against_twin(W, out, precision)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatch_through_ops(device, monkeypatch):
+    from sphere_fast import ops
+
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    W = make_matrix(37, 123, torch.float32, device, "col_strided")
+    out = ops.normalized_gram(W, backend="triton")
+    direct = ng.normalized_gram(W)
+    assert torch.equal(out.gram, direct.gram) and torch.equal(out.row_norms, direct.row_norms)
+    assert out.trace == direct.trace and out.side == direct.side
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_name_the_argument(device):
+    W = make_matrix(8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="precision"):
+        ng.normalized_gram(W, precision="fp8")
+    with pytest.raises(ValueError, match="W must be 2-D"):
+        ng.normalized_gram(W[0])
+    with pytest.raises(TypeError, match="W must be float16"):
+        ng.normalized_gram(W.to(torch.int32))
+    with pytest.raises(ValueError, match="W must not be empty"):
+        ng.normalized_gram(W[:0])
+
+
+@triton.jit
+def _upper_tile_probe(i_ptr, j_ptr, total, num_tiles, BLOCK: tl.constexpr):
+    p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    i, j = _upper_tile(p, num_tiles)
+    tl.store(i_ptr + p, i, mask=p < total)
+    tl.store(j_ptr + p, j, mask=p < total)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_tiles", [1, 2, 7, 700])
+def test_upper_tile_mapping_covers_the_triangle_once(device, num_tiles):
+    """Program ids 0 .. T(T+1)/2 - 1 map one-to-one onto the tiles (I, J) with I <= J < T."""
+    total = num_tiles * (num_tiles + 1) // 2
+    i = torch.full((total,), -1, dtype=torch.int64, device=device)
+    j = torch.full_like(i, -1)
+    block = 4096
+    _upper_tile_probe[(triton.cdiv(total, block),)](i, j, total, num_tiles, BLOCK=block)
+    i, j = i.cpu(), j.cpu()
+    assert bool((i >= 0).all()) and bool((i <= j).all()) and bool((j < num_tiles).all())
+    codes = torch.sort(i * num_tiles + j).values
+    want = torch.sort(torch.tensor([a * num_tiles + b for b in range(num_tiles) for a in range(b + 1)])).values
+    assert torch.equal(codes, want)
+
+
+def test_import_has_no_side_effects():
+    """``import sphere_fast.kernels`` imports neither triton nor a kernel module."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sphere_fast.kernels; "
+        "bad = [m for m in ('triton', 'sphere_fast.kernels.normalized_gram') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
