@@ -24,9 +24,14 @@ def check_matrix(x, name: str, *, finite: bool = True) -> torch.Tensor:
         )
     if x.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
-    if finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
+    if finite:
+        check_finite(x, name)
     return x
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

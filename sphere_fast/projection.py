@@ -24,9 +24,11 @@ def sparse_projection(A: torch.Tensor, B: torch.Tensor, eta: float = 0.5, alpha:
     U : (d, r) principal eigenvectors in ascending eigenvalue order, as the
         reference returns them. Unlike the reference, nothing is printed.
     """
-    val.check_matrix(A, "A")
-    val.check_matrix(B, "B")
-    val.check_columns(B, A.shape[1], "B", "A")
+    val.check_matrix(A, "A", finite=False)
+    val.check_matrix(B, "B", finite=False)
     val.check_same_device(A=A, B=B)
+    val.check_columns(B, A.shape[1], "B", "A")
+    val.check_finite(A, "A")
+    val.check_finite(B, "B")
     projector = SphereProjector.fit(A, eta, alpha, backend=backend)
     return projector.apply(B), projector.projection_matrix(), projector.U.flip(1)

@@ -139,9 +139,10 @@ class SphereProjector:
 
     # -- application --------------------------------------------------------------
     def _check_update(self, B: torch.Tensor, name: str) -> None:
-        val.check_matrix(B, name)
-        val.check_columns(B, self.d, name, "the fitted weight")
+        val.check_matrix(B, name, finite=False)
         val.check_same_device(**{name: B, "U": self.U})
+        val.check_columns(B, self.d, name, "the fitted weight")
+        val.check_finite(B, name)
 
     def apply(self, B: torch.Tensor) -> torch.Tensor:
         """``B - alpha (B U) U^T`` in B's dtype (fp32 accumulation), any number of rows."""

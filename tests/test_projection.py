@@ -1,0 +1,301 @@
+"""The drop-in sparse_projection and SphereProjector against the float64 oracle.
+
+Every case checks the accuracy contract of DESIGN.md section 4:
+the rank (unless the cut is ambiguous), ||B_proj - B_proj_fp64|| / ||B||
+(<= 1e-5 for fp32 when the relative eigengap g >= 1e-4 and B is Gaussian,
+<= 1e-6 / g in any case; the output dtype's rounding for bf16/fp16),
+U^T U = I, captured energy >= eta * trace, and ||B_proj|| <= ||B||.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sphere_fast import SphereProjector, sparse_projection
+from tests.reference import oracle, sparse_projection_reference
+
+# Error bound on ||B_proj - B_proj_fp64|| / ||B|| by input dtype, for a well-separated cut.
+TOL_GAPPED = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# For any cut: this over the relative gap g (fp32 rounding cannot place the cut better).
+TOL_OVER_GAP = {torch.float64: 1e-12, torch.float32: 1e-6}
+ORTHO_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def hadamard(n: int) -> torch.Tensor:
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H / math.sqrt(n)
+
+
+def weight_with_spectrum(eigs, d: int, seed: int = 0) -> torch.Tensor:
+    """W (n x d, n a power of two) whose normalised Gram has eigenvalues proportional to ``eigs``.
+
+    A Hadamard left factor gives every row the same norm, so the row
+    normalisation is a uniform scaling and leaves the spectrum's shape intact.
+    """
+    eigs = torch.as_tensor(eigs, dtype=torch.float64)
+    n = eigs.numel()
+    g = torch.Generator().manual_seed(seed)
+    V, _ = torch.linalg.qr(torch.randn(d, n, generator=g, dtype=torch.float64))
+    return (hadamard(n) * eigs.sqrt()) @ V.T
+
+
+def make_weight(kind: str, n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(n, d, generator=g, dtype=torch.float64)
+    if kind == "steep":
+        k = min(n, d)
+        Q1, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+        Q2, _ = torch.linalg.qr(torch.randn(d, k, generator=g, dtype=torch.float64))
+        s = torch.arange(1, k + 1, dtype=torch.float64).pow(-1.5)
+        return (Q1 * s) @ Q2.T + 1e-4 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    if kind == "duplicate_zero_rows":
+        W = torch.randn(n, d, generator=g, dtype=torch.float64)
+        W[1] = W[0]
+        W[3] = 2.5 * W[2]
+        W[5] = 0.0
+        return W
+    raise ValueError(kind)
+
+
+def assert_contract(A, B, eta, alpha, B_proj, U, values=None, *, gaussian_B=True, rank_ambiguity_ok=True):
+    """Check one result against the float64 oracle of the reference algorithm."""
+    dtype = A.dtype
+    orc = oracle(A.double(), eta)
+    r = U.shape[1]
+    assert r in orc.acceptable_ranks(eta), f"rank {r}, oracle {orc.rank}, acceptable {sorted(orc.acceptable_ranks(eta))}"
+    assert B_proj.dtype == B.dtype and B_proj.device == B.device and B_proj.shape == B.shape
+
+    U64 = U.double().cpu()
+    eye = torch.eye(r, dtype=torch.float64)
+    ortho = ORTHO_TOL.get(U.dtype, 1e-5)
+    assert float((U64.T @ U64 - eye).abs().max()) <= ortho
+
+    # Captured energy: trace(U^T C U) in float64 against eta * trace (ambiguous cuts allowed).
+    C = orc.eigenvectors @ torch.diag(orc.eigenvalues) @ orc.eigenvectors.T
+    captured = float(torch.trace(U64.T @ C @ U64))
+    assert captured >= (eta - 1e-6) * orc.trace - 1e-6 * orc.trace
+
+    Bc = B.double().cpu()
+    expected = orc.project(Bc, alpha, r)
+    err = float((B_proj.double().cpu() - expected).norm() / Bc.norm())
+    if dtype in (torch.bfloat16, torch.float16) or B.dtype in (torch.bfloat16, torch.float16):
+        bound = TOL_GAPPED[torch.bfloat16]
+    else:
+        g = orc.gap(r)
+        bound = TOL_OVER_GAP[dtype] / max(g, 1e-300)
+        if gaussian_B and g >= 1e-4:
+            bound = min(bound, TOL_GAPPED[dtype]) if dtype == torch.float64 else TOL_GAPPED[dtype]
+    assert err <= bound, f"relative error {err:.3e} > bound {bound:.3e} (rank {r}, gap {orc.gap(r):.2e})"
+    # P is a contraction for 0 <= alpha <= 1 (up to the output dtype's rounding).
+    slack = {torch.float64: 1e-12, torch.float32: 1e-6}.get(B.dtype, 1e-2)
+    assert float(B_proj.double().norm()) <= float(Bc.norm()) * (1 + slack)
+
+
+SHAPES = [(64, 200), (300, 100), (128, 128), (1, 50)]
+ETAS = [0.01, 0.5, 0.99, 1.0]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("eta", ETAS)
+@pytest.mark.parametrize("kind", ["gaussian", "steep"])
+def test_contract_shapes_and_eta(shape, eta, kind, device):
+    n, d = shape
+    A = make_weight(kind, n, d, seed=n + d).float().to(device)
+    B = torch.randn(37, d, generator=torch.Generator().manual_seed(1)).to(device)
+    B_proj, P_soft, U = sparse_projection(A, B, eta, 0.5)
+    assert_contract(A, B, eta, 0.5, B_proj, U)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 1.0])
+def test_contract_alpha(alpha, device):
+    A = make_weight("gaussian", 96, 160, seed=3).float().to(device)
+    B = torch.randn(50, 160, generator=torch.Generator().manual_seed(4)).to(device)
+    B_proj, P_soft, U = sparse_projection(A, B, 0.5, alpha)
+    assert_contract(A, B, 0.5, alpha, B_proj, U)
+    if alpha == 0.0:
+        torch.testing.assert_close(B_proj, B, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_contract_dtypes(dtype, device):
+    A = make_weight("gaussian", 80, 150, seed=5).to(device=device, dtype=dtype)
+    B = torch.randn(40, 150, generator=torch.Generator().manual_seed(6)).to(device=device, dtype=dtype)
+    B_proj, P_soft, U = sparse_projection(A, B, 0.5, 0.5)
+    assert U.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_contract(A, B, 0.5, 0.5, B_proj, U)
+
+
+def test_duplicate_and_zero_rows(device):
+    A = make_weight("duplicate_zero_rows", 70, 120, seed=7).float().to(device)
+    B = torch.randn(70, 120, generator=torch.Generator().manual_seed(8)).to(device)
+    for eta in (0.5, 1.0):
+        B_proj, _, U = sparse_projection(A, B, eta, 0.8)
+        assert_contract(A, B, eta, 0.8, B_proj, U)
+
+
+def test_transposed_noncontiguous_inputs(device):
+    base = make_weight("gaussian", 150, 90, seed=9).float().to(device)
+    A = base.T  # 90 x 150, not contiguous
+    B = torch.randn(150, 60, generator=torch.Generator().manual_seed(10)).to(device).T
+    assert not A.is_contiguous() and not B.is_contiguous()
+    B_proj, _, U = sparse_projection(A, B, 0.5, 0.5)
+    assert_contract(A, B, 0.5, 0.5, B_proj, U)
+    # Contiguous copies take other BLAS paths: both results lie within the contract of the oracle.
+    ref = sparse_projection(A.contiguous(), B.contiguous(), 0.5, 0.5)[0]
+    assert float((B_proj - ref).norm() / B.norm()) <= 2 * TOL_GAPPED[torch.float32]
+
+
+def test_flat_spectrum_degenerate_everywhere():
+    # All eigenvalues equal: every cut is a tie (gap 0), any orthonormal U of the right rank is exact.
+    A = weight_with_spectrum(torch.ones(32), 80).float()
+    B = torch.randn(10, 80, generator=torch.Generator().manual_seed(11))
+    B_proj, _, U = sparse_projection(A, B, 0.5, 0.5)
+    assert_contract(A, B, 0.5, 0.5, B_proj, U)
+
+
+def test_degenerate_cluster_at_the_cut():
+    # Eigenvalues 8, 7, 6, then a triple cluster at 5 straddling the eta cut, then a tail.
+    eigs = torch.tensor([8.0, 7.0, 6.0, 5.0, 5.0, 5.0] + [0.5] * 26)
+    A = weight_with_spectrum(eigs, 100, seed=12).float()
+    eta = float((eigs[:4].sum() + 0.01) / eigs.sum())  # the cut falls inside the cluster
+    B = torch.randn(20, 100, generator=torch.Generator().manual_seed(13))
+    B_proj, _, U = sparse_projection(A, B, eta, 0.8)
+    assert_contract(A, B, eta, 0.8, B_proj, U)
+
+
+def test_cluster_near_cut_with_gap():
+    # lambda_r - lambda_{r+1} = 1e-3 * lambda_1: a narrow but resolvable gap.
+    eigs = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6010, 0.6000] + [0.05] * 26)
+    A = weight_with_spectrum(eigs, 120, seed=14).float()
+    eta = float(eigs[:5].sum() / eigs.sum()) - 1e-3
+    B = torch.randn(30, 120, generator=torch.Generator().manual_seed(15))
+    B_proj, _, U = sparse_projection(A, B, eta, 0.5)
+    assert U.shape[1] == 5
+    assert_contract(A, B, eta, 0.5, B_proj, U)
+
+
+def test_matches_fp32_reference_on_clear_cut(device):
+    A = make_weight("steep", 64, 96, seed=16).float().to(device)
+    B = torch.randn(12, 96, generator=torch.Generator().manual_seed(17)).to(device)
+    ours = sparse_projection(A, B, 0.5, 0.8)
+    ref = sparse_projection_reference(A, B, 0.5, 0.8)
+    assert ours[2].shape == ref[2].shape
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-4, atol=1e-5)
+
+
+def test_return_values_follow_the_reference_layout(capsys):
+    A = make_weight("steep", 40, 70, seed=18).float()
+    B = torch.randn(9, 70, generator=torch.Generator().manual_seed(19))
+    B_proj, P_soft, U = sparse_projection(A, B, 0.5, 0.5)
+    assert capsys.readouterr().out == ""
+    assert P_soft.shape == (70, 70)
+    torch.testing.assert_close(P_soft, torch.eye(70) - 0.5 * U @ U.T, rtol=0, atol=1e-6)
+    torch.testing.assert_close(B_proj, B @ P_soft.T, rtol=1e-5, atol=1e-6)
+    # U's columns in ascending eigenvalue order, like eigh's eigvecs[:, -r:].
+    C = oracle(A.double(), 0.5)
+    Cmat = C.eigenvectors @ torch.diag(C.eigenvalues) @ C.eigenvectors.T
+    rq = torch.einsum("dr,de,er->r", U.double(), Cmat, U.double())
+    assert bool((rq[1:] >= rq[:-1]).all())
+
+
+# -- SphereProjector ------------------------------------------------------------------
+
+
+def test_projector_attributes_and_apply(device):
+    W = make_weight("gaussian", 60, 110, seed=20).float().to(device)
+    P = SphereProjector.fit(W, eta=0.5, alpha=0.8)
+    assert P.U.shape == (110, P.rank) and P.eigenvalues.shape == (P.rank,)
+    assert bool((P.eigenvalues[:-1] >= P.eigenvalues[1:]).all())
+    assert P.eta == 0.5 and P.alpha == 0.8
+    assert math.isclose(P.trace, oracle(W.double(), 0.5).trace, rel_tol=1e-12)
+    assert float(P.eigenvalues.sum()) > 0.5 * P.trace
+    B = torch.randn(25, 110, generator=torch.Generator().manual_seed(21)).to(device)
+    assert_contract(W, B, 0.5, 0.8, P.apply(B), P.U)
+    torch.testing.assert_close(P.projection_matrix(), torch.eye(110, device=device) - 0.8 * P.U @ P.U.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_apply_in_place(dtype, device):
+    W0 = make_weight("gaussian", 48, 90, seed=22).to(device=device, dtype=dtype)
+    P = SphereProjector.fit(W0, 0.5, 0.5)
+    B = (0.01 * torch.randn(48, 90, generator=torch.Generator().manual_seed(23))).to(device=device, dtype=dtype)
+    W = W0.clone()
+    out = P.apply_(W, B)
+    assert out is W and W.dtype == dtype
+    expected = (W0.double() + P._project_work(B).double()).to(dtype)
+    torch.testing.assert_close(W, expected, rtol=0, atol=0)
+
+
+def test_refit_after_low_rank_change_matches_cold_fit():
+    g = torch.Generator().manual_seed(24)
+    W = make_weight("steep", 128, 300, seed=25).float()
+    P = SphereProjector.fit(W, 0.5, 0.5)
+    W2 = W + 0.05 * W.std() * (torch.randn(128, 8, generator=g) @ torch.randn(8, 300, generator=g)) / math.sqrt(8)
+    B = torch.randn(40, 300, generator=g)
+    cold = SphereProjector.fit(W2, 0.5, 0.5)
+    for method in ("auto", "block"):
+        warm = SphereProjector.fit(W, 0.5, 0.5).refit(W2, method=method)
+        assert warm.rank == cold.rank
+        assert_contract(W2, B, 0.5, 0.5, warm.apply(B), warm.U)
+        torch.testing.assert_close(warm.apply(B), cold.apply(B), rtol=1e-4, atol=2e-5)
+
+
+def test_refit_rejects_a_different_shape():
+    P = SphereProjector.fit(torch.randn(20, 30), 0.5, 0.5)
+    with pytest.raises(ValueError, match="W_new"):
+        P.refit(torch.randn(21, 30))
+
+
+# -- bad input: clear errors naming the argument, nothing changed -------------------------
+
+BAD_CASES = [
+    (lambda: sparse_projection(torch.randn(5), torch.randn(3, 5)), ValueError, "A must be 2-D"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 6)), ValueError, "B must have 5 columns"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta=0.0), ValueError, "eta"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta=1.5), ValueError, "eta"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=-0.1), ValueError, "alpha"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=1.1), ValueError, "alpha"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta="0.5"), TypeError, "eta"),
+    (lambda: sparse_projection(torch.full((4, 5), float("nan")), torch.randn(3, 5)), ValueError, "A contains NaN"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.tensor([[float("inf")] * 5])), ValueError, "B contains NaN or Inf"),
+    (lambda: sparse_projection(torch.empty(0, 5), torch.randn(3, 5)), ValueError, "A must not be empty"),
+    (lambda: sparse_projection(torch.ones(4, 5, dtype=torch.int64), torch.randn(3, 5)), TypeError, "A must be"),
+    (lambda: sparse_projection([[1.0]], torch.randn(3, 5)), TypeError, "A must be a torch.Tensor"),
+    (lambda: SphereProjector.fit(torch.randn(4, 5), backend="nope"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("call, exc, match", BAD_CASES, ids=[c[2] for c in BAD_CASES])
+def test_bad_input_raises_naming_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_tensors_on_different_devices_raise():
+    meta = torch.empty(3, 5, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        sparse_projection(torch.randn(4, 5), meta)
+
+
+@pytest.mark.parametrize(
+    "make_B, match",
+    [
+        (lambda: torch.full((6, 9), float("nan")), "B contains NaN"),
+        (lambda: torch.randn(6, 8), "B must have 9 columns"),
+        (lambda: torch.randn(5, 9), "same shape"),
+        (lambda: torch.ones(6, 9, dtype=torch.int32), "B must be"),
+    ],
+)
+def test_apply_in_place_leaves_W_untouched_on_error(make_B, match):
+    W = torch.randn(6, 9)
+    before = W.clone()
+    P = SphereProjector.fit(W, 0.5, 0.5)
+    with pytest.raises((ValueError, TypeError), match=match):
+        P.apply_(W, make_B())
+    assert torch.equal(W, before)
