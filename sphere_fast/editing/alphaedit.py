@@ -1,0 +1,48 @@
+"""AlphaEdit's null-space projection and per-layer closed form (Fang et al., 2025).
+
+P = U_0 U_0^T, where U_0 are the eigenvectors of C0 with eigenvalue below
+``nullspace_threshold``: updates through P leave the preserved keys' outputs
+(almost) unchanged. With keys K (d_in x n), residuals R (d_out x n) and the
+accumulated ``cache_c`` = sum of K_p K_p^T over earlier batches, the public code
+solves
+
+    Delta^T = (P (K K^T + cache_c) + L2 I)^-1  P K R^T
+
+and the update is returned as ``[d_out, d_in]``. P and cache_c live on the
+layer's device.
+"""
+from __future__ import annotations
+
+import torch
+
+from .memit import solve_dtype
+
+
+def nullspace_projector(C0: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:
+    """``(P, k)``: the projector onto C0's eigenvectors with eigenvalue < threshold, and their count.
+
+    The eigendecomposition runs on C0's device (float64 where cheap).
+    """
+    d = C0.shape[0]
+    dt = solve_dtype(C0.device, d)
+    values, vectors = torch.linalg.eigh(C0.to(dt))
+    small = values < threshold
+    U0 = vectors[:, small]
+    return (U0 @ U0.T).float(), int(small.sum())
+
+
+def alphaedit_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, cache_c: torch.Tensor, L2: float
+                     ) -> torch.Tensor:
+    """The AlphaEdit update as [d_out, d_in], in the solve dtype."""
+    d = K.shape[0]
+    for name, m in (("P", P), ("cache_c", cache_c)):
+        if m.shape != (d, d):
+            raise ValueError(f"{name} must be {d} x {d} (the key dimension), got {tuple(m.shape)}")
+    if R.shape[1] != K.shape[1]:
+        raise ValueError(f"R and K must have as many columns (requests), got R {tuple(R.shape)} and K {tuple(K.shape)}")
+    dt = solve_dtype(K.device, d)
+    K, R, Pd = K.to(dt), R.to(dt), P.to(dt)
+    lhs = Pd @ (K @ K.T + cache_c.to(dt))
+    lhs.diagonal().add_(L2)
+    rhs = Pd @ K @ R.T
+    return torch.linalg.solve(lhs, rhs).T

@@ -1,0 +1,363 @@
+"""Sequential MEMIT / AlphaEdit editing of a Hugging Face causal LM, with SPHERE.
+
+One :class:`Editor` holds everything that persists between batches: the
+context templates, each edited layer's key statistics (MEMIT: C0; AlphaEdit:
+the null-space projector P and ``cache_c``) and, with SPHERE, each layer's
+:class:`~sphere_fast.projector.SphereProjector`. Per-layer state lives on that
+layer's device, so accelerate ``device_map`` sharding works unchanged.
+
+A batch runs as in the official SPHERE code (an AlphaEdit fork): target values
+z for every request at the last edited layer; then, for each edited layer in
+ascending order, keys on the current model, the residual spread over the
+remaining layers, the method's closed-form update Delta, the projection
+``Delta P_perp`` fitted (first batch) or warm-refitted (later batches) on the
+*current* weight, and the in-place update, before the next layer's keys are
+computed. SPHERE acts on the input dimension d of the ``[out, in]`` oriented
+weight (rows are neurons): for Llama's ``down_proj`` that is the stored weight
+``[hidden, intermediate]``; for GPT-2's ``Conv1D`` (stored ``[in, out]``) it is
+the transpose, so the projected dimension is the MLP's intermediate size in
+both cases.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..projector import SphereProjector
+from . import paths
+from .alphaedit import alphaedit_update, nullspace_projector
+from .compute import compute_keys, compute_targets, context_templates, layer_outputs, validate_request
+from .covariance import layer_second_moments, load_cached
+from .hparams import EditHparams
+from .memit import memit_update
+from .model_utils import get_module, is_conv1d, oriented_weight, tokenizer_fingerprint, weights_fingerprint
+from .requests import EditRequest
+
+METHODS = ("memit", "alphaedit")
+STATE_FORMAT = 1
+DEFAULT_ETA = 0.5
+DEFAULT_ALPHA = {"alphaedit": 0.5, "memit": 0.8}  # paper, Appendix D.4.1
+
+# Context templates per (weights, tokenizer, seed): shared by every Editor (and
+# so by both methods) on the same unedited model.
+_TEMPLATE_CACHE: dict[tuple, list[list[str]]] = {}
+
+
+class Editor:
+    """Sequential editor. See the module docstring for the algorithm.
+
+    Parameters
+    ----------
+    model, tokenizer : a transformers causal LM and its tokenizer.
+    hparams : :class:`EditHparams` (see :func:`~sphere_fast.editing.hparams.load_hparams`).
+    method : "memit" or "alphaedit".
+    sphere : project each update with SPHERE; False gives the base method exactly.
+    eta, alpha : SPHERE's cumulative ratio and suppression strength; None takes
+        ``hparams.cumulative_ratio`` / ``suppression_strength``, then the paper's
+        defaults (eta 0.5; alpha 0.5 for AlphaEdit, 0.8 otherwise).
+    stats_corpus : .txt or .jsonl file for C0 (default: WikiText-2 test).
+    cache_dir : where C0 is cached (default :func:`paths.cache_dir`).
+    seed : seeds the context-template sampling.
+    """
+
+    def __init__(self, model, tokenizer, hparams: EditHparams, *, method: str, sphere: bool = True,
+                 eta: float | None = None, alpha: float | None = None, stats_corpus: str | Path | None = None,
+                 cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True):
+        if not isinstance(hparams, EditHparams):
+            raise TypeError(f"hparams must be an EditHparams (see load_hparams), got {type(hparams).__name__}")
+        method = str(method).lower()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.hparams = hparams
+        self.method = method
+        self.sphere = bool(sphere)
+        eta = eta if eta is not None else hparams.cumulative_ratio
+        alpha = alpha if alpha is not None else hparams.suppression_strength
+        self.eta = float(DEFAULT_ETA if eta is None else eta)
+        self.alpha = float(DEFAULT_ALPHA[method] if alpha is None else alpha)
+        if not 0 < self.eta <= 1:
+            raise ValueError(f"eta must be in (0, 1], got {self.eta}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        self.stats_corpus = Path(stats_corpus) if stats_corpus is not None else paths.wikitext_path()
+        if not self.stats_corpus.exists():
+            raise FileNotFoundError(f"stats_corpus {str(self.stats_corpus)!r} does not exist")
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
+        self.seed = int(seed)
+        self.progress = progress
+
+        n_layers = int(model.config.num_hidden_layers)
+        if hparams.v_loss_layer >= n_layers:
+            raise ValueError(f"hparam 'v_loss_layer' ({hparams.v_loss_layer}) must be < the model's {n_layers} layers")
+        if hparams.layers[-1] >= n_layers:
+            raise ValueError(f"hparam 'layers' {hparams.layers} must be < the model's {n_layers} layers")
+        self.edited_module_names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
+        for name in self.edited_module_names:
+            oriented_weight(get_module(model, name))  # raises for unsupported module types
+        for name in [hparams.layer_module_tmp.format(l) for l in (*hparams.layers, hparams.v_loss_layer)]:
+            get_module(model, name)
+        get_module(model, hparams.ln_f_module)
+        get_module(model, hparams.lm_head_module)
+
+        self.batches_done = 0
+        self._base_fp = weights_fingerprint(model)
+        self._templates: list[list[str]] | None = None
+        self._stats_keys: dict[str, str] = {}
+        self._C0: dict[str, torch.Tensor] = {}  # MEMIT
+        self._P: dict[str, torch.Tensor] = {}  # AlphaEdit
+        self._null_dim: dict[str, int] = {}
+        self._cache_c: dict[str, torch.Tensor] = {}  # AlphaEdit
+        self._projectors: dict[str, SphereProjector] = {}
+
+    # -- preparation -------------------------------------------------------------
+    def _weight(self, name: str) -> torch.Tensor:
+        return oriented_weight(get_module(self.model, name))
+
+    @property
+    def templates(self) -> list[list[str]]:
+        if self._templates is None:
+            key = (self._base_fp, tokenizer_fingerprint(self.tokenizer), self.seed)
+            if key not in _TEMPLATE_CACHE:
+                _TEMPLATE_CACHE[key] = context_templates(self.model, self.tokenizer, seed=self.seed)
+            self._templates = copy.deepcopy(_TEMPLATE_CACHE[key])
+        return self._templates
+
+    def _stats_ready(self) -> bool:
+        store = self._C0 if self.method == "memit" else self._P
+        return all(name in store for name in self.edited_module_names)
+
+    def _set_stats(self, c0s: dict[str, torch.Tensor]) -> None:
+        for name in self.edited_module_names:
+            c0 = c0s[name].to(self._weight(name).device)
+            if self.method == "memit":
+                self._C0[name] = c0
+            else:
+                self._P[name], self._null_dim[name] = nullspace_projector(c0, self.hparams.nullspace_threshold)
+                if name not in self._cache_c:
+                    self._cache_c[name] = torch.zeros_like(self._P[name])
+
+    def _prepare(self) -> None:
+        """Templates and key statistics, from the unedited model (first batch only)."""
+        self.templates  # noqa: B018 - computes and caches
+        if self._stats_ready():
+            return
+        c0s, keys = layer_second_moments(
+            self.model, self.tokenizer, self.edited_module_names, corpus=self.stats_corpus,
+            n_samples=self.hparams.mom2_n_samples, dtype=self.hparams.mom2_dtype, cache_dir=self.cache_dir,
+            progress=self.progress, weights_fp=self._base_fp,
+        )
+        self._stats_keys = keys
+        self._set_stats(c0s)
+
+    def key_statistics(self, name: str) -> torch.Tensor:
+        """C0 of an edited module (computed or read from the cache)."""
+        c0s, _ = layer_second_moments(
+            self.model, self.tokenizer, [name], corpus=self.stats_corpus, n_samples=self.hparams.mom2_n_samples,
+            dtype=self.hparams.mom2_dtype, cache_dir=self.cache_dir, progress=self.progress, weights_fp=self._base_fp,
+        )
+        return c0s[name]
+
+    # -- editing -----------------------------------------------------------------
+    def edit_batch(self, requests: Sequence[EditRequest]) -> dict:
+        """Apply one batch of edits. All-or-nothing: on any error every edited weight is restored."""
+        requests = list(requests)
+        if not requests:
+            raise ValueError("requests must not be empty")
+        for i, req in enumerate(requests):
+            validate_request(self.tokenizer, req, self.hparams.fact_token, f"requests[{i}]")
+        t_start = time.perf_counter()
+        seconds = {"total": 0.0, "stats": 0.0, "targets": 0.0, "keys": 0.0, "solve": 0.0, "sphere": 0.0,
+                   "apply": 0.0, "cache": 0.0}
+        t = time.perf_counter()
+        self._prepare()
+        seconds["stats"] = time.perf_counter() - t
+
+        snapshot = {name: self._weight(name).clone() for name in self.edited_module_names}
+        projectors = {name: copy.copy(p) for name, p in self._projectors.items()}
+        try:
+            info = self._edit(requests, seconds)
+        except BaseException:
+            with torch.no_grad():
+                for name, saved in snapshot.items():
+                    self._weight(name).copy_(saved)
+            self._projectors = projectors
+            raise
+        self.batches_done += 1
+        seconds["total"] = time.perf_counter() - t_start
+        info.update(batch_size=len(requests), seconds=seconds, batch_index=self.batches_done - 1)
+        return info
+
+    def _edit(self, requests: list[EditRequest], seconds: dict) -> dict:
+        hp, model, tok = self.hparams, self.model, self.tokenizer
+        templates = self.templates
+        z_layer = hp.layers[-1]
+
+        t = time.perf_counter()
+        results = compute_targets(model, tok, requests, hp, templates)
+        zs = torch.stack([r.z for r in results])  # [n, hidden]
+        seconds["targets"] = time.perf_counter() - t
+        with torch.no_grad():
+            before = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
+
+        layers_info: dict[str, dict] = {}
+        with torch.no_grad():
+            for i, (layer, name) in enumerate(zip(hp.layers, self.edited_module_names)):
+                W = self._weight(name)
+                dev = W.device
+                t = time.perf_counter()
+                K = compute_keys(model, tok, requests, hp, [name], templates)[name].to(dev).T  # [d_in, n]
+                cur = layer_outputs(model, tok, requests, hp, z_layer).to(dev)
+                R = (zs.to(dev) - cur).T / (len(hp.layers) - i)  # [hidden, n]
+                seconds["keys"] += time.perf_counter() - t
+
+                t = time.perf_counter()
+                if self.method == "memit":
+                    delta = memit_update(K, R, self._C0[name], hp.mom2_update_weight)
+                else:
+                    delta = alphaedit_update(K, R, self._P[name], self._cache_c[name], hp.L2)
+                if tuple(delta.shape) != tuple(W.shape):
+                    raise RuntimeError(f"{name}: update shape {tuple(delta.shape)} does not match the oriented weight "
+                                       f"{tuple(W.shape)} (is hidden_size the module's output size?)")
+                seconds["solve"] += time.perf_counter() - t
+
+                before_w = W.clone()
+                rank = None
+                if self.sphere:
+                    t = time.perf_counter()
+                    proj = self._projectors.get(name)
+                    if proj is None:
+                        proj = SphereProjector.fit(W, self.eta, self.alpha)
+                    else:
+                        proj = proj.refit(W)
+                    self._projectors[name] = proj
+                    rank = proj.rank
+                    proj.apply_(W, delta.to(torch.float32) if delta.dtype == torch.float64 else delta)
+                    seconds["sphere"] += time.perf_counter() - t
+                else:
+                    t = time.perf_counter()
+                    W.add_(delta.to(W.dtype))
+                    seconds["apply"] += time.perf_counter() - t
+                if not bool(torch.isfinite(W).all()):
+                    raise FloatingPointError(f"{name}: the update produced NaN/Inf weights")
+                layers_info[name] = {
+                    "rank": rank,
+                    "update_norm": float(delta.norm()),
+                    "projected_norm": float((W.float() - before_w.float()).norm()),
+                    "conv1d": is_conv1d(get_module(model, name)),
+                }
+                if self.method == "alphaedit":
+                    layers_info[name]["nullspace_dim"] = self._null_dim[name]
+
+            if self.method == "alphaedit":
+                # cache_c gathers the keys of the edited model (as the public code does, after all layers).
+                t = time.perf_counter()
+                Ks = compute_keys(model, tok, requests, hp, self.edited_module_names, templates)
+                grams = {}
+                for name in self.edited_module_names:
+                    K = Ks[name].to(self._cache_c[name].device).T
+                    grams[name] = (K @ K.T).to(self._cache_c[name].dtype)
+                for name, g in grams.items():  # no failure point past here
+                    self._cache_c[name].add_(g)
+                seconds["cache"] = time.perf_counter() - t
+            after = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
+
+        return {
+            "layers": layers_info,
+            "z_residual_before": before,
+            "z_residual_after": after,
+            "target_nll_before": [r.nll_before for r in results],
+            "target_nll_after": [r.nll_after for r in results],
+        }
+
+    # -- state -------------------------------------------------------------------
+    def edited_weights(self) -> dict[str, torch.Tensor]:
+        """Module name -> the edited weight as an [out, in] view (do not modify)."""
+        return {name: self._weight(name) for name in self.edited_module_names}
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume (tensors on CPU and plain Python values)."""
+        layers = {}
+        for name in self.edited_module_names:
+            entry: dict = {}
+            if name in self._cache_c:
+                entry["cache_c"] = self._cache_c[name].detach().cpu().clone()
+            proj = self._projectors.get(name)
+            if proj is not None:
+                entry["projector"] = {
+                    "U": proj.U.detach().cpu().clone(), "eigenvalues": proj.eigenvalues.detach().cpu().clone(),
+                    "basis": proj._basis.detach().cpu().clone(), "trace": float(proj.trace), "eta": proj.eta,
+                    "alpha": proj.alpha, "side": proj._side, "backend": proj.backend, "method": proj.method,
+                    "shape": list(proj.shape),
+                }
+            layers[name] = entry
+        return {
+            "format": STATE_FORMAT,
+            "method": self.method,
+            "sphere": self.sphere,
+            "eta": self.eta,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "layers_edited": list(self.hparams.layers),
+            "batches_done": self.batches_done,
+            "templates": copy.deepcopy(self.templates),
+            "base_fingerprint": self._base_fp,
+            "stats_keys": dict(self._stats_keys),
+            "layers": layers,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict`. Call it before loading the edited weights into the model.
+
+        Key statistics are recomputed from the model when it still holds the
+        unedited weights, else read from the disk cache by their stored key.
+        """
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state must be an Editor.state_dict() of format {STATE_FORMAT}")
+        for key, mine in (("method", self.method), ("sphere", self.sphere), ("eta", self.eta), ("alpha", self.alpha),
+                          ("layers_edited", list(self.hparams.layers))):
+            if state[key] != mine:
+                raise ValueError(f"state was saved with {key}={state[key]!r}, this Editor has {key}={mine!r}")
+        missing = [n for n in self.edited_module_names if n not in state["layers"]]
+        if missing:
+            raise ValueError(f"state has no entry for edited module(s) {missing}")
+        self._templates = copy.deepcopy(state["templates"])
+        self._base_fp = state["base_fingerprint"]
+        self._C0, self._P, self._cache_c, self._projectors = {}, {}, {}, {}
+        if weights_fingerprint(self.model) == state["base_fingerprint"]:
+            self._prepare()
+        else:
+            c0s = {}
+            for name in self.edited_module_names:
+                key = state["stats_keys"].get(name)
+                c0 = load_cached(self.model, name, key, self.cache_dir) if key else None
+                if c0 is None:
+                    raise RuntimeError(
+                        f"cannot restore key statistics for {name}: the model no longer holds the unedited weights and "
+                        f"the cache in {str(self.cache_dir)!r} has no entry {key!r}; load the state into an Editor on "
+                        "the unedited model"
+                    )
+                c0s[name] = c0
+            self._stats_keys = dict(state["stats_keys"])
+            self._set_stats(c0s)
+        for name in self.edited_module_names:
+            entry = state["layers"][name]
+            dev = self._weight(name).device
+            if "cache_c" in entry:
+                self._cache_c[name] = entry["cache_c"].to(dev).clone()
+            if "projector" in entry:
+                p = entry["projector"]
+                self._projectors[name] = SphereProjector(
+                    p["U"].to(dev).clone(), p["eigenvalues"].clone(), trace=p["trace"], eta=p["eta"], alpha=p["alpha"],
+                    side=p["side"], basis=p["basis"].to(dev).clone(), backend=p["backend"], method=p["method"],
+                    shape=tuple(p["shape"]),
+                )
+        self.batches_done = int(state["batches_done"])
+        if "rng" in state and "torch" in state["rng"]:
+            torch.set_rng_state(state["rng"]["torch"])
