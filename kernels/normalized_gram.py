@@ -107,27 +107,38 @@ def _upper_tile(pid, num_tiles):
 def _tile_dot(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     """acc += a @ b in the input precision DOT (see the DOT_* constants).
 
-    The Triton interpreter computes bf16 dots wrongly, so there every 16-bit
-    operand is widened to fp32 first: the products of 16-bit values are exact
-    in fp32, so this is the same arithmetic as the tensor cores' fp32-accumulate
-    dot (TF32 is not emulated and runs as IEEE fp32).
+    The Triton interpreter computes bf16 dots wrongly (and truncates fp32 ->
+    bf16 casts), so there every 16-bit operand is widened to fp32 first and
+    DOT_BF16 rounds to nearest-even bf16 values kept in fp32: products of
+    16-bit values are exact in fp32, so this is the same arithmetic as the
+    tensor cores' fp32-accumulate dot (TF32 is not emulated: it runs as IEEE fp32).
     """
-    if DOT == 3:
-        a = a.to(tl.bfloat16)
-        b = b.to(tl.bfloat16)
     if INTERPRET:
-        if DOT == 0 or DOT == 3:
+        if DOT == 0:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
+        if DOT == 3:
+            a = _round_to_bf16(a.to(tl.float32))
+            b = _round_to_bf16(b.to(tl.float32))
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         if DOT == 1:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         elif DOT == 2:
             acc = tl.dot(a, b, acc, input_precision="tf32")
+        elif DOT == 3:
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)  # fp32 -> bf16 rounds to nearest even
         else:
             acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 -> nearest bf16 (ties to even), kept in fp32: the interpreter's own cast truncates."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ rounded to unit ``u_op`` (0 when they enter the dot exactly) and accumulation
 unit ``u``, the usual dot-product bound with ``sum_k |a_k b_k| <= n sqrt(G_aa G_bb)``
 (Cauchy-Schwarz on the normalised rows) gives
 
-    |G_ab - G64_ab| <= (2 u_op + (2 K + 10) u) sqrt(G64_aa G64_bb)
+    |G_ab - G64_ab| <= (2 u_op + u_op^2 + (2 K + 10) u) sqrt(G64_aa G64_bb)
 
 (2K u for the dot and both row norms' sums of squares, 10 u for the
 scalings, the division by n and the oracle's own rounding).
@@ -128,8 +128,9 @@ def operand_rounding(dtype: torch.dtype, precision: str, side: str) -> float:
 
 
 def gram_tolerance(G64: torch.Tensor, K: int, dtype: torch.dtype, precision: str, side: str) -> torch.Tensor:
-    """Entrywise bound ``(2 u_op + (2K + 10) u) sqrt(G_aa G_bb)`` (module docstring)."""
-    e = 2.0 * operand_rounding(dtype, precision, side) + (2 * K + 10) * UNIT[dtype]
+    """Entrywise bound ``(2 u_op + u_op^2 + (2K + 10) u) sqrt(G_aa G_bb)`` (module docstring)."""
+    u_op = operand_rounding(dtype, precision, side)
+    e = 2.0 * u_op + u_op**2 + (2 * K + 10) * UNIT[dtype]
     diag = G64.diagonal().clamp_min(0.0)
     return e * torch.sqrt(diag[:, None] * diag[None, :])
 
@@ -228,6 +229,23 @@ def test_zero_rows(device, dtype, shape):
         assert bool((out.gram[list(zero)] == 0).all()) and bool((out.gram[:, list(zero)] == 0).all())
     n = shape[0]
     assert out.trace == pytest.approx((n - len(zero)) / n, abs=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tiny_rows_use_the_norm_eps(device, dtype, shape):
+    """Rows of norm ~1e-8 are scaled by 1 / (||w|| + 1e-8), not 1 / ||w||: an O(1) effect."""
+    W = make_matrix(*shape, dtype, device, seed=6)
+    tiny = (1, 4)
+    W[list(tiny)] *= 1e-8 / torch.linalg.vector_norm(W[list(tiny)].double(), dim=1, keepdim=True).to(device, dtype)
+    out = ng.normalized_gram(W)
+    check_against_oracle(W, out)
+    n = shape[0]
+    if out.side == "rows":
+        for i in tiny:  # (r / (r + 1e-8))^2 / n with r = 1e-8
+            assert float(out.gram[i, i]) * n == pytest.approx(0.25, rel=1e-5)
+    assert out.trace == pytest.approx((n - 2 + 2 * 0.25) / n, rel=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,192 @@
+"""Triton kernel ``kernels/hyperspherical_energy.py`` against its torch twin in float64.
+
+``E = sum_{i != j} f(dist2_ij)`` with ``f(x) = (x + eps)^(-s/2)`` decreasing and
+``dist2_ij = max(2 - 2 cos_ij, 0)``. The kernel's cosines carry a rounding error
+of at most ``delta_c = (2K + 10) u`` (K = d; see ``test_kernels_gram``), so each
+of its terms lies between ``f(dist2 + delta)`` and ``f(max(dist2 - delta, 0))``
+with ``delta = 2 (2 delta_c + 4 u)`` (twice: the float64 oracle rounds too),
+and its sum, up to the relative error of the fp32 exp/log and of the in-tile
+sum, between the sums of those bounds. That interval is tight where the
+energy is well conditioned (it narrows to a few ulps) and honestly wide where
+it is not (duplicate rows with eps far below fp32's resolution of cos near 1).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of sphere_fast.kernels.* (see test_kernels_gram)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from sphere_fast.gram import NORM_EPS, hyperspherical_energy_reference  # noqa: E402
+from sphere_fast.kernels import hyperspherical_energy as he  # noqa: E402
+from tests.test_kernels_gram import DEVICES, UNIT, make_matrix  # noqa: E402
+
+
+def torch_hyperspherical_energy(W: torch.Tensor, s: float, eps: float, compute_dtype: torch.dtype | None = None):
+    """Unfused torch equivalent: ``A_hat = W / (||w_i|| + 1e-8)``, cosines by one matmul, then the kernel sum.
+
+    Holds the n x n matrix (the benchmarks import it from here). Returns a 0-d
+    float64 tensor.
+    """
+    dtype = compute_dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
+    A = W.to(dtype)
+    A_hat = A / (torch.linalg.vector_norm(A, dim=1) + NORM_EPS).unsqueeze(1)
+    cos = A_hat @ A_hat.T
+    terms = ((2.0 - 2.0 * cos).clamp_min(0.0) + eps).pow(-s / 2.0)
+    terms.fill_diagonal_(0.0)
+    return terms.sum(dtype=torch.float64)
+
+
+def energy_interval(W: torch.Tensor, s: float, eps: float) -> tuple[float, float]:
+    """Bounds on any evaluation of E whose cosines are within the module docstring's delta."""
+    n, d = W.shape
+    u = UNIT[W.dtype]
+    A = W.cpu().double()
+    A_hat = A / (torch.linalg.vector_norm(A, dim=1) + NORM_EPS).unsqueeze(1)
+    dist2 = (2.0 - 2.0 * (A_hat @ A_hat.T)).clamp_min(0.0)
+    delta = 2.0 * (2.0 * (2 * d + 10) * u + 4 * u)
+    off = ~torch.eye(n, dtype=torch.bool)
+    lo = float(((dist2 + delta + eps) ** (-s / 2))[off].sum())
+    hi = float((((dist2 - delta).clamp_min(0.0) + eps) ** (-s / 2))[off].sum())
+    # exp(log(x) * -s/2) in the working precision, and a sum of at most 128^2 positive terms per tile
+    rel = 4 * (abs(s / 2) * max(abs(math.log(eps)), math.log(4 + eps)) + 3 + 2 * math.log2(128 * 128)) * u
+    return lo * (1 - rel), hi * (1 + rel)
+
+
+def check_energy(W: torch.Tensor, s: float, eps: float) -> torch.Tensor:
+    E = he.hyperspherical_energy(W, s=s, eps=eps)
+    assert E.dtype == torch.float64 and E.dim() == 0 and E.device == W.device
+    lo, hi = energy_interval(W, s, eps)
+    # the inline restatement and the package's twin agree (in float64)
+    twin64 = float(torch_hyperspherical_energy(W.cpu(), s, eps, torch.float64))
+    ref64 = float(hyperspherical_energy_reference(W.cpu(), s=s, eps=eps, dtype=torch.float64))
+    assert twin64 == pytest.approx(ref64, rel=1e-12)
+    assert lo <= twin64 <= hi
+    assert lo <= float(E) <= hi, f"energy {float(E)!r} outside [{lo!r}, {hi!r}] (fp64 twin {twin64!r})"
+    return E
+
+
+SHAPES = [(37, 123), (123, 37), (64, 64), (2, 3)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+S_EPS = [(2.0, 1e-6), (1.0, 1e-3), (3.5, 0.1), (0.5, 1e-2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_energy_matches_fp64_twin(device, dtype, shape):
+    W = make_matrix(*shape, dtype, device, seed=11)
+    for s, eps in S_EPS:
+        check_energy(W, s, eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_energy_duplicate_rows(device, dtype, shape):
+    """Duplicate rows (distance 0) give the largest terms, eps^(-s/2) each."""
+    W = make_matrix(*shape, dtype, device, seed=12)
+    W[7] = W[3]
+    W[20] = 2.5 * W[3]  # same direction: also a duplicate after normalisation
+    W[30] = W[3]
+    for s, eps in S_EPS:
+        check_energy(W, s, eps)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(32, 123), (32, 37), (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_energy_epilogue_from_the_kernels_cosines(device, dtype, shape):
+    """The epilogue, tightly: E from the Gram kernel's own cosines (same tiles, same arithmetic).
+
+    With n a power of two, ``n * G`` recovers the kernel's cosines exactly, so the
+    float64 sum of ``f(max(2 - 2 cos, 0))`` over them differs from the kernel's E
+    only by the fp32 exp/log and the in-tile sums (duplicates included). CPU
+    only: on a GPU the two kernels may be autotuned to different tiles, whose
+    cosines differ by rounding (``test_energy_cuda_multi_tile`` bounds that).
+    """
+    from sphere_fast.kernels.normalized_gram import normalized_gram
+
+    n, d = shape
+    W = make_matrix(n, d, dtype, device, seed=16)
+    W[9] = W[2]
+    W[11] = -3 * W[2]  # antipodal: cos = -1, distance 2
+    cos = normalized_gram(W).gram.double() * n
+    off = ~torch.eye(n, dtype=torch.bool)
+    u = UNIT[dtype]
+    for s, eps in S_EPS:
+        want = float((((2.0 - 2.0 * cos).clamp_min(0.0) + eps) ** (-s / 2))[off].sum())
+        rel = 4 * (abs(s / 2) * abs(math.log(eps)) + 3 + 2 * math.log2(128 * 128)) * u
+        got = float(he.hyperspherical_energy(W, s=s, eps=eps))
+        assert abs(got - want) <= rel * want, (s, eps, got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["transposed", "col_strided", "row_strided"])
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_energy_strided_inputs(device, layout, shape):
+    W = make_matrix(*shape, torch.float32, device, layout, seed=13)
+    assert not W.is_contiguous()
+    E = check_energy(W, 2.0, 1e-3)
+    if device == "cpu":  # the interpreter sums in the same order whatever the strides
+        assert torch.equal(E, he.hyperspherical_energy(W.contiguous(), s=2.0, eps=1e-3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_energy_single_row_and_zero_rows(device):
+    W = make_matrix(1, 50, torch.float32, device)
+    assert float(he.hyperspherical_energy(W, s=2.0, eps=1e-6)) == 0.0
+    W = make_matrix(37, 123, torch.float32, device, zero_rows=(0, 36))
+    check_energy(W, 2.0, 1e-3)
+    for s, eps in S_EPS:  # two zero rows: cos = 0 with everything, dist2 = 2
+        check_energy(W, s, eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_energy_is_symmetric_in_the_rows(device):
+    """Permuting the rows permutes the terms: the sum moves only by rounding."""
+    W = make_matrix(50, 40, torch.float32, device, seed=14)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(0)).to(device)
+    E, Ep = (float(he.hyperspherical_energy(X, s=1.0, eps=1e-2)) for X in (W, W[perm]))
+    assert Ep == pytest.approx(E, rel=1e-5)
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(257, 1031), (1031, 257)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_energy_cuda_multi_tile(device, dtype, shape):
+    W = make_matrix(*shape, dtype, device, seed=15)
+    W[100] = W[3]
+    for s, eps in S_EPS:
+        check_energy(W, s, eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_energy_dispatch_through_ops(device, monkeypatch):
+    from sphere_fast import ops
+
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    W = make_matrix(37, 123, torch.bfloat16, device, "transposed")
+    E = ops.hyperspherical_energy(W, 2.0, 1e-3, backend="triton")
+    assert torch.equal(E, he.hyperspherical_energy(W, s=2.0, eps=1e-3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_energy_errors_name_the_argument(device):
+    W = make_matrix(8, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="s must be"):
+        he.hyperspherical_energy(W, s=0.0, eps=1e-6)
+    with pytest.raises(ValueError, match="eps must be"):
+        he.hyperspherical_energy(W, s=2.0, eps=-1.0)
+    with pytest.raises(TypeError, match="s must be a real number"):
+        he.hyperspherical_energy(W, s="2", eps=1e-6)
+    with pytest.raises(ValueError, match="W must be 2-D"):
+        he.hyperspherical_energy(W[0], s=2.0, eps=1e-6)
