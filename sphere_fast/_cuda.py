@@ -1,29 +1,296 @@
-"""Loader for the compiled CUDA extension ``sphere_fast._C``.
+"""The CUDA extension ``sphere_fast._C``: loader and torch-facing wrappers.
 
 Importing ``sphere_fast`` never loads it; the first call that needs it does,
 and a missing or broken build raises an ImportError that says what was looked
 for and how to build it.
+
+The extension does not link libtorch (bitsandbytes style): these wrappers
+check the tensors, allocate outputs and workspaces with torch on the tensors'
+device, and pass raw pointers, sizes, strides, dtype codes and the current
+torch stream (``torch.cuda.current_stream().cuda_stream``). The eigensolver's
+internal workspace, whose size grows with the block, is taken by the extension
+itself with ``cudaMallocAsync`` on that stream (the device's default memory
+pool, outside torch's caching allocator) and is returned before the call ends.
+
+Public functions:
+
+* :func:`top_eigenpairs` -- the CUDA twin of :func:`sphere_fast.eigensolver.top_eigenpairs`;
+* :func:`project` -- ``B - alpha (B U) U^T`` in B's dtype;
+* :func:`project_add_` -- ``W += B - alpha (B U) U^T`` in place, W written once.
 """
 from __future__ import annotations
 
 import functools
+import glob
 import importlib
+import importlib.machinery
+import math
 import os
 
+import torch
+
+from .eigensolver import DEFAULT_TOL, METHODS, Eigenpairs
+
+EXTENSION_MODULE = "sphere_fast._C"
 BUILD_HINT = (
-    "build it on a machine with nvcc and a CUDA build of torch: "
-    "SPHERE_FAST_BUILD_CUDA=1 pip install -e . (see README, 'CUDA extension')"
+    "build it on a machine with nvcc (CUDA >= 12) and the cuBLAS/cuSOLVER headers and libraries "
+    "(a CUDA build of torch installs them as the nvidia-cublas / nvidia-cusolver wheels): "
+    "SPHERE_FAST_BUILD_CUDA=1 pip install -e . (CMake builds csrc/ into sphere_fast/_C; "
+    "see README, 'CUDA extension')"
 )
+
+# dtype codes shared with csrc/sphere_fast.h (enum DType).
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def _import_extension(module_name: str):
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        here = os.path.dirname(os.path.abspath(__file__))
+        stem = module_name.rpartition(".")[2]
+        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(here, stem + "*")))
+        suffixes = ", ".join(importlib.machinery.EXTENSION_SUFFIXES)
+        what = (
+            f"found {', '.join(found)} there, which failed to load"
+            if found
+            else f"no {stem}<suffix> file there (suffixes tried: {suffixes})"
+        )
+        raise ImportError(
+            f"the CUDA extension {module_name} is not available: looked for module {module_name} "
+            f"in {here}; {what}; the import error was: {exc}. To get it, {BUILD_HINT}"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=None)
 def load_extension():
     """The ``sphere_fast._C`` module, or an ImportError with a diagnostic."""
-    try:
-        return importlib.import_module("sphere_fast._C")
-    except ImportError as exc:
-        here = os.path.dirname(os.path.abspath(__file__))
-        raise ImportError(
-            f"the CUDA extension sphere_fast._C was not found or failed to load "
-            f"(looked in {here}: {exc}); {BUILD_HINT}"
-        ) from exc
+    return _import_extension(EXTENSION_MODULE)
+
+
+# -- argument checks -------------------------------------------------------------
+
+
+def _check_cuda_matrix(x, name: str, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+    if x.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor, got a tensor on {x.device}")
+    if x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {allowed}, got {x.dtype}")
+    return x
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _row_major(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x with unit column stride and its row stride (>= the column count)."""
+    rows, cols = x.shape
+    if x.stride(1) != 1 or (rows > 1 and x.stride(0) < cols):
+        x = x.contiguous()
+    ld = x.stride(0) if rows > 1 else cols
+    return x, max(ld, cols)
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# -- eigensolver -----------------------------------------------------------------
+
+
+def top_eigenpairs(
+    G: torch.Tensor,
+    trace: float,
+    eta: float,
+    *,
+    method: str = "auto",
+    init: torch.Tensor | None = None,
+    tol: float | None = None,
+    max_iter: int = 200,
+    tf32: bool = True,
+    oversample: int | None = None,
+    seed: int = 0,
+    return_stats: bool = False,
+):
+    """The top-r eigenpairs of the symmetric PSD CUDA matrix G, r by the cumulative rule.
+
+    Same algorithm, arguments and result as :func:`sphere_fast.eigensolver.top_eigenpairs`
+    (values float64 descending, vectors m x r in G's dtype with orthonormal columns).
+
+    Parameters
+    ----------
+    G : (m, m) float32 or float64 CUDA tensor, symmetric (only its values are read;
+        a transposed view is accepted as is).
+    trace : trace(G), known from the row norms.
+    eta : cumulative energy ratio in (0, 1].
+    method : "auto", "dense" (cuSOLVER Xsyevd) or "block" (subspace iteration).
+    init : (m, k0) warm start with orthonormal columns (the previous basis).
+    tol : residual tolerance relative to theta_1 (default: 2e-6 fp32, 1e-11 fp64).
+    max_iter : block iterations before :class:`sphere_fast.ConvergenceError`.
+    tf32 : for fp32 G, run the early block iterations' G @ X on TF32 tensor cores
+        (accepted pairs always come from a full-fp32 iteration).
+    oversample : guard vectors p (default: the torch twin's, 8 or max(8, k0 // 8)).
+    seed : seed of the random start / growth columns.
+    return_stats : also return a dict (iterations, tf32_iterations, residuals, ...).
+    """
+    _check_cuda_matrix(G, "G", (torch.float32, torch.float64))
+    m = G.shape[0]
+    if G.shape[1] != m:
+        raise ValueError(f"G must be square, got shape {tuple(G.shape)}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    trace = _real(trace, "trace")
+    if trace <= 0.0:
+        raise ValueError(f"trace must be > 0, got {trace}")
+    eta = _real(eta, "eta")
+    if not 0.0 < eta <= 1.0:
+        raise ValueError(f"eta must be in (0, 1], got {eta}")
+    tol = DEFAULT_TOL[G.dtype] if tol is None else _real(tol, "tol")
+    if tol <= 0.0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
+        raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
+
+    # G is symmetric: a column-major view is the same matrix.
+    if G.stride(1) == 1 and (m == 1 or G.stride(0) >= m):
+        ldg = max(G.stride(0), m)
+    elif G.stride(0) == 1 and G.stride(1) >= m:
+        ldg = G.stride(1)
+    else:
+        G = G.contiguous()
+        ldg = m
+
+    init_ptr, k0, s0, s1 = 0, 0, 0, 0
+    if init is not None:
+        _check_cuda_matrix(init, "init", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        if init.device != G.device:
+            raise ValueError(f"init must be on G's device {G.device}, got {init.device}")
+        if init.shape[0] != m or not 1 <= init.shape[1] <= m:
+            raise ValueError(f"init must have shape (m, k) with m = {m} and 1 <= k <= m, got {tuple(init.shape)}")
+        if init.dtype != G.dtype:
+            init = init.to(G.dtype)
+        init_ptr, k0, s0, s1 = init.data_ptr(), init.shape[1], init.stride(0), init.stride(1)
+
+    ext = load_extension()
+    with torch.cuda.device(G.device):
+        stream = _stream(G.device)
+        res = ext.eigensolve(
+            G=G.data_ptr(), m=m, ldg=ldg, dtype=_DTYPE_CODES[G.dtype], trace=trace, eta=eta, method=method,
+            init=init_ptr, k0=k0, init_s0=s0, init_s1=s1, tol=tol, max_iter=max_iter, tf32=bool(tf32),
+            seed=int(seed), oversample=-1 if oversample is None else oversample, stream=stream,
+        )
+        values = torch.empty(res.rank, dtype=torch.float64, device=G.device)
+        vectors = torch.empty(m, res.rank, dtype=G.dtype, device=G.device)
+        res.copy_out(values=values.data_ptr(), vectors=vectors.data_ptr(), ld=max(res.rank, 1), stream=stream)
+    pairs = Eigenpairs(values, vectors, res.method, res.iterations, res.block_size)
+    if not return_stats:
+        return pairs
+    stats = {
+        "method": res.method,
+        "iterations": res.iterations,
+        "tf32_iterations": res.tf32_iterations,
+        "block_size": res.block_size,
+        "residuals": list(res.residuals),
+    }
+    return pairs, stats
+
+
+# -- projection -------------------------------------------------------------------
+
+
+def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U: torch.Tensor, alpha: float):
+    n, d = B.shape
+    r = U.shape[1]
+    acc = torch.float64 if B.dtype == torch.float64 else torch.float32
+    B, ldb = _row_major(B)
+    Uc, ldu = _row_major(U.to(acc) if U.dtype != acc else U)
+    ext = load_extension()
+    with torch.cuda.device(B.device):
+        T = torch.empty(n, r, dtype=acc, device=B.device)
+        half = B.dtype in (torch.float16, torch.bfloat16)
+        u_hi = torch.empty(d, r, dtype=B.dtype, device=B.device) if half and r else None
+        u_lo = torch.empty(d, r, dtype=B.dtype, device=B.device) if half and r else None
+        ext.project(
+            out=out.data_ptr(), out_dtype=_DTYPE_CODES[out.dtype], os0=out.stride(0), os1=out.stride(1),
+            W=0 if W is None else W.data_ptr(), ws0=0 if W is None else W.stride(0),
+            ws1=1 if W is None else W.stride(1),
+            B=B.data_ptr(), b_dtype=_DTYPE_CODES[B.dtype], ldb=ldb, U=Uc.data_ptr() if r else 0, ldu=ldu,
+            n=n, d=d, r=r, alpha=alpha, T=T.data_ptr() if r else 0,
+            u_hi=0 if u_hi is None else u_hi.data_ptr(), u_lo=0 if u_lo is None else u_lo.data_ptr(),
+            stream=_stream(B.device),
+        )
+    return out
+
+
+def _check_project_args(B, U, alpha) -> float:
+    _check_cuda_matrix(B, "B", tuple(_DTYPE_CODES))
+    _check_cuda_matrix(U, "U", (torch.float32, torch.float64))
+    if U.device != B.device:
+        raise ValueError(f"U must be on B's device {B.device}, got {U.device}")
+    if U.shape[0] != B.shape[1]:
+        raise ValueError(f"U must have {B.shape[1]} rows (as many as B has columns), got shape {tuple(U.shape)}")
+    if B.numel() == 0:
+        raise ValueError(f"B must not be empty, got shape {tuple(B.shape)}")
+    return _real(alpha, "alpha")
+
+
+def project(B: torch.Tensor, U: torch.Tensor, alpha: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``B - alpha (B U) U^T`` in B's dtype, with fp32 accumulation (fp64 for fp64 B).
+
+    Parameters
+    ----------
+    B : (n, d) CUDA tensor, float16, bfloat16, float32 or float64.
+    U : (d, r) float32 or float64 CUDA tensor (orthonormal columns).
+    alpha : suppression strength.
+    out : optional (n, d) tensor of B's dtype on B's device to write into.
+    """
+    alpha = _check_project_args(B, U, alpha)
+    if out is None:
+        out = torch.empty(B.shape, dtype=B.dtype, device=B.device)
+    else:
+        _check_cuda_matrix(out, "out", (B.dtype,))
+        if out.shape != B.shape or out.device != B.device:
+            raise ValueError(
+                f"out must have B's shape {tuple(B.shape)} on {B.device}, got {tuple(out.shape)} on {out.device}"
+            )
+        _check_writable(out, "out")
+    return _project_call(out, None, B, U, alpha)
+
+
+def project_add_(W: torch.Tensor, B: torch.Tensor, U: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``W += B - alpha (B U) U^T`` in place, in W's dtype with fp32 accumulation; returns W.
+
+    W is read and written once (one rounding to W's dtype). All checks run
+    before W is touched.
+    """
+    alpha = _check_project_args(B, U, alpha)
+    _check_cuda_matrix(W, "W", tuple(_DTYPE_CODES))
+    if W.shape != B.shape:
+        raise ValueError(f"W and B must have the same shape, got W {tuple(W.shape)} and B {tuple(B.shape)}")
+    if W.device != B.device:
+        raise ValueError(f"W must be on B's device {B.device}, got {W.device}")
+    _check_writable(W, "W")
+    return _project_call(W, W, B, U, alpha)
+
+
+def _check_writable(x: torch.Tensor, name: str) -> None:
+    for size, stride in zip(x.shape, x.stride()):
+        if size > 1 and stride == 0:
+            raise ValueError(f"{name} must not be an expanded (stride-0) view, got strides {x.stride()}")

@@ -1,0 +1,119 @@
+// Internal helpers shared by the .cu files: status propagation, stream-ordered
+// device buffers, and cached cuBLAS / cuSOLVER handles per device.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "sphere_fast.h"
+
+namespace sphere_fast {
+namespace detail {
+
+const char* cublas_status_name(cublasStatus_t s);
+const char* cusolver_status_name(cusolverStatus_t s);
+
+inline Status cuda_status(cudaError_t err, const char* what) {
+  if (err == cudaSuccess) return Status::Ok();
+  return Status::Error(StatusCode::kCudaError,
+                       std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
+
+inline Status cublas_status(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return Status::Ok();
+  return Status::Error(StatusCode::kCublasError, std::string(what) + ": " + cublas_status_name(s));
+}
+
+inline Status cusolver_status(cusolverStatus_t s, const char* what) {
+  if (s == CUSOLVER_STATUS_SUCCESS) return Status::Ok();
+  return Status::Error(StatusCode::kCusolverError, std::string(what) + ": " + cusolver_status_name(s));
+}
+
+// The last launch's error, if any (launch configuration errors and earlier
+// asynchronous faults).
+inline Status launch_status(const char* kernel) { return cuda_status(cudaGetLastError(), kernel); }
+
+#define SF_RETURN_IF_ERROR(expr)           \
+  do {                                     \
+    ::sphere_fast::Status _sf_s = (expr);  \
+    if (!_sf_s.ok()) return _sf_s;         \
+  } while (0)
+#define SF_CUDA(expr) SF_RETURN_IF_ERROR(::sphere_fast::detail::cuda_status((expr), #expr))
+#define SF_CUBLAS(expr) SF_RETURN_IF_ERROR(::sphere_fast::detail::cublas_status((expr), #expr))
+#define SF_CUSOLVER(expr) SF_RETURN_IF_ERROR(::sphere_fast::detail::cusolver_status((expr), #expr))
+
+// A device allocation taken with cudaMallocAsync on a stream and released on
+// the same stream (stream-ordered: safe while earlier work still runs).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() { reset(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept { *this = std::move(o); }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      ptr_ = o.ptr_;
+      bytes_ = o.bytes_;
+      stream_ = o.stream_;
+      o.ptr_ = nullptr;
+      o.bytes_ = 0;
+    }
+    return *this;
+  }
+
+  Status allocate(size_t bytes, cudaStream_t stream) {
+    reset();
+    stream_ = stream;
+    if (bytes == 0) return Status::Ok();
+    cudaError_t err = cudaMallocAsync(&ptr_, bytes, stream);
+    if (err != cudaSuccess) {
+      ptr_ = nullptr;
+      return cuda_status(err, ("cudaMallocAsync of " + std::to_string(bytes) + " bytes").c_str());
+    }
+    bytes_ = bytes;
+    return Status::Ok();
+  }
+  void reset() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  // Hands the allocation to the caller, who frees it with cudaFreeAsync.
+  void* release() {
+    void* p = ptr_;
+    ptr_ = nullptr;
+    bytes_ = 0;
+    return p;
+  }
+  template <typename T>
+  T* as() const { return static_cast<T*>(ptr_); }
+  void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
+
+// cuBLAS and cuSOLVER handles for the current device, created once and bound
+// to `stream` on every request. Host pointer mode, default math mode.
+Status blas_handle(cudaStream_t stream, cublasHandle_t* out);
+Status solver_handle(cudaStream_t stream, cusolverDnHandle_t* out);
+
+inline unsigned int blocks_for(int64_t count, int threads, unsigned int cap = 65535u * 8u) {
+  int64_t b = (count + threads - 1) / threads;
+  if (b < 1) b = 1;
+  if (b > static_cast<int64_t>(cap)) b = cap;
+  return static_cast<unsigned int>(b);
+}
+
+}  // namespace detail
+}  // namespace sphere_fast

@@ -1,0 +1,251 @@
+// Fused application of the SPHERE projector, never forming P = I - alpha U U^T:
+//
+//     out = [W +] B - alpha (B U) U^T
+//
+// Stage 1, T = B U (n x r), on cuBLAS: fp32 B uses a full-fp32 GEMM
+// (CUBLAS_COMPUTE_32F, no TF32: a TF32 product would cost ~1e-4 relative, the
+// fp32 contract is 1e-5); fp16/bf16 B is read in its own dtype on tensor cores
+// against U split into two halves of B's dtype, U = u_hi + u_lo (~2^-16
+// relative for bf16, ~2^-22 for fp16), accumulated in fp32; fp64 B uses DGEMM.
+// Stage 2, one kernel: a tiled fp32 (fp64 for fp64 B) GEMM of T and U^T whose
+// epilogue reads B and W in their dtypes and writes out once, so the in-place
+// update W += B - alpha (B U) U^T rounds W a single time.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "common.cuh"
+
+namespace sphere_fast {
+namespace {
+
+using detail::blocks_for;
+
+constexpr int kTileM = 128;   // rows of B / out per block
+constexpr int kTileN = 128;   // columns of out per block
+constexpr int kTileK = 8;     // rank slice per step
+constexpr int kThreadsX = 16;
+constexpr int kThreadsY = 16;
+constexpr int kMicro = 8;     // each thread: 8 x 8 outputs, strided by 16
+constexpr int kPad = 4;       // smem padding against bank conflicts on the transposed stores
+static_assert(kTileM == kTileN, "the tile loader fills T and U rows with one index");
+static_assert(kTileM == kThreadsY * kMicro && kTileN == kThreadsX * kMicro, "micro-tiles cover the tile");
+static_assert((kTileM * kTileK) % (kThreadsX * kThreadsY) == 0, "each thread loads whole elements");
+
+template <typename Acc> __device__ __forceinline__ Acc to_acc(float x) { return static_cast<Acc>(x); }
+template <typename Acc> __device__ __forceinline__ Acc to_acc(double x) { return static_cast<Acc>(x); }
+template <typename Acc> __device__ __forceinline__ Acc to_acc(__half x) { return static_cast<Acc>(__half2float(x)); }
+template <typename Acc> __device__ __forceinline__ Acc to_acc(__nv_bfloat16 x) {
+  return static_cast<Acc>(__bfloat162float(x));
+}
+
+template <typename Out> __device__ __forceinline__ Out from_acc(float v);
+template <typename Out> __device__ __forceinline__ Out from_acc(double v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ float from_acc<float>(double v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(double v) { return __double2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(double v) { return __double2bfloat16(v); }
+
+// out[i, j] = [W[i, j] +] B[i, j] - alpha * sum_k T[i, k] U[j, k]
+template <typename Acc, typename BT, typename OutT>
+__global__ void __launch_bounds__(kThreadsX * kThreadsY)
+    _project_kernel(
+        // pointers
+        OutT* out, const OutT* W, const BT* __restrict__ B, const Acc* __restrict__ T, const Acc* __restrict__ U,
+        // sizes
+        int64_t n, int64_t d, int64_t r,
+        // strides (elements)
+        int64_t os0, int64_t os1, int64_t ws0, int64_t ws1, int64_t ldb, int64_t ldu,
+        // scalar
+        Acc alpha) {
+  __shared__ Acc tile_t[kTileK][kTileM + kPad];
+  __shared__ Acc tile_u[kTileK][kTileN + kPad];
+  const int tid = threadIdx.x;
+  const int tx = tid % kThreadsX, ty = tid / kThreadsX;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTileM;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+
+  Acc acc[kMicro][kMicro];
+#pragma unroll
+  for (int a = 0; a < kMicro; ++a)
+#pragma unroll
+    for (int b = 0; b < kMicro; ++b) acc[a][b] = Acc(0);
+
+  for (int64_t k0 = 0; k0 < r; k0 += kTileK) {
+#pragma unroll
+    for (int q = 0; q < (kTileM * kTileK) / (kThreadsX * kThreadsY); ++q) {
+      const int e = tid + q * kThreadsX * kThreadsY;
+      const int row = e / kTileK, kk = e % kTileK;
+      const int64_t i = i0 + row, j = j0 + row, k = k0 + kk;
+      tile_t[kk][row] = (i < n && k < r) ? T[i * r + k] : Acc(0);
+      tile_u[kk][row] = (j < d && k < r) ? U[j * ldu + k] : Acc(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; ++kk) {
+      Acc ta[kMicro], ub[kMicro];
+#pragma unroll
+      for (int a = 0; a < kMicro; ++a) ta[a] = tile_t[kk][ty + a * kThreadsY];
+#pragma unroll
+      for (int b = 0; b < kMicro; ++b) ub[b] = tile_u[kk][tx + b * kThreadsX];
+#pragma unroll
+      for (int a = 0; a < kMicro; ++a)
+#pragma unroll
+        for (int b = 0; b < kMicro; ++b) acc[a][b] = fma(ta[a], ub[b], acc[a][b]);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int a = 0; a < kMicro; ++a) {
+    const int64_t i = i0 + ty + a * kThreadsY;
+    if (i >= n) continue;
+#pragma unroll
+    for (int b = 0; b < kMicro; ++b) {
+      const int64_t j = j0 + tx + b * kThreadsX;
+      if (j >= d) continue;
+      Acc v = to_acc<Acc>(B[i * ldb + j]) - alpha * acc[a][b];
+      if (W != nullptr) v += to_acc<Acc>(W[i * ws0 + j * ws1]);
+      out[i * os0 + j * os1] = from_acc<OutT>(v);
+    }
+  }
+}
+
+// U (fp32, d x r, row stride ldu) -> hi + lo in a 16-bit dtype, contiguous d x r.
+template <typename H>
+__global__ void _split_kernel(const float* __restrict__ U, int64_t d, int64_t r, int64_t ldu, H* __restrict__ hi,
+                              H* __restrict__ lo) {
+  const int64_t count = d * r;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = e / r, k = e % r;
+    const float u = U[j * ldu + k];
+    const H h = from_acc<H>(u);
+    hi[e] = h;
+    lo[e] = from_acc<H>(u - to_acc<float>(h));
+  }
+}
+
+template <typename Acc, typename BT, typename OutT>
+Status launch_project(const ProjectArgs& a, cudaStream_t stream) {
+  const int64_t tiles_n = (a.d + kTileN - 1) / kTileN;
+  const int64_t tiles_m = (a.n + kTileM - 1) / kTileM;
+  if (tiles_m > 65535 || tiles_n > std::numeric_limits<int>::max()) {
+    return Status::Error(StatusCode::kInvalidArgument,
+                         "project: too many rows for one launch (n = " + std::to_string(a.n) + ")");
+  }
+  dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(tiles_m));
+  _project_kernel<Acc, BT, OutT><<<grid, kThreadsX * kThreadsY, 0, stream>>>(
+      static_cast<OutT*>(a.out), static_cast<const OutT*>(a.W), static_cast<const BT*>(a.B),
+      static_cast<const Acc*>(a.T), static_cast<const Acc*>(a.U), a.n, a.d, a.r, a.os0, a.os1, a.ws0, a.ws1, a.ldb,
+      a.ldu, static_cast<Acc>(a.alpha));
+  return detail::launch_status("_project_kernel");
+}
+
+template <typename Acc, typename BT>
+Status dispatch_out(const ProjectArgs& a, cudaStream_t stream) {
+  switch (a.out_dtype) {
+    case kFloat32: return launch_project<Acc, BT, float>(a, stream);
+    case kFloat64: return launch_project<Acc, BT, double>(a, stream);
+    case kFloat16: return launch_project<Acc, BT, __half>(a, stream);
+    case kBFloat16: return launch_project<Acc, BT, __nv_bfloat16>(a, stream);
+    default:
+      return Status::Error(StatusCode::kInvalidArgument,
+                           std::string("out must be float16, bfloat16, float32 or float64, got ") + dtype_name(a.out_dtype));
+  }
+}
+
+// T (n x r row-major, i.e. column-major r x n) = B U.
+Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
+  if (a.r == 0) return Status::Ok();
+  cublasHandle_t blas;
+  SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
+  const int r = static_cast<int>(a.r), n = static_cast<int>(a.n), d = static_cast<int>(a.d);
+  const int ldb = static_cast<int>(a.ldb), ldu = static_cast<int>(a.ldu);
+  if (a.b_dtype == kFloat64) {
+    const double one = 1.0, zero = 0.0;
+    SF_CUBLAS(cublasDgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &one, static_cast<const double*>(a.U), ldu,
+                          static_cast<const double*>(a.B), ldb, &zero, static_cast<double*>(a.T), r));
+    return Status::Ok();
+  }
+  const float one = 1.0f, zero = 0.0f;
+  if (a.b_dtype == kFloat32) {
+    SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &one, a.U, CUDA_R_32F, ldu, a.B, CUDA_R_32F, ldb,
+                           &zero, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return Status::Ok();
+  }
+  const int64_t count = a.d * a.r;
+  cudaDataType_t half_type;
+  if (a.b_dtype == kFloat16) {
+    _split_kernel<__half><<<blocks_for(count, 256), 256, 0, stream>>>(static_cast<const float*>(a.U), a.d, a.r, a.ldu,
+                                                                      static_cast<__half*>(a.u_hi),
+                                                                      static_cast<__half*>(a.u_lo));
+    half_type = CUDA_R_16F;
+  } else {
+    _split_kernel<__nv_bfloat16><<<blocks_for(count, 256), 256, 0, stream>>>(
+        static_cast<const float*>(a.U), a.d, a.r, a.ldu, static_cast<__nv_bfloat16*>(a.u_hi),
+        static_cast<__nv_bfloat16*>(a.u_lo));
+    half_type = CUDA_R_16BF;
+  }
+  SF_RETURN_IF_ERROR(detail::launch_status("_split_kernel"));
+  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &one, a.u_hi, half_type, r, a.B, half_type, ldb,
+                         &zero, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &one, a.u_lo, half_type, r, a.B, half_type, ldb,
+                         &one, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return Status::Ok();
+}
+
+bool is_float_code(int c) { return c == kFloat32 || c == kFloat64 || c == kFloat16 || c == kBFloat16; }
+
+}  // namespace
+
+int project_acc_dtype(int b_dtype) { return b_dtype == kFloat64 ? kFloat64 : kFloat32; }
+
+Status project(const ProjectArgs& a, cudaStream_t stream) {
+  auto invalid = [](const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); };
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  if (!is_float_code(a.b_dtype)) return invalid(std::string("B has an unsupported dtype ") + dtype_name(a.b_dtype));
+  if (!is_float_code(a.out_dtype)) return invalid(std::string("out has an unsupported dtype ") + dtype_name(a.out_dtype));
+  if (a.out == nullptr) return invalid("out must be a device pointer, got null");
+  if (a.B == nullptr) return invalid("B must be a device pointer, got null");
+  if (a.n < 1 || a.d < 1) {
+    return invalid("B must be non-empty, got " + std::to_string(a.n) + " x " + std::to_string(a.d));
+  }
+  if (a.r < 0) return invalid("U must have >= 0 columns, got " + std::to_string(a.r));
+  if (a.n > kIntMax || a.d > kIntMax || a.r > kIntMax) {
+    return invalid("sizes must be < 2^31, got n = " + std::to_string(a.n) + ", d = " + std::to_string(a.d) +
+                   ", r = " + std::to_string(a.r));
+  }
+  if (a.ldb < a.d || a.ldb > kIntMax) {
+    return invalid("B's row stride must be in [d, 2^31) = [" + std::to_string(a.d) + ", 2^31), got " +
+                   std::to_string(a.ldb));
+  }
+  if (a.r > 0) {
+    if (a.U == nullptr) return invalid("U must be a device pointer, got null");
+    if (a.T == nullptr) return invalid("T (workspace) must be a device pointer, got null");
+    if (a.ldu < a.r || a.ldu > kIntMax) {
+      return invalid("U's row stride must be in [r, 2^31) with r = " + std::to_string(a.r) + ", got " +
+                     std::to_string(a.ldu));
+    }
+    if ((a.b_dtype == kFloat16 || a.b_dtype == kBFloat16) && (a.u_hi == nullptr || a.u_lo == nullptr)) {
+      return invalid("u_hi and u_lo (workspace) must be device pointers for a float16/bfloat16 B, got null");
+    }
+  }
+  if (!std::isfinite(a.alpha)) return invalid("alpha must be finite, got " + std::to_string(a.alpha));
+  SF_RETURN_IF_ERROR(stage_one(a, stream));
+  switch (a.b_dtype) {
+    case kFloat64: return dispatch_out<double, double>(a, stream);
+    case kFloat32: return dispatch_out<float, float>(a, stream);
+    case kFloat16: return dispatch_out<float, __half>(a, stream);
+    default: return dispatch_out<float, __nv_bfloat16>(a, stream);
+  }
+}
+
+}  // namespace sphere_fast
