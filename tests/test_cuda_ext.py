@@ -1,0 +1,364 @@
+"""The CUDA extension sphere_fast._C against its torch twins and the float64 oracle.
+
+GPU tests skip (with the reason) where there is no CUDA device or no built
+extension; the loader's diagnostic is tested everywhere. Eigen-results are
+checked by eigenvalues, residuals and orthogonality, never entry by entry.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sphere_fast import ConvergenceError, _cuda
+from sphere_fast.eigensolver import DEFAULT_TOL, top_eigenpairs as torch_top_eigenpairs
+from sphere_fast.gram import normalized_gram_reference
+from tests.reference import oracle
+
+
+def _extension_status() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    try:
+        _cuda.load_extension()
+    except ImportError as exc:
+        return f"the CUDA extension is not built here: {exc}"
+    return None
+
+
+_SKIP = _extension_status()
+needs_ext = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
+pytestmark = pytest.mark.cuda
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+# -- loader (CPU) ---------------------------------------------------------------
+
+
+def test_missing_extension_diagnostic_names_what_and_how(monkeypatch):
+    monkeypatch.setattr(_cuda, "EXTENSION_MODULE", "sphere_fast._C_absent_for_test")
+    _cuda.load_extension.cache_clear()
+    try:
+        with pytest.raises(ImportError) as info:
+            _cuda.load_extension()
+    finally:
+        _cuda.load_extension.cache_clear()
+    msg = str(info.value)
+    assert "sphere_fast._C_absent_for_test" in msg  # what was looked for
+    assert "sphere_fast" in msg and ("no _C_absent_for_test" in msg)  # where, and what was (not) found
+    assert "SPHERE_FAST_BUILD_CUDA=1 pip install -e ." in msg  # how to build it
+    assert "nvcc" in msg
+
+
+def test_importing_the_package_does_not_load_the_extension():
+    import sys
+
+    import sphere_fast  # noqa: F401
+
+    # load_extension may have run in other tests; a fresh interpreter is the real check.
+    code = "import sys, sphere_fast; print('sphere_fast._C' in sys.modules)"
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# -- inputs ------------------------------------------------------------------------
+
+
+def decaying_weight(n: int, d: int, *, decay: float = 1.0, rank: int = 64, noise: float = 0.05, seed: int = 0,
+                    device="cuda", dtype=torch.float32) -> torch.Tensor:
+    """A weight with a decaying spectrum over a noise floor (like trained FFN weights)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    left = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    right = torch.randn(rank, d, generator=g, dtype=torch.float64)
+    scale = torch.arange(1, rank + 1, dtype=torch.float64) ** (-decay)
+    W = (left * scale) @ right / math.sqrt(d) + noise * torch.randn(n, d, generator=g, dtype=torch.float64)
+    return W.to(device=device, dtype=dtype)
+
+
+def edited(W: torch.Tensor, *, rank: int = 8, size: float = 0.02, seed: int = 1) -> torch.Tensor:
+    """W plus a small rank-`rank` update, as one editing batch produces."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    n, d = W.shape
+    a = torch.randn(n, rank, generator=g, dtype=torch.float64)
+    b = torch.randn(rank, d, generator=g, dtype=torch.float64)
+    return W + (size * (a @ b) / math.sqrt(d)).to(W)
+
+
+def solver_bound(pairs, G: torch.Tensor, tol: float) -> float:
+    """What a solve promises, relative to theta_1: the residual tolerance for the
+    block method; the backward-error bound of a dense syevd in G's dtype,
+    4 sqrt(m) eps ||G||, for the dense method."""
+    if pairs.method == "dense":
+        eps = EPS32 if G.dtype == torch.float32 else 2.3e-16
+        return 4 * math.sqrt(G.shape[0]) * eps
+    return tol
+
+
+def check_contract(pairs, G: torch.Tensor, trace: float, eta: float, ref, *, tol: float):
+    """Rank, eigenvalues, residuals, orthogonality and captured energy of a solve."""
+    V = pairs.vectors.double()
+    vals = pairs.values
+    r = vals.numel()
+    bound = solver_bound(pairs, G, tol)
+    assert pairs.vectors.shape == (G.shape[0], r)
+    assert pairs.vectors.dtype == G.dtype and vals.dtype == torch.float64
+    assert r in ref.acceptable_ranks(eta), (r, ref.rank)
+    assert bool((vals[:-1] >= vals[1:]).all()), "values must be descending"
+    lam1 = float(ref.eigenvalues[0])
+    # Against the fp64 oracle: the solver's bound plus the fp32 rounding of G.
+    g_err = (8 * EPS32 if G.dtype == torch.float32 else 1e-13) * lam1
+    value_err = (vals.cpu() - ref.eigenvalues[:r]).abs().max().item()
+    assert value_err <= bound * lam1 + g_err, value_err / lam1
+    # Residuals of the returned vectors against the G that was solved (fp64 arithmetic);
+    # rounding the vectors to the working dtype adds up to 2 eps * theta_1.
+    out_round = 2 * (EPS32 if G.dtype == torch.float32 else 2.3e-16) * float(vals[0])
+    residual = torch.linalg.vector_norm(G.double() @ V - V * vals, dim=0)
+    assert float(residual.max()) <= bound * float(vals[0]) + out_round, float(residual.max()) / float(vals[0])
+    ortho = (V.T @ V - torch.eye(r, dtype=torch.float64, device=V.device)).abs().max().item()
+    assert ortho <= 1e-5
+    assert float(vals.sum()) >= eta * trace * (1 - 1e-12)
+
+
+# -- eigensolver (GPU) ----------------------------------------------------------------
+
+SHAPES = [(123, 300), (257, 640), (300, 123)]  # odd sizes; the last uses the d x d side
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("method", ["block", "dense", "auto"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("eta", [0.5, 0.9])
+def test_eigensolver_cold_matches_oracle_and_twin(shape, method, dtype, eta):
+    W = decaying_weight(*shape, dtype=dtype)
+    gram = normalized_gram_reference(W)
+    ref = oracle(W.cpu(), eta)
+    tol = DEFAULT_TOL[dtype]
+    pairs = _cuda.top_eigenpairs(gram.gram, gram.trace, eta, method=method)
+    if method != "auto":
+        assert pairs.method == method
+    check_contract(pairs, gram.gram, gram.trace, eta, ref, tol=tol)
+    twin = torch_top_eigenpairs(gram.gram, gram.trace, eta, method=method)
+    assert pairs.values.numel() in ref.acceptable_ranks(eta) and twin.values.numel() in ref.acceptable_ranks(eta)
+    r = min(pairs.values.numel(), twin.values.numel())
+    lam1 = float(ref.eigenvalues[0])
+    bound = solver_bound(pairs, gram.gram, tol) + solver_bound(twin, gram.gram, tol)
+    assert (pairs.values[:r].cpu() - twin.values[:r].cpu()).abs().max().item() <= bound * lam1
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("method", ["block", "auto"])
+def test_eigensolver_warm_start_after_an_edit(dtype, method):
+    eta = 0.5
+    W0 = decaying_weight(257, 640, dtype=dtype)
+    g0 = normalized_gram_reference(W0)
+    cold = _cuda.top_eigenpairs(g0.gram, g0.trace, eta, method="block")
+    W1 = edited(W0)
+    g1 = normalized_gram_reference(W1)
+    ref = oracle(W1.cpu(), eta)
+    warm, stats = _cuda.top_eigenpairs(g1.gram, g1.trace, eta, method=method, init=cold.vectors, return_stats=True)
+    check_contract(warm, g1.gram, g1.trace, eta, ref, tol=DEFAULT_TOL[dtype])
+    if warm.method == "block":
+        recold = _cuda.top_eigenpairs(g1.gram, g1.trace, eta, method="block")
+        assert warm.iterations <= recold.iterations
+        assert stats["tf32_iterations"] == 0  # warm starts run in fp32 throughout
+
+
+@needs_ext
+def test_eigensolver_tf32_phase_hands_over_to_fp32():
+    eta = 0.5
+    W = decaying_weight(257, 640)
+    gram = normalized_gram_reference(W)
+    ref = oracle(W.cpu(), eta)
+    fast, s_fast = _cuda.top_eigenpairs(gram.gram, gram.trace, eta, method="block", return_stats=True)
+    exact, s_exact = _cuda.top_eigenpairs(gram.gram, gram.trace, eta, method="block", tf32=False, return_stats=True)
+    for pairs, stats in ((fast, s_fast), (exact, s_exact)):
+        check_contract(pairs, gram.gram, gram.trace, eta, ref, tol=DEFAULT_TOL[torch.float32])
+        assert stats["iterations"] > stats["tf32_iterations"]  # the accepted iteration is fp32
+        assert max(stats["residuals"]) <= DEFAULT_TOL[torch.float32] * float(pairs.values[0])
+    assert s_exact["tf32_iterations"] == 0 and s_fast["tf32_iterations"] >= 1
+
+
+@needs_ext
+def test_eigensolver_rank_deficient_and_flat():
+    # Rank-deficient Gram (n > rank): CholeskyQR falls back to Householder where needed.
+    eta = 0.99
+    W = decaying_weight(200, 400, rank=12, noise=0.0)
+    gram = normalized_gram_reference(W)
+    ref = oracle(W.cpu(), eta)
+    pairs = _cuda.top_eigenpairs(gram.gram, gram.trace, eta, method="block")
+    check_contract(pairs, gram.gram, gram.trace, eta, ref, tol=DEFAULT_TOL[torch.float32])
+    # A flat spectrum: auto must still give a contract-meeting answer (via dense).
+    W = torch.randn(150, 150, generator=torch.Generator().manual_seed(3)).cuda()
+    gram = normalized_gram_reference(W)
+    ref = oracle(W.cpu(), 0.5)
+    pairs = _cuda.top_eigenpairs(gram.gram, gram.trace, 0.5, method="auto")
+    check_contract(pairs, gram.gram, gram.trace, 0.5, ref, tol=DEFAULT_TOL[torch.float32])
+
+
+@needs_ext
+def test_eigensolver_accepts_a_transposed_view():
+    W = decaying_weight(123, 300)
+    gram = normalized_gram_reference(W)
+    ref = oracle(W.cpu(), 0.5)
+    pairs = _cuda.top_eigenpairs(gram.gram.T, gram.trace, 0.5, method="block")
+    check_contract(pairs, gram.gram, gram.trace, 0.5, ref, tol=DEFAULT_TOL[torch.float32])
+
+
+@needs_ext
+def test_eigensolver_errors_raise_and_name_the_argument():
+    W = decaying_weight(64, 128)
+    G = normalized_gram_reference(W).gram
+    trace = float(G.diagonal().sum())
+    bad = G.clone()
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="G contains NaN or Inf"):
+        _cuda.top_eigenpairs(bad, trace, 0.5, method="block")
+    with pytest.raises(ValueError, match="G must be square"):
+        _cuda.top_eigenpairs(G[:, :10], trace, 0.5)
+    with pytest.raises(ValueError, match="G must be a CUDA tensor"):
+        _cuda.top_eigenpairs(G.cpu(), trace, 0.5)
+    with pytest.raises(TypeError, match="G must be"):
+        _cuda.top_eigenpairs(G.half(), trace, 0.5)
+    with pytest.raises(ValueError, match="method must be one of"):
+        _cuda.top_eigenpairs(G, trace, 0.5, method="lanczos")
+    with pytest.raises(ValueError, match="eta must be in"):
+        _cuda.top_eigenpairs(G, trace, 1.5)
+    with pytest.raises(ValueError, match="trace must be > 0"):
+        _cuda.top_eigenpairs(G, -1.0, 0.5)
+    with pytest.raises(ValueError, match="init must have shape"):
+        _cuda.top_eigenpairs(G, trace, 0.5, init=torch.zeros(63, 4, device="cuda"))
+    init = torch.zeros(64, 4, device="cuda")
+    init[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="init contains NaN or Inf"):
+        _cuda.top_eigenpairs(G, trace, 0.5, method="block", init=init)
+    with pytest.raises(ConvergenceError, match="did not converge in 1 iterations"):
+        _cuda.top_eigenpairs(G, trace, 0.5, method="block", max_iter=1, tol=1e-30)
+
+
+# -- projection (GPU) ------------------------------------------------------------------
+
+# Relative Frobenius error against the fp64 result: the output dtype's rounding
+# (bf16 2^-8, fp16 2^-11) or the fp32/fp64 accumulation.
+PROJECT_TOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2e-6, torch.float64: 1e-12}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+
+
+def _basis(d: int, r: int, dtype, seed: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0].to("cuda", dtype)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a.double() - b) / torch.linalg.norm(b))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("u_dtype", [torch.float32, torch.float64], ids=["U32", "U64"])
+@pytest.mark.parametrize("shape", [(123, 300, 17), (257, 1000, 130), (1, 129, 1)], ids=str)
+def test_project_matches_fp64(shape, dtype, u_dtype):
+    n, d, r = shape
+    alpha = 0.8
+    B = torch.randn(n, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to("cuda", dtype)
+    U = _basis(d, r, u_dtype)
+    out = _cuda.project(B, U, alpha)
+    assert out.dtype == dtype and out.shape == B.shape
+    B64, U64 = B.double(), U.double()
+    ref = B64 - alpha * (B64 @ U64) @ U64.T
+    assert _rel(out, ref) <= PROJECT_TOL[dtype]
+    # The torch path of the projector, in the working precision, agrees as well.
+    twin = (B.to(U.dtype) - alpha * (B.to(U.dtype) @ U) @ U.T).to(dtype)
+    assert _rel(out, twin.double()) <= 2 * PROJECT_TOL[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("w_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_project_add_in_place(w_dtype, b_dtype):
+    n, d, r = 190, 515, 33
+    alpha = 0.5
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64).to("cuda", w_dtype)
+    B = (0.1 * torch.randn(n, d, generator=g, dtype=torch.float64)).to("cuda", b_dtype)
+    U = _basis(d, r, torch.float32)
+    ref = W.double() + B.double() - alpha * (B.double() @ U.double()) @ U.double().T
+    ptr = W.data_ptr()
+    result = _cuda.project_add_(W, B, U, alpha)
+    assert result is W and W.data_ptr() == ptr
+    # One rounding to W's dtype (fp32 B carries its accumulation error too).
+    # One rounding to W's dtype; the update is accumulated in fp32 (B is not fp64).
+    assert _rel(W, ref) <= max(PROJECT_TOL[w_dtype], PROJECT_TOL[torch.float32])
+
+
+@needs_ext
+def test_project_strided_operands():
+    n, d, r = 140, 260, 20
+    g = torch.Generator().manual_seed(13)
+    big = torch.randn(n, d + 40, generator=g).cuda()
+    B = big[:, 7 : 7 + d]  # row stride d + 40
+    Bt = torch.randn(d, n, generator=g).cuda().T  # column-major B
+    U = _basis(d, r, torch.float32)
+    for b in (B, Bt):
+        ref = b.double() - 0.8 * (b.double() @ U.double()) @ U.double().T
+        assert _rel(_cuda.project(b, U, 0.8), ref) <= PROJECT_TOL[torch.float32]
+    # In-place on a strided W (a column slice of a larger weight) leaves the rest alone.
+    Wbig = torch.randn(n, d + 40, generator=g).cuda()
+    before = Wbig.clone()
+    W = Wbig[:, 3 : 3 + d]
+    ref = W.double() + B.double() - 0.8 * (B.double() @ U.double()) @ U.double().T
+    _cuda.project_add_(W, B, U, 0.8)
+    assert _rel(W, ref) <= PROJECT_TOL[torch.float32]
+    assert torch.equal(Wbig[:, :3], before[:, :3]) and torch.equal(Wbig[:, 3 + d :], before[:, 3 + d :])
+    # Transposed W: column stride != 1.
+    Wt = torch.randn(d, n, generator=g).cuda().T
+    ref = Wt.double() + B.double() - 0.8 * (B.double() @ U.double()) @ U.double().T
+    _cuda.project_add_(Wt, B, U, 0.8)
+    assert _rel(Wt, ref) <= PROJECT_TOL[torch.float32]
+
+
+@needs_ext
+def test_project_errors_raise_and_leave_w_unchanged():
+    B = torch.randn(10, 20, device="cuda")
+    U = _basis(20, 3, torch.float32)
+    W = torch.randn(10, 20, device="cuda")
+    before = W.clone()
+    with pytest.raises(ValueError, match="U must have 20 rows"):
+        _cuda.project(B, U[:19], 0.5)
+    with pytest.raises(TypeError, match="U must be"):
+        _cuda.project(B, U.half(), 0.5)
+    with pytest.raises(ValueError, match="B must be a CUDA tensor"):
+        _cuda.project(B.cpu(), U, 0.5)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        _cuda.project(B, U, float("nan"))
+    with pytest.raises(ValueError, match="W and B must have the same shape"):
+        _cuda.project_add_(W[:, :19], B, U, 0.5)
+    with pytest.raises(TypeError, match="W must be"):
+        _cuda.project_add_(W.int(), B, U, 0.5)
+    with pytest.raises(ValueError, match="W must not be an expanded"):
+        _cuda.project_add_(torch.zeros(20, device="cuda").expand(10, 20), B, U, 0.5)
+    assert torch.equal(W, before)
+
+
+@needs_ext
+def test_projector_on_the_cuda_backend_meets_the_contract():
+    from sphere_fast import SphereProjector
+
+    eta, alpha = 0.5, 0.8
+    W = decaying_weight(257, 640)
+    ref = oracle(W.cpu(), eta)
+    proj = SphereProjector.fit(W, eta, alpha, backend="cuda")
+    assert proj.rank in ref.acceptable_ranks(eta)
+    B = torch.randn(64, 640, generator=torch.Generator().manual_seed(2)).cuda()
+    out = proj.apply(B)
+    exact = ref.project(B.cpu(), alpha, proj.rank)
+    err = float(torch.linalg.norm(out.cpu().double() - exact) / torch.linalg.norm(B.cpu().double()))
+    gap = ref.gap(proj.rank)
+    assert err <= (1e-5 if gap >= 1e-4 else 1e-6 / gap)
+    proj.refit(edited(W))
+    assert proj.method in ("block", "dense")
