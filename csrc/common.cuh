@@ -80,6 +80,17 @@ class DeviceBuffer {
     bytes_ = bytes;
     return Status::Ok();
   }
+  void swap(DeviceBuffer& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(stream_, o.stream_);
+  }
+  // Keeps the current allocation when it holds `bytes` (contents are not
+  // preserved when it has to grow): scratch reused across iterations.
+  Status ensure(size_t bytes, cudaStream_t stream) {
+    if (ptr_ != nullptr && bytes <= bytes_ && stream == stream_) return Status::Ok();
+    return allocate(bytes, stream);
+  }
   void reset() {
     if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
     ptr_ = nullptr;

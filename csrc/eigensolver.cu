@@ -352,7 +352,7 @@ class BlockSolver {
     if (init != nullptr) {
       p = opt_.oversample >= 0 ? opt_.oversample : std::max(8, k0 / 8);
       const int extra = std::min(p, m_ - k0);
-      SF_RETURN_IF_ERROR(resize(k0 + extra, &x_));
+      SF_RETURN_IF_ERROR(reserve(k0 + extra, &x_));
       _load_columns_kernel<T><<<blocks_for(m * k0, kThreads), kThreads, 0, stream_>>>(init, m, k0, init_s0, init_s1,
                                                                                       x_.as<double>(), m);
       SF_RETURN_IF_ERROR(detail::launch_status("_load_columns_kernel"));
@@ -362,7 +362,7 @@ class BlockSolver {
     } else {
       k_ = std::min(m_, 32);
       p = opt_.oversample >= 0 ? opt_.oversample : 8;
-      SF_RETURN_IF_ERROR(resize(k_, &x_));
+      SF_RETURN_IF_ERROR(reserve(k_, &x_));
       SF_RETURN_IF_ERROR(random_columns(x_.as<double>(), m * k_));
     }
     SF_RETURN_IF_ERROR(orthonormalize(&x_, k_));
@@ -433,7 +433,8 @@ class BlockSolver {
   }
 
  private:
-  Status resize(int k, DeviceBuffer* buf) { return buf->allocate(sizeof(double) * m_ * static_cast<int64_t>(k), stream_); }
+  // An m x k fp64 block (fresh contents when it has to grow).
+  Status reserve(int k, DeviceBuffer* buf) { return buf->ensure(sizeof(double) * m_ * static_cast<int64_t>(k), stream_); }
 
   Status random_columns(double* dst, int64_t count) {
     if (count <= 0) return Status::Ok();
@@ -447,46 +448,44 @@ class BlockSolver {
   Status rayleigh_ritz(bool tf32, std::vector<double>* theta, std::vector<double>* res) {
     const int k = k_;
     const int64_t m = m_;
-    SF_RETURN_IF_ERROR(resize(k, &y_));
+    const int64_t kk = static_cast<int64_t>(k) * k;
+    SF_RETURN_IF_ERROR(reserve(k, &y_));
     SF_RETURN_IF_ERROR(product(tf32, k));
-    DeviceBuffer h, w, s, th, rs;
-    SF_RETURN_IF_ERROR(h.allocate(sizeof(double) * k * k, stream_));
-    SF_RETURN_IF_ERROR(s.allocate(sizeof(double) * k * k, stream_));
-    SF_RETURN_IF_ERROR(w.allocate(sizeof(double) * k, stream_));
-    SF_RETURN_IF_ERROR(th.allocate(sizeof(double) * k, stream_));
-    SF_RETURN_IF_ERROR(rs.allocate(sizeof(double) * k, stream_));
+    SF_RETURN_IF_ERROR(h_.ensure(sizeof(double) * kk, stream_));
+    SF_RETURN_IF_ERROR(s_.ensure(sizeof(double) * kk, stream_));
+    SF_RETURN_IF_ERROR(w_.ensure(sizeof(double) * k, stream_));
+    SF_RETURN_IF_ERROR(theta_.ensure(sizeof(double) * k, stream_));
+    SF_RETURN_IF_ERROR(res_.ensure(sizeof(double) * k, stream_));
     const double one = 1.0, zero = 0.0;
     SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, k, k, m_, &one, x_.as<double>(), m_, y_.as<double>(), m_,
-                          &zero, h.as<double>(), k));
-    _symmetrize_kernel<<<blocks_for(int64_t(k) * k, kThreads), kThreads, 0, stream_>>>(h.as<double>(), k);
+                          &zero, h_.as<double>(), k));
+    _symmetrize_kernel<<<blocks_for(kk, kThreads), kThreads, 0, stream_>>>(h_.as<double>(), k);
     SF_RETURN_IF_ERROR(detail::launch_status("_symmetrize_kernel"));
     int lwork = 0;
     SF_CUSOLVER(cusolverDnDsyevd_bufferSize(solver_, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, k,
-                                            h.as<double>(), k, w.as<double>(), &lwork));
-    DeviceBuffer work;
-    SF_RETURN_IF_ERROR(work.allocate(sizeof(double) * std::max(lwork, 1), stream_));
-    SF_CUSOLVER(cusolverDnDsyevd(solver_, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, k, h.as<double>(), k,
-                                 w.as<double>(), work.as<double>(), lwork, info_.as<int>()));
-    _descending_kernel<<<blocks_for(int64_t(k) * k, kThreads), kThreads, 0, stream_>>>(
-        w.as<double>(), h.as<double>(), k, th.as<double>(), s.as<double>());
+                                            h_.as<double>(), k, w_.as<double>(), &lwork));
+    SF_RETURN_IF_ERROR(work_.ensure(sizeof(double) * std::max(lwork, 1), stream_));
+    SF_CUSOLVER(cusolverDnDsyevd(solver_, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, k, h_.as<double>(), k,
+                                 w_.as<double>(), work_.as<double>(), lwork, info_.as<int>()));
+    _descending_kernel<<<blocks_for(kk, kThreads), kThreads, 0, stream_>>>(w_.as<double>(), h_.as<double>(), k,
+                                                                          theta_.as<double>(), s_.as<double>());
     SF_RETURN_IF_ERROR(detail::launch_status("_descending_kernel"));
-    DeviceBuffer xr, yr;
-    SF_RETURN_IF_ERROR(resize(k, &xr));
-    SF_RETURN_IF_ERROR(resize(k, &yr));
-    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, m_, k, k, &one, x_.as<double>(), m_, s.as<double>(), k,
-                          &zero, xr.as<double>(), m_));
-    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, m_, k, k, &one, y_.as<double>(), m_, s.as<double>(), k,
-                          &zero, yr.as<double>(), m_));
-    x_ = std::move(xr);
-    y_ = std::move(yr);
-    _residual_kernel<<<k, kThreads, 0, stream_>>>(x_.as<double>(), y_.as<double>(), th.as<double>(), m,
-                                                  rs.as<double>());
+    SF_RETURN_IF_ERROR(reserve(k, &x_next_));
+    SF_RETURN_IF_ERROR(reserve(k, &y_next_));
+    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, m_, k, k, &one, x_.as<double>(), m_, s_.as<double>(), k,
+                          &zero, x_next_.as<double>(), m_));
+    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, m_, k, k, &one, y_.as<double>(), m_, s_.as<double>(), k,
+                          &zero, y_next_.as<double>(), m_));
+    x_.swap(x_next_);
+    y_.swap(y_next_);
+    _residual_kernel<<<k, kThreads, 0, stream_>>>(x_.as<double>(), y_.as<double>(), theta_.as<double>(), m,
+                                                  res_.as<double>());
     SF_RETURN_IF_ERROR(detail::launch_status("_residual_kernel"));
     theta->assign(k, 0.0);
     res->assign(k, 0.0);
     int info_host = 0;
-    SF_CUDA(cudaMemcpyAsync(theta->data(), th.get(), sizeof(double) * k, cudaMemcpyDeviceToHost, stream_));
-    SF_CUDA(cudaMemcpyAsync(res->data(), rs.get(), sizeof(double) * k, cudaMemcpyDeviceToHost, stream_));
+    SF_CUDA(cudaMemcpyAsync(theta->data(), theta_.get(), sizeof(double) * k, cudaMemcpyDeviceToHost, stream_));
+    SF_CUDA(cudaMemcpyAsync(res->data(), res_.get(), sizeof(double) * k, cudaMemcpyDeviceToHost, stream_));
     SF_CUDA(cudaMemcpyAsync(&info_host, info_.get(), sizeof(int), cudaMemcpyDeviceToHost, stream_));
     SF_CUDA(cudaStreamSynchronize(stream_));
     if (info_host != 0) {
@@ -511,9 +510,10 @@ class BlockSolver {
                             x_.as<double>(), m_, &zero, y_.as<double>(), m_));
     } else {
       const int64_t count = static_cast<int64_t>(m_) * k;
-      DeviceBuffer xw, yw;
-      SF_RETURN_IF_ERROR(xw.allocate(sizeof(float) * count, stream_));
-      SF_RETURN_IF_ERROR(yw.allocate(sizeof(float) * count, stream_));
+      DeviceBuffer& xw = x32_;
+      DeviceBuffer& yw = y32_;
+      SF_RETURN_IF_ERROR(xw.ensure(sizeof(float) * count, stream_));
+      SF_RETURN_IF_ERROR(yw.ensure(sizeof(float) * count, stream_));
       _convert_kernel<double, float><<<blocks_for(count, kThreads), kThreads, 0, stream_>>>(x_.as<double>(),
                                                                                            xw.as<float>(), count);
       SF_RETURN_IF_ERROR(detail::launch_status("_convert_kernel"));
@@ -532,18 +532,18 @@ class BlockSolver {
   Status grow(int k, int k_new) {
     const int64_t m = m_;
     const int e = k_new - k;
-    DeviceBuffer next, c;
-    SF_RETURN_IF_ERROR(resize(k_new, &next));
-    SF_RETURN_IF_ERROR(c.allocate(sizeof(double) * k * static_cast<int64_t>(e), stream_));
+    DeviceBuffer& next = x_next_;
+    SF_RETURN_IF_ERROR(reserve(k_new, &next));
+    SF_RETURN_IF_ERROR(c_.ensure(sizeof(double) * k * static_cast<int64_t>(e), stream_));
     SF_CUDA(cudaMemcpyAsync(next.get(), y_.get(), sizeof(double) * m * k, cudaMemcpyDeviceToDevice, stream_));
     double* extra = next.as<double>() + m * k;
     SF_RETURN_IF_ERROR(random_columns(extra, m * e));
     const double one = 1.0, zero = 0.0, minus = -1.0;
     SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, k, e, m_, &one, x_.as<double>(), m_, extra, m_, &zero,
-                          c.as<double>(), k));
-    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, m_, e, k, &minus, x_.as<double>(), m_, c.as<double>(), k,
+                          c_.as<double>(), k));
+    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, m_, e, k, &minus, x_.as<double>(), m_, c_.as<double>(), k,
                           &one, extra, m_));
-    x_ = std::move(next);
+    x_.swap(next);
     return Status::Ok();
   }
 
@@ -552,16 +552,17 @@ class BlockSolver {
   // numerically rank-deficient.
   Status orthonormalize(DeviceBuffer* q, int k) {
     const int64_t m = m_;
-    DeviceBuffer original, h;
-    SF_RETURN_IF_ERROR(resize(k, &original));
+    DeviceBuffer& original = original_;
+    DeviceBuffer& h = h_;
+    SF_RETURN_IF_ERROR(reserve(k, &original));
     SF_CUDA(cudaMemcpyAsync(original.get(), q->get(), sizeof(double) * m * k, cudaMemcpyDeviceToDevice, stream_));
-    SF_RETURN_IF_ERROR(h.allocate(sizeof(double) * k * static_cast<int64_t>(k), stream_));
+    SF_RETURN_IF_ERROR(h.ensure(sizeof(double) * k * static_cast<int64_t>(k), stream_));
     _normalize_columns_kernel<<<k, kThreads, 0, stream_>>>(q->as<double>(), m);
     SF_RETURN_IF_ERROR(detail::launch_status("_normalize_columns_kernel"));
     int lwork = 0;
     SF_CUSOLVER(cusolverDnDpotrf_bufferSize(solver_, CUBLAS_FILL_MODE_LOWER, k, h.as<double>(), k, &lwork));
-    DeviceBuffer work;
-    SF_RETURN_IF_ERROR(work.allocate(sizeof(double) * std::max(lwork, 1), stream_));
+    DeviceBuffer& work = work_;
+    SF_RETURN_IF_ERROR(work.ensure(sizeof(double) * std::max(lwork, 1), stream_));
     const double one = 1.0, zero = 0.0;
     for (int pass = 0; pass < 2; ++pass) {
       SF_CUBLAS(cublasDsyrk(blas_, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_T, k, m_, &one, q->as<double>(), m_, &zero,
@@ -588,9 +589,9 @@ class BlockSolver {
     int lwork_qr = 0, lwork_q = 0;
     SF_CUSOLVER(cusolverDnDgeqrf_bufferSize(solver_, m_, k, a->as<double>(), m_, &lwork_qr));
     SF_CUSOLVER(cusolverDnDorgqr_bufferSize(solver_, m_, k, k, a->as<double>(), m_, tau.as<double>(), &lwork_q));
-    DeviceBuffer work;
+    DeviceBuffer& work = work_;
     const int lwork = std::max(1, std::max(lwork_qr, lwork_q));
-    SF_RETURN_IF_ERROR(work.allocate(sizeof(double) * lwork, stream_));
+    SF_RETURN_IF_ERROR(work.ensure(sizeof(double) * lwork, stream_));
     SF_CUSOLVER(cusolverDnDgeqrf(solver_, m_, k, a->as<double>(), m_, tau.as<double>(), work.as<double>(), lwork,
                                  info_.as<int>()));
     int info_qr = 0;
@@ -605,7 +606,7 @@ class BlockSolver {
                                                            std::to_string(k) + " block failed: info = " +
                                                            std::to_string(info_qr != 0 ? info_qr : info_q));
     }
-    *q = std::move(*a);
+    q->swap(*a);
     return Status::Ok();
   }
 
@@ -650,7 +651,10 @@ class BlockSolver {
   int k_ = 0;
   int tf32_iterations_ = 0;
   uint64_t rng_offset_ = 0;
-  DeviceBuffer x_, y_, flag_, info_;
+  // The block X and G X (fp64), and scratch kept across iterations: the block
+  // only grows, so after the first iterations nothing is allocated.
+  DeviceBuffer x_, y_, x_next_, y_next_, original_, x32_, y32_;
+  DeviceBuffer h_, s_, w_, theta_, res_, c_, work_, flag_, info_;
 };
 
 template <typename T>
