@@ -140,9 +140,17 @@ def block_eigenpairs(
         return torch.randn(m, count, generator=generator, device=G.device, dtype=dtype)
 
     if init is not None:
+        # Warm start: the previous basis plus the directions its residual
+        # G V - V (V^T G V) points to (where the change moved the subspace),
+        # topped up with random guard vectors.
         k0 = init.shape[1]
-        p = oversample if oversample is not None else max(8, k0 // 8)
-        X = torch.cat([init.to(dtype), random_columns(min(p, m - k0))], dim=1)
+        p = oversample if oversample is not None else max(16, k0 // 4)
+        V = orthonormalize(init.to(dtype))
+        GV = G @ V
+        R = GV - V @ (V.T @ GV)
+        keep = torch.topk(torch.linalg.vector_norm(R, dim=0), min(p, k0)).indices
+        guards = [R[:, keep]] + ([random_columns(min(p, m - k0) - keep.numel())] if p > k0 else [])
+        X = torch.cat([V, *guards], dim=1)[:, :m]
     else:
         k0 = min(m, 32)
         X = random_columns(k0)
@@ -150,6 +158,8 @@ def block_eigenpairs(
     X = orthonormalize(X)
     spent = 0.0
     previous = None  # worst relative residual of the leading r pairs, last iteration
+    last_energy = None  # sum of the Ritz values, last iteration (while r is unknown)
+    steps_at_k = 0
     for iteration in range(1, max_iter + 1):
         k = X.shape[1]
         spent += _iteration_cost(m, k)
@@ -172,21 +182,23 @@ def block_eigenpairs(
             X = orthonormalize(Y)  # one subspace-iteration step
             continue
         previous = None
-        # The block holds too little energy, or too few guard vectors: grow it.
+        # Too few guard vectors, or too little energy in the block. Grow it once
+        # its Ritz values have settled (more iterations would not add energy);
+        # until then a subspace-iteration step is cheaper.
+        energy = float(theta.sum())
+        steps_at_k = 0 if last_energy is None else steps_at_k + 1
+        settled = r is not None or steps_at_k >= 3 or (last_energy is not None and energy <= last_energy * 1.01)
+        last_energy = energy
+        if not settled:
+            X = orthonormalize(Y)
+            continue
         k_new = min(m, max(2 * k, (r or 0) + p))
-        if r is None:
-            # Every eigenvalue outside the block is <= its smallest Ritz value,
-            # so at least this many more are needed to pass eta * trace.
-            missing = eta * trace - float(theta.sum())
-            lower_bound = k + math.ceil(missing / max(float(theta[-1]), 1e-300))
-            if max_block is not None and lower_bound + p > max_block:
-                return None
-            k_new = min(m, max(k_new, lower_bound + p))
         if max_block is not None and k_new > max_block:
             return None
         extra = random_columns(k_new - k)
         extra -= X @ (X.T @ extra)
-        X = orthonormalize(torch.cat([Y, extra], dim=1)) if k < m else X
+        X = orthonormalize(torch.cat([Y, extra], dim=1))
+        last_energy = None
     raise ConvergenceError(
         f"block eigensolver did not converge in {max_iter} iterations "
         f"(m={m}, block={X.shape[1]}, tol={tol:g})"
@@ -219,7 +231,7 @@ def top_eigenpairs(
     # auto: the block method wins only while its block is a small part of m
     # (its per-iteration cost grows as k^3 and flat spectra converge slowly).
     max_block = max(m // AUTO_BLOCK_FRACTION, 1)
-    if init is not None and init.shape[1] + max(8, init.shape[1] // 8) > max_block:
+    if init is not None and init.shape[1] + max(16, init.shape[1] // 4) > max_block:
         return dense_eigenpairs(G, trace, eta)
     budget = (0.5 if init is None else 1.0) * _dense_cost(m)
     result = block_eigenpairs(

@@ -1,0 +1,130 @@
+"""The torch eigensolver: rank rule, dense vs block, warm start, growth, fallback, errors.
+
+Eigen-results are judged by eigenvalues, residuals ||G u - lambda u||, and
+orthogonality, never by eigenvector entries.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphere_fast.eigensolver import (
+    ConvergenceError,
+    block_eigenpairs,
+    dense_eigenpairs,
+    select_rank,
+    top_eigenpairs,
+)
+
+
+def psd_with_spectrum(eigs, seed=0, dtype=torch.float64):
+    eigs = torch.as_tensor(eigs, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(eigs.numel(), eigs.numel(), generator=g, dtype=torch.float64))
+    return ((Q * eigs) @ Q.T).to(dtype), eigs
+
+
+def power_law(m, exponent):
+    return torch.arange(1, m + 1, dtype=torch.float64).pow(-exponent)
+
+
+def assert_eigenpairs(G, pairs, true_eigs, eta, tol):
+    m = G.shape[0]
+    G64 = G.double()
+    V = pairs.vectors.double()
+    r = V.shape[1]
+    expected_r = select_rank(true_eigs.sort(descending=True).values, float(true_eigs.sum()), eta, complete=True)
+    assert r == expected_r
+    torch.testing.assert_close(pairs.values, true_eigs.sort(descending=True).values[:r], rtol=0, atol=tol * float(true_eigs.max()) * 10)
+    residual = torch.linalg.vector_norm(G64 @ V - V * pairs.values, dim=0).max()
+    assert float(residual) <= tol * float(true_eigs.max()) * 10
+    assert float((V.T @ V - torch.eye(r, dtype=torch.float64)).abs().max()) <= 1e-5
+    assert V.shape[0] == m
+
+
+@pytest.mark.parametrize(
+    "vals, eta, expected",
+    [
+        ([4.0, 3.0, 2.0, 1.0], 0.5, 2),  # 0.4 <= 0.5 < 0.7
+        ([4.0, 3.0, 2.0, 1.0], 0.4, 2),  # cumsum/total <= eta counts the tie: reference gives 2
+        ([4.0, 3.0, 2.0, 1.0], 0.01, 1),
+        ([4.0, 3.0, 2.0, 1.0], 1.0, 4),
+        ([5.0, 5.0, 0.0, 0.0], 1.0, 2),  # stops at the numerical rank
+        ([2.0, 0.0], 1.0, 1),
+    ],
+)
+def test_select_rank_rule(vals, eta, expected):
+    vals = torch.tensor(vals, dtype=torch.float64)
+    assert select_rank(vals, float(vals.sum()), eta, complete=True) == expected
+
+
+def test_select_rank_needs_more_values_when_incomplete():
+    vals = torch.tensor([4.0, 3.0], dtype=torch.float64)
+    assert select_rank(vals, 10.0, 0.8, complete=False) is None
+    assert select_rank(vals, 10.0, 0.5, complete=False) == 2
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-11), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("eta", [0.1, 0.5, 0.9])
+def test_block_matches_dense(dtype, tol, eta):
+    G, eigs = psd_with_spectrum(power_law(150, 1.2), seed=1, dtype=dtype)
+    trace = float(eigs.sum())
+    dense = dense_eigenpairs(G, trace, eta)
+    block = block_eigenpairs(G, trace, eta)
+    assert block.method == "block" and dense.method == "dense"
+    assert_eigenpairs(G, block, eigs, eta, tol)
+    assert_eigenpairs(G, dense, eigs, eta, max(tol, 1e-6) if dtype == torch.float32 else 1e-11)
+
+
+def test_block_grows_until_the_energy_is_reached():
+    G, eigs = psd_with_spectrum(power_law(300, 0.5), seed=2)
+    pairs = block_eigenpairs(G, float(eigs.sum()), 0.6)
+    assert pairs.block_size > 32  # started at 32 columns, had to grow
+    assert_eigenpairs(G, pairs, eigs, 0.6, 1e-11)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-11), (torch.float32, 2e-6)])
+def test_warm_start_converges_in_fewer_iterations(dtype, tol):
+    G, eigs = psd_with_spectrum(power_law(200, 1.5), seed=3)
+    g = torch.Generator().manual_seed(4)
+    E = torch.randn(200, 2, generator=g, dtype=torch.float64)
+    G2 = G + 1e-4 * E @ E.T  # a small low-rank change, as one editing batch makes
+    eigs2 = torch.linalg.eigvalsh(G2)
+    G, G2 = G.to(dtype), G2.to(dtype)
+    first = block_eigenpairs(G, float(eigs.sum()), 0.5)
+    cold = block_eigenpairs(G2, float(eigs2.sum()), 0.5)
+    warm = block_eigenpairs(G2, float(eigs2.sum()), 0.5, init=first.vectors)
+    assert warm.iterations < cold.iterations
+    assert_eigenpairs(G2, warm, eigs2, 0.5, tol)
+
+
+def test_auto_falls_back_to_dense_on_flat_spectra():
+    G, eigs = psd_with_spectrum(torch.linspace(1.0, 0.9, 200), seed=5)
+    pairs = top_eigenpairs(G, float(eigs.sum()), 0.5)
+    assert pairs.method == "dense"
+    assert_eigenpairs(G, pairs, eigs, 0.5, 1e-11)
+
+
+def test_auto_uses_block_on_steep_spectra():
+    G, eigs = psd_with_spectrum(power_law(400, 2.0), seed=6)
+    pairs = top_eigenpairs(G, float(eigs.sum()), 0.5)
+    assert pairs.method == "block"
+    assert_eigenpairs(G, pairs, eigs, 0.5, 1e-11)
+
+
+def test_iteration_cap_raises():
+    G, eigs = psd_with_spectrum(torch.linspace(1.0, 0.99, 100), seed=7)
+    with pytest.raises(ConvergenceError, match="did not converge in 2 iterations"):
+        block_eigenpairs(G, float(eigs.sum()), 0.5, max_iter=2)
+
+
+def test_non_finite_input_raises():
+    G = torch.eye(5)
+    G[1, 1] = float("nan")
+    with pytest.raises(ValueError, match="G contains NaN"):
+        top_eigenpairs(G, 5.0, 0.5)
+
+
+def test_bad_method_raises():
+    with pytest.raises(ValueError, match="method"):
+        top_eigenpairs(torch.eye(3), 3.0, 0.5, method="lanczos")
