@@ -149,7 +149,8 @@ def block_eigenpairs(
         GV = G @ V
         R = GV - V @ (V.T @ GV)
         keep = torch.topk(torch.linalg.vector_norm(R, dim=0), min(p, k0)).indices
-        guards = [R[:, keep]] + ([random_columns(min(p, m - k0) - keep.numel())] if p > k0 else [])
+        topup = max(0, min(p, m - k0) - keep.numel())
+        guards = [R[:, keep], random_columns(topup)]
         X = torch.cat([V, *guards], dim=1)[:, :m]
     else:
         k0 = min(m, 32)

@@ -1,0 +1,130 @@
+"""The torch twins of the Gram and energy ops, the public ops and the backend dispatch."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import sphere_fast
+from sphere_fast import BackendUnavailableError, hyperspherical_energy, normalized_gram
+from sphere_fast.backends import resolve_backend
+from sphere_fast.gram import hyperspherical_energy_reference, normalized_gram_reference
+
+
+def brute_force_energy(W: torch.Tensor, s: float, eps: float) -> float:
+    A = W.double()
+    A_hat = A / (A.norm(dim=1, keepdim=True) + 1e-8)
+    total = 0.0
+    for i, j in itertools.permutations(range(A.shape[0]), 2):
+        cos = float(A_hat[i] @ A_hat[j])
+        total += (max(2.0 - 2.0 * cos, 0.0) + eps) ** (-s / 2.0)
+    return total
+
+
+@pytest.mark.parametrize("shape, side", [((7, 20), "rows"), ((20, 7), "cols"), ((9, 9), "rows"), ((1, 5), "rows")])
+def test_normalized_gram_side_trace_and_symmetry(shape, side, device):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+    W[0] *= 100.0  # normalisation must remove the scale
+    g = normalized_gram(W)
+    assert g.side == side and g.gram.dtype == torch.float32
+    assert torch.equal(g.gram, g.gram.T)
+    A_hat = W.double() / (W.double().norm(dim=1, keepdim=True) + 1e-8)
+    expected = A_hat @ A_hat.T if side == "rows" else A_hat.T @ A_hat
+    torch.testing.assert_close(g.gram.double(), expected / shape[0], rtol=1e-5, atol=1e-6)
+    assert abs(g.trace - float(torch.trace(expected)) / shape[0]) <= 1e-12
+    torch.testing.assert_close(g.row_norms.double(), W.double().norm(dim=1), rtol=1e-6, atol=0)
+
+
+def test_normalized_gram_low_precision_inputs_accumulate_in_fp32():
+    W = torch.randn(16, 40, generator=torch.Generator().manual_seed(1))
+    for dtype in (torch.bfloat16, torch.float16):
+        g = normalized_gram(W.to(dtype))
+        exact = normalized_gram_reference(W.to(dtype), dtype=torch.float64)
+        assert g.gram.dtype == torch.float32
+        torch.testing.assert_close(g.gram.double(), exact.gram, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("s, eps", [(2.0, 1e-6), (1.0, 1e-3), (0.5, 1e-6)])
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-6), (torch.float64, 1e-10)])
+def test_energy_matches_brute_force(s, eps, dtype, rtol, device):
+    W = torch.randn(11, 6, generator=torch.Generator().manual_seed(2), dtype=dtype).to(device)
+    W[5] = 0.0
+    if dtype == torch.float64:
+        # A duplicate pair (distance 0, eps keeps it finite). 2 - 2 cos cancels
+        # catastrophically in fp32 for near-duplicates, so only fp64 checks it.
+        W[3] = W[2]
+    got = hyperspherical_energy(W, s=s, eps=eps)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    expected = brute_force_energy(W.cpu(), s, eps)
+    assert abs(float(got) - expected) <= rtol * expected
+
+
+def test_energy_blocking_does_not_change_the_sum():
+    W = torch.randn(50, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    whole = hyperspherical_energy_reference(W, block_rows=1000)
+    blocked = hyperspherical_energy_reference(W, block_rows=7)
+    assert abs(float(whole - blocked)) <= 1e-12 * float(whole)
+
+
+def test_energy_bad_arguments():
+    with pytest.raises(ValueError, match="s must be > 0"):
+        hyperspherical_energy(torch.randn(3, 4), s=0.0)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        hyperspherical_energy(torch.randn(3, 4), eps=-1.0)
+    with pytest.raises(ValueError, match="W must be 2-D"):
+        hyperspherical_energy(torch.randn(3))
+
+
+def test_gram_bad_precision():
+    with pytest.raises(ValueError, match="precision"):
+        normalized_gram(torch.randn(3, 4), precision="fp8")
+
+
+# -- dispatch ------------------------------------------------------------------------
+
+
+def test_auto_on_cpu_is_torch():
+    cpu = torch.device("cpu")
+    for op in ("gram", "energy", "eigensolver", "apply"):
+        assert resolve_backend(op, "auto", cpu) == "torch"
+
+
+def test_explicit_cuda_on_cpu_raises_with_reason():
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA tensor"):
+        sphere_fast.SphereProjector.fit(torch.randn(4, 6), backend="cuda")
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("SPHERE_FAST_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match="backend 'cuda' is unavailable"):
+        resolve_backend("gram", None, torch.device("cpu"))
+    monkeypatch.setenv("SPHERE_FAST_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SPHERE_FAST_BACKEND must be one of"):
+        resolve_backend("gram", None, torch.device("cpu"))
+    monkeypatch.setenv("SPHERE_FAST_BACKEND", "torch")
+    assert resolve_backend("apply", None, torch.device("cpu")) == "torch"
+
+
+def test_explicit_choice_falls_through_for_ops_it_lacks(monkeypatch):
+    # "triton" implements gram/energy; the eigensolver and apply go on to torch.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    cpu = torch.device("cpu")
+    assert resolve_backend("gram", "triton", cpu) == "triton"
+    assert resolve_backend("eigensolver", "triton", cpu) == "torch"
+
+
+def test_available_backends_reports_reasons():
+    report = sphere_fast.available_backends("cpu")
+    assert report["torch"] == "available"
+    assert "CUDA tensor" in report["cuda"]
+
+
+def test_import_does_not_load_triton_or_the_extension():
+    import subprocess
+    import sys
+
+    code = "import sys, sphere_fast; print('triton' in sys.modules, 'sphere_fast._C' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
