@@ -37,16 +37,18 @@ def fill(template: str, subject: str) -> tuple[str, int, int]:
 
 
 def subject_token_index(tok, text: str, start: int, end: int, ids: list[int] | None = None) -> int | None:
-    """Index of the token holding the subject's last character, or None when it cannot be located."""
+    """Index of the subject's last token, or None when the subject does not end on a token boundary.
+
+    Fast tokenizers use character offsets; others compare the tokens of the
+    text up to the subject's end with those of the whole text.
+    """
     if getattr(tok, "is_fast", False):
-        enc = tok(text, return_offsets_mapping=True)
-        for i in range(len(enc["offset_mapping"]) - 1, -1, -1):
-            s, e = enc["offset_mapping"][i]
-            if s < end and e >= end and e > s:
-                return i if s < end else None
-            if e > s and e < end:
-                break
-        # Fall through: try the prefix rule when offsets do not cover the end exactly.
+        offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
+        for i, (s, e) in enumerate(offsets):
+            if s < end <= e and e > s:
+                # A token running past the subject mixes in the following text.
+                return i if e == end or not text[end:e].strip() else None
+        return None
     prefix_ids = tok(text[:end])["input_ids"]
     full_ids = ids if ids is not None else tok(text)["input_ids"]
     if prefix_ids and full_ids[:len(prefix_ids)] == prefix_ids:
@@ -82,6 +84,8 @@ def validate_request(tok, request: EditRequest, fact_token: str, where: str) -> 
         request.validate()
         target_ids(tok, request.target_new)
         lookup_index(tok, request.prompt, request.subject, fact_token)
+        for tmpl in KL_PROMPTS:
+            lookup_index(tok, tmpl, request.subject, fact_token)
     except ValueError as exc:
         raise ValueError(f"{where} (case_id {request.case_id!r}): {exc}") from None
 

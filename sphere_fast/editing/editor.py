@@ -59,7 +59,8 @@ class Editor:
     eta, alpha : SPHERE's cumulative ratio and suppression strength; None takes
         ``hparams.cumulative_ratio`` / ``suppression_strength``, then the paper's
         defaults (eta 0.5; alpha 0.5 for AlphaEdit, 0.8 otherwise).
-    stats_corpus : .txt or .jsonl file for C0 (default: WikiText-2 test).
+    stats_corpus : .txt or .jsonl file for C0 (default: ``hparams.mom2_dataset`` when it
+        is such a file, else WikiText-2 test).
     cache_dir : where C0 is cached (default :func:`paths.cache_dir`).
     seed : seeds the context-template sampling.
     """
@@ -85,7 +86,11 @@ class Editor:
             raise ValueError(f"eta must be in (0, 1], got {self.eta}")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        self.stats_corpus = Path(stats_corpus) if stats_corpus is not None else paths.wikitext_path()
+        if stats_corpus is None:
+            # mom2_dataset may name a local corpus file; names like "wikipedia" fall back to WikiText-2.
+            named = Path(str(hparams.mom2_dataset)).expanduser()
+            stats_corpus = named if named.suffix in (".txt", ".jsonl") and named.is_file() else paths.wikitext_path()
+        self.stats_corpus = Path(stats_corpus)
         if not self.stats_corpus.exists():
             raise FileNotFoundError(f"stats_corpus {str(self.stats_corpus)!r} does not exist")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()

@@ -1,0 +1,343 @@
+"""The Editor on tiny in-process models: efficacy, exactness, ordering, transactions, errors.
+
+Requests end at the subject and have single-token targets: a random tiny
+model cannot move information past the subject (EDITING-NOTES.md), so these
+are the prompts on which efficacy can be measured at all.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphere_fast.editing import compute as compute_mod
+from sphere_fast.editing import editor as editor_mod
+from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
+from sphere_fast.editing.compute import compute_keys, compute_targets, layer_outputs
+from sphere_fast.editing.editor import Editor
+from sphere_fast.editing.hparams import default_hparams
+from sphere_fast.editing.model_utils import get_module, oriented_weight
+from sphere_fast.editing.requests import EditRequest
+from sphere_fast.projector import SphereProjector
+
+from .editing_fixtures import (
+    counterfact_requests,
+    one_thread,
+    subject_end_requests,
+    teacher_forced_top1,
+    tiny_model,
+    tiny_tokenizer,
+)
+
+N_SAMPLES = 64  # C0 from 64 WikiText lines (~8k tokens): enough for a 512-d key space
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(bos=True)  # Llama-style BOS: targets must not pick it up
+
+
+def hparams(model, method, **changes):
+    return default_hparams(model, method).replace(mom2_n_samples=N_SAMPLES, **changes)
+
+
+def make_editor(model, tok, cache, method, **kw):
+    hp_changes = kw.pop("hp", {})
+    return Editor(model, tok, hparams(model, method, **hp_changes), method=method, cache_dir=cache, progress=False, **kw)
+
+
+def params_copy(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "method, sphere",
+    [("memit", False), ("alphaedit", False), ("alphaedit", True)],
+    ids=["memit", "alphaedit", "alphaedit+sphere"],
+)
+def test_two_batches_reach_efficacy(tok, cache, method, sphere):
+    model = tiny_model("llama", tok)
+    before = params_copy(model)
+    reqs = subject_end_requests(tok, 20)
+    assert teacher_forced_top1(model, tok, reqs) <= 0.1
+    ed = make_editor(model, tok, cache, method, sphere=sphere)
+    infos = [ed.edit_batch(reqs[:10]), ed.edit_batch(reqs[10:])]
+    top1 = teacher_forced_top1(model, tok, reqs)
+    assert top1 >= 0.8, f"{method} sphere={sphere}: top-1 efficacy {top1:.2f}"
+    for info in infos:
+        assert info["batch_size"] == 10
+        assert info["z_residual_before"] >= 3 * info["z_residual_after"], info
+        assert set(info["layers"]) == set(ed.edited_module_names)
+        for layer in info["layers"].values():
+            assert (layer["rank"] is not None) == sphere
+            assert layer["update_norm"] > 0 and layer["projected_norm"] > 0
+            if sphere:  # the projection is a contraction
+                assert layer["projected_norm"] <= layer["update_norm"] * (1 + 1e-5)
+        assert info["seconds"]["total"] >= info["seconds"]["targets"] > 0
+    # Only the edited weights moved, and those did.
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if module in ed.edited_module_names:
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), f"{name} changed"
+    print(f"\n{method}{'+sphere' if sphere else ''}: top-1 {top1:.2f}; z residual "
+          + ", ".join(f"{i['z_residual_before']:.3f}->{i['z_residual_after']:.3f}" for i in infos))
+
+
+def small(tok, n, offset=0):
+    return subject_end_requests(tok, n, offset=offset)
+
+
+FAST = {"v_num_grad_steps": 4}
+
+
+def test_sphere_off_is_the_base_method(tok, cache):
+    """sphere=False equals AlphaEdit written out by hand, and SPHERE with alpha=0 equals it bit for bit."""
+    reqs = small(tok, 6)
+    runs = {}
+    for label, kw in {"off": {"sphere": False}, "alpha0": {"sphere": True, "alpha": 0.0}}.items():
+        model = tiny_model("llama", tok)
+        ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, **kw)
+        ed.edit_batch(reqs[:3])
+        ed.edit_batch(reqs[3:])
+        runs[label] = {n: w.clone() for n, w in ed.edited_weights().items()}
+    for name in runs["off"]:
+        assert torch.equal(runs["off"][name], runs["alpha0"][name]), name
+
+    # The same two batches written out from the building blocks.
+    model = tiny_model("llama", tok)
+    hp = hparams(model, "alphaedit", **FAST)
+    ref = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=False)
+    templates = ref.templates
+    names = ref.edited_module_names
+    P = {n: nullspace_projector(ref.key_statistics(n), hp.nullspace_threshold)[0] for n in names}
+    cache_c = {n: torch.zeros(512, 512) for n in names}
+    for batch in (reqs[:3], reqs[3:]):
+        zs = torch.stack([r.z for r in compute_targets(model, tok, batch, hp, templates)])
+        for i, name in enumerate(names):
+            K = compute_keys(model, tok, batch, hp, [name], templates)[name].T
+            R = (zs - layer_outputs(model, tok, batch, hp, hp.layers[-1])).T / (len(names) - i)
+            with torch.no_grad():
+                oriented_weight(get_module(model, name)).add_(alphaedit_update(K, R, P[name], cache_c[name], hp.L2).float())
+        Ks = compute_keys(model, tok, batch, hp, names, templates)
+        for name in names:
+            cache_c[name] += Ks[name].T @ Ks[name]
+    for name in names:
+        assert torch.equal(oriented_weight(get_module(model, name)), runs["off"][name]), name
+
+
+def test_sphere_layer_order(tok, cache, monkeypatch):
+    """Per layer, ascending: keys on the current model, fit/refit on the current W, apply, then the next layer."""
+    events = []
+    real_keys, real_fit, real_refit, real_apply = (compute_mod.compute_keys, SphereProjector.fit,
+                                                   SphereProjector.refit, SphereProjector.apply_)
+    model = tiny_model("llama", tok)
+    ptr_to_name = {}
+
+    def keys(*args, **kwargs):
+        events.append(("keys", tuple(args[4])))
+        return real_keys(*args, **kwargs)
+
+    def fit(cls, W, *a, **k):
+        events.append(("fit", ptr_to_name[W.data_ptr()], W.clone()))
+        return real_fit.__func__(cls, W, *a, **k)
+
+    def refit(self, W, *a, **k):
+        events.append(("refit", ptr_to_name[W.data_ptr()], W.clone()))
+        return real_refit(self, W, *a, **k)
+
+    def apply_(self, W, B):
+        events.append(("apply", ptr_to_name[W.data_ptr()]))
+        return real_apply(self, W, B)
+
+    monkeypatch.setattr(editor_mod, "compute_keys", keys)
+    monkeypatch.setattr(SphereProjector, "fit", classmethod(fit))
+    monkeypatch.setattr(SphereProjector, "refit", refit)
+    monkeypatch.setattr(SphereProjector, "apply_", apply_)
+    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True)
+    n1, n2 = ed.edited_module_names
+    ptr_to_name.update({w.data_ptr(): n for n, w in ed.edited_weights().items()})
+    reqs = small(tok, 4)
+    ed.edit_batch(reqs[:2])
+    after_first = {n: w.clone() for n, w in ed.edited_weights().items()}
+    ed.edit_batch(reqs[2:])
+    kinds = [(e[0], e[1]) for e in events]
+    assert kinds == [
+        ("keys", (n1,)), ("fit", n1), ("apply", n1), ("keys", (n2,)), ("fit", n2), ("apply", n2), ("keys", (n1, n2)),
+        ("keys", (n1,)), ("refit", n1), ("apply", n1), ("keys", (n2,)), ("refit", n2), ("apply", n2), ("keys", (n1, n2)),
+    ]
+    # Projectors are fitted on the live, current weight: batch 2 sees batch 1's updates.
+    refits = [e for e in events if e[0] == "refit"]
+    for _, name, W in refits:
+        assert torch.equal(W, after_first[name])
+    fits = [e for e in events if e[0] == "fit"]
+    assert not torch.equal(fits[0][2], after_first[n1])
+
+
+def test_nullspace_property(tok, cache):
+    """AlphaEdit's update annihilates C0's directions above the threshold (chosen relative to the spectrum)."""
+    model = tiny_model("llama", tok)
+    probe = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=False)
+    name = probe.edited_module_names[0]
+    c0 = probe.key_statistics(name).double()
+    values, vectors = torch.linalg.eigh(c0)
+    threshold = float(values.median())
+    ed = make_editor(model, tok, cache, "alphaedit", hp={**FAST, "nullspace_threshold": threshold}, sphere=False)
+    before = {n: w.clone() for n, w in ed.edited_weights().items()}
+    info = ed.edit_batch(small(tok, 4))
+    kept = vectors[:, values >= threshold]
+    assert info["layers"][name]["nullspace_dim"] == int((values < threshold).sum())
+    for n, w in ed.edited_weights().items():
+        delta = (w - before[n]).double()
+        assert delta.norm() > 0
+        c = ed.key_statistics(n).double()
+        vals, vecs = torch.linalg.eigh(c)
+        kept = vecs[:, vals >= threshold]
+        # fp32 weights: the update is stored with ~1e-7 relative rounding.
+        assert (delta @ kept).norm() <= 1e-5 * delta.norm(), n
+        null = vecs[:, vals < threshold]
+        assert (delta @ null).norm() >= 0.99 * delta.norm()
+
+
+def test_failed_batch_leaves_no_trace(tok, cache, monkeypatch):
+    """A failure in the second layer restores every weight and the projectors; a retry equals a clean run."""
+    reqs = small(tok, 4)
+    clean_model = tiny_model("llama", tok)
+    clean = make_editor(clean_model, tok, cache, "alphaedit", hp=FAST, sphere=True)
+    clean.edit_batch(reqs[:2])
+    clean.edit_batch(reqs[2:])
+
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True)
+    ed.edit_batch(reqs[:2])
+    before = params_copy(model)
+    state = ed.state_dict()
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected failure in the second layer")
+        return alphaedit_update(*args, **kwargs)
+
+    monkeypatch.setattr(editor_mod, "alphaedit_update", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        ed.edit_batch(reqs[2:])
+    assert len(calls) == 2
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    after_state = ed.state_dict()
+    assert after_state["batches_done"] == state["batches_done"] == 1
+    for n in ed.edited_module_names:
+        assert torch.equal(after_state["layers"][n]["cache_c"], state["layers"][n]["cache_c"])
+        assert torch.equal(after_state["layers"][n]["projector"]["basis"], state["layers"][n]["projector"]["basis"])
+    monkeypatch.setattr(editor_mod, "alphaedit_update", alphaedit_update)
+    ed.edit_batch(reqs[2:])
+    for n, w in ed.edited_weights().items():
+        assert torch.equal(w, clean.edited_weights()[n]), n
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (EditRequest(prompt="The mother tongue of", subject="Danielle Darrieux", target_new="English"), "exactly one"),
+        (EditRequest(prompt="The mother tongue of {}", subject="Danielle Darrieux", target_new="  "), "target_new"),
+        (EditRequest(prompt="The mother tongue of {}", subject=" ", target_new="English"), "subject"),
+        (EditRequest(prompt="The city of {}s is", subject="Pari", target_new="France"), "tokenise inside"),
+    ],
+)
+def test_bad_requests_are_named_before_any_change(tok, cache, bad, field):
+    model = tiny_model("llama", tok)
+    before = params_copy(model)
+    ed = make_editor(model, tok, cache, "memit", hp=FAST, sphere=True)
+    reqs = small(tok, 2) + [bad]
+    with pytest.raises(ValueError, match=rf"requests\[2\].*{field}"):
+        ed.edit_batch(reqs)
+    with pytest.raises(ValueError, match="empty"):
+        ed.edit_batch([])
+    assert ed.batches_done == 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_editor_argument_errors(tok, cache):
+    model = tiny_model("llama", tok)
+    hp = hparams(model, "memit")
+    with pytest.raises(ValueError, match="method"):
+        Editor(model, tok, hp, method="rome")
+    with pytest.raises(ValueError, match="eta"):
+        Editor(model, tok, hp, method="memit", eta=0.0, cache_dir=cache)
+    with pytest.raises(ValueError, match="alpha"):
+        Editor(model, tok, hp, method="memit", alpha=1.5, cache_dir=cache)
+    with pytest.raises(ValueError, match="v_loss_layer"):
+        Editor(model, tok, hp.replace(layers=[1, 2], v_loss_layer=7), method="memit", cache_dir=cache)
+    with pytest.raises(ValueError, match="no module"):
+        Editor(model, tok, hp.replace(rewrite_module_tmp="model.layers.{}.mlp.out_proj"), method="memit")
+    with pytest.raises(TypeError, match="nn.Linear or transformers Conv1D"):
+        Editor(model, tok, hp.replace(rewrite_module_tmp="model.layers.{}.mlp.act_fn"), method="memit")
+    with pytest.raises(FileNotFoundError, match="stats_corpus"):
+        Editor(model, tok, hp, method="memit", stats_corpus="/nonexistent/corpus.txt")
+    ed = Editor(model, tok, hp, method="alphaedit", cache_dir=cache, progress=False)
+    assert (ed.eta, ed.alpha) == (0.5, 0.5)
+    assert Editor(model, tok, hp, method="memit", cache_dir=cache).alpha == 0.8
+    assert Editor(model, tok, hp.replace(suppression_strength=0.3), method="memit", cache_dir=cache).alpha == 0.3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_other_architectures(cache, arch):
+    """GPT-2's Conv1D (stored [in, out]) and Qwen2 edit through the same [out, in] orientation."""
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, tok)
+    ed = make_editor(model, tok, cache, "alphaedit", hp={"v_num_grad_steps": 10}, sphere=True)
+    name = ed.edited_module_names[0]
+    stored_before = get_module(model, name).weight.detach().clone()
+    info = ed.edit_batch(small(tok, 4))
+    assert info["z_residual_before"] >= 3 * info["z_residual_after"], info
+    W = ed.edited_weights()[name]
+    assert tuple(W.shape) == (128, 512)
+    stored = get_module(model, name).weight
+    assert info["layers"][name]["conv1d"] == (arch == "gpt2")
+    assert torch.equal(W, stored.T if arch == "gpt2" else stored)
+    assert not torch.equal(stored, stored_before)
+
+
+def test_full_counterfact_prompts_run(tok, cache):
+    """Prompts that continue after the subject, multi-token targets: runs end to end (MEMIT + SPHERE)."""
+    model = tiny_model("llama", tok)
+    reqs = counterfact_requests(4)
+    assert any(len(tok(" " + r.target_new, add_special_tokens=False)["input_ids"]) > 1 for r in reqs)
+    ed = make_editor(model, tok, cache, "memit", hp=FAST, sphere=True)
+    info = ed.edit_batch(reqs)
+    assert info["batch_size"] == 4
+    for w in ed.edited_weights().values():
+        assert bool(torch.isfinite(w).all())
+    assert all(layer["rank"] >= 1 for layer in info["layers"].values())
+
+
+def test_state_dict_round_trip(tok, cache):
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True)
+    ed.edit_batch(small(tok, 2))
+    state = ed.state_dict()
+    for entry in state["layers"].values():
+        assert all(isinstance(v, torch.Tensor) for v in entry["projector"].values() if not isinstance(v, (str, int, float, list)))
+    other = make_editor(tiny_model("llama", tok), tok, cache, "alphaedit", hp=FAST, sphere=True)
+    other.load_state_dict(state)
+    again = other.state_dict()
+    assert again["batches_done"] == 1 and again["templates"] == state["templates"]
+    for n in ed.edited_module_names:
+        assert torch.equal(again["layers"][n]["cache_c"], state["layers"][n]["cache_c"])
+        assert torch.equal(again["layers"][n]["projector"]["U"], state["layers"][n]["projector"]["U"])
+    wrong = make_editor(tiny_model("llama", tok), tok, cache, "memit", hp=FAST, sphere=True)
+    with pytest.raises(ValueError, match="method"):
+        wrong.load_state_dict(state)
