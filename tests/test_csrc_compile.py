@@ -8,7 +8,11 @@ CUDA build of torch, install the headers with
     pip install --no-deps nvidia-cublas==13.0.2.14 nvidia-cusolver==12.0.4.66
 
 (CUDA 13 wheels, ``nvidia/cu13/include``; the CUDA 12 ``-cu12`` wheels,
-``nvidia/{cublas,cusolver}/include``, work too). Sources (.cu, .cpp) are
+``nvidia/{cublas,cusolver}/include``, work too). A machine without a CUDA
+toolkit can take nvcc from wheels as well (found in ``nvidia/*/bin``):
+
+    pip install --no-deps nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 \
+        nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 Sources (.cu, .cpp) are
 compiled as they are; headers (.h, .cuh) as CUDA translation units of their
 own, which also checks that each includes what it uses.
 """
@@ -36,7 +40,8 @@ HEADERS_HINT = (
 
 
 def find_nvcc() -> str | None:
-    """nvcc as setup.py looks for it: CUDACXX, CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda."""
+    """nvcc as setup.py looks for it (CUDACXX, CUDA_HOME / CUDA_PATH, PATH), then
+    /usr/local/cuda and the nvidia-cuda-nvcc wheel (nvidia/*/bin/nvcc)."""
     if os.environ.get("CUDACXX") and os.path.exists(os.environ["CUDACXX"]):
         return os.environ["CUDACXX"]
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
@@ -46,7 +51,14 @@ def find_nvcc() -> str | None:
     if found:
         return found
     default = "/usr/local/cuda/bin/nvcc"
-    return default if os.path.exists(default) else None
+    if os.path.exists(default):
+        return default
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        for candidate in sorted(glob.glob(os.path.join(base, "*", "bin", "nvcc"))):
+            if os.access(candidate, os.X_OK):
+                return candidate
+    return None
 
 
 def wheel_include_dirs() -> list[str]:
