@@ -1,0 +1,120 @@
+"""run_sequential: batching, callbacks, atomic checkpoints, and bitwise-exact resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sphere_fast.editing.editor import Editor
+from sphere_fast.editing.hparams import default_hparams
+from sphere_fast.editing.sequential import latest_checkpoint, run_sequential
+
+from .editing_fixtures import one_thread, subject_end_requests, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("stats")
+
+
+def editor(tok, cache, method="alphaedit", sphere=True):
+    model = tiny_model("llama", tok)
+    hp = default_hparams(model, method).replace(mom2_n_samples=64, v_num_grad_steps=4)
+    return Editor(model, tok, hp, method=method, sphere=sphere, cache_dir=cache, progress=False)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "memit"])
+def test_resume_reproduces_uninterrupted_run(tok, cache, tmp_path, method):
+    reqs = subject_end_requests(tok, 6)
+    full = editor(tok, cache, method)
+    seen = []
+    infos = run_sequential(full, reqs, batch_size=2, progress=False,
+                           on_batch=lambda b, batch, info: seen.append((b, len(batch), info["batch_size"])))
+    assert seen == [(0, 2, 2), (1, 2, 2), (2, 2, 2)] and len(infos) == 3
+    expected = {n: p.detach().clone() for n, p in full.model.named_parameters()}
+
+    ckpt = tmp_path / "ckpt"
+    first = editor(tok, cache, method)
+
+    def stop_after_second(b, batch, info):
+        if b == 1:
+            raise Interrupt  # after batch 1 ran, before its checkpoint
+
+    with pytest.raises(Interrupt):
+        run_sequential(first, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, on_batch=stop_after_second,
+                       progress=False)
+    latest = latest_checkpoint(ckpt)
+    assert latest is not None and json.loads((latest / "meta.json").read_text())["next_batch"] == 1
+    assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp")]
+
+    # A fresh process would rebuild the unedited model and an Editor; resume continues with batch 1.
+    resumed = editor(tok, cache, method)
+    ran = []
+    infos = run_sequential(resumed, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, resume=True,
+                           on_batch=lambda b, batch, info: ran.append(b), progress=False)
+    assert ran == [1, 2] and len(infos) == 2
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, expected[n]), f"{n} differs after resume"
+    assert resumed.batches_done == 3
+    assert json.loads((latest_checkpoint(ckpt) / "meta.json").read_text())["next_batch"] == 3
+
+    # Resuming a finished run edits nothing more.
+    assert run_sequential(resumed, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, resume=True,
+                          progress=False) == []
+
+
+def test_resume_from_cached_statistics(tok, cache, tmp_path):
+    """An Editor built on already-edited weights restores C0 from the disk cache by its stored key."""
+    from sphere_fast.editing.sequential import load_checkpoint
+
+    reqs = subject_end_requests(tok, 4)
+    ed = editor(tok, cache)
+    run_sequential(ed, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=tmp_path / "c", progress=False)
+    expected = {n: w.clone() for n, w in ed.edited_weights().items()}
+    other = editor(tok, cache)
+    with torch.no_grad():  # the model already carries some edit: its fingerprint is not the base one
+        for n, w in other.edited_weights().items():
+            w.copy_(expected[n])
+    load_checkpoint(other, latest_checkpoint(tmp_path / "c"))
+    for n, w in other.edited_weights().items():
+        assert torch.equal(w, expected[n])
+    assert other.batches_done == 2
+    empty = editor(tok, tmp_path / "no-cache")
+    with torch.no_grad():
+        for n, w in empty.edited_weights().items():
+            w.copy_(expected[n])
+    with pytest.raises(RuntimeError, match="cannot restore key statistics"):
+        load_checkpoint(empty, latest_checkpoint(tmp_path / "c"))
+
+
+def test_argument_errors(tok, cache, tmp_path):
+    ed = editor(tok, cache)
+    reqs = subject_end_requests(tok, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        run_sequential(ed, reqs, batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        run_sequential(ed, reqs, batch_size=1, checkpoint_every=0, checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        run_sequential(ed, reqs, batch_size=1, checkpoint_every=1, progress=False)
+    run_sequential(ed, reqs, batch_size=1, checkpoint_every=2, checkpoint_dir=tmp_path / "c", progress=False)
+    with pytest.raises(ValueError, match="batch_size=2"):
+        run_sequential(editor(tok, cache), reqs, batch_size=2, checkpoint_dir=tmp_path / "c", resume=True,
+                       progress=False)
+    with pytest.raises(ValueError, match="request"):
+        run_sequential(editor(tok, cache), reqs[::-1], batch_size=1, checkpoint_dir=tmp_path / "c", resume=True,
+                       progress=False)
