@@ -82,9 +82,29 @@ def _row_norms_kernel(
         x = tl.load(ptrs, mask=mask, other=0.0).to(ACC_DTYPE)
         sq += x * x
         ptrs += BLOCK_D * stride_wd
-    norm = tl.sqrt(tl.sum(sq, axis=1))
+    norm = _sqrt_rn(tl.sum(sq, axis=1), ACC_DTYPE)
     tl.store(norms_ptr + rows, norm, mask=row_mask)
-    tl.store(scale_ptr + rows, 1.0 / (norm + EPS), mask=row_mask)
+    tl.store(scale_ptr + rows, _div_rn(1.0, norm + EPS, ACC_DTYPE), mask=row_mask)
+
+
+@triton.jit
+def _sqrt_rn(x, ACC_DTYPE: tl.constexpr):
+    """Correctly rounded square root (tl.sqrt is the fast approximate one in fp32)."""
+    if ACC_DTYPE == tl.float64:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
+def _div_rn(x, y, ACC_DTYPE: tl.constexpr):
+    """Correctly rounded division (fp32 ``/`` may lower to a 2-ulp division)."""
+    if ACC_DTYPE == tl.float64:
+        q = x / y
+    else:
+        q = tl.math.div_rn(x, y)
+    return q
 
 
 @triton.jit
@@ -229,11 +249,12 @@ def _normalized_gram_kernel(
         s_i = tl.load(scale_ptr + offs_i, mask=mask_i, other=0.0)
         s_j = tl.load(scale_ptr + offs_j, mask=mask_j, other=0.0)
         acc = acc * (s_i[:, None] * s_j[None, :])
-    acc = acc / n
+    acc = _div_rn(acc, n.to(ACC_DTYPE), ACC_DTYPE)
     mask = mask_i[:, None] & mask_j[None, :]
     tl.store(g_ptr + offs_i[:, None] * stride_gm + offs_j[None, :], acc, mask=mask)
     if tile_i != tile_j:
-        tl.store(g_ptr + offs_j[:, None] * stride_gm + offs_i[None, :], tl.trans(acc), mask=tl.trans(mask))
+        mask_t = mask_j[:, None] & mask_i[None, :]
+        tl.store(g_ptr + offs_j[:, None] * stride_gm + offs_i[None, :], tl.trans(acc), mask=mask_t)
 
 
 # ----------------------------------------------------------------------------
