@@ -138,13 +138,18 @@ def _device(name: str | None, command: str):
     return dev
 
 
-def load_model(model_dir: str | Path, *, device=None, dtype: str = "float32", command: str = "edit"):
-    """``(model, tokenizer)`` from a local directory, with clear errors for a bad directory."""
+def check_model_dir(model_dir: str | Path, command: str = "edit") -> Path:
     path = Path(model_dir)
     if not path.exists():
         raise CLIError(command, f"--model {str(path)!r}: directory not found")
     if not path.is_dir() or not (path / "config.json").exists():
         raise CLIError(command, f"--model {str(path)!r}: not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def load_model(model_dir: str | Path, *, device=None, dtype: str = "float32", command: str = "edit"):
+    """``(model, tokenizer)`` from a local directory, with clear errors for a bad directory."""
+    path = check_model_dir(model_dir, command)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -331,9 +336,7 @@ def cmd_edit(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise CLIError(command, f"--data {str(data)!r}: file not found")
-    model_path = Path(args.model)
-    if not model_path.exists():
-        raise CLIError(command, f"--model {str(model_path)!r}: directory not found")
+    model_path = check_model_dir(args.model, command)
     if args.stats_corpus is not None and not Path(args.stats_corpus).exists():
         raise CLIError(command, f"--stats-corpus {args.stats_corpus!r}: file not found")
     out = Path(args.out)

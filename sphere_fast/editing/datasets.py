@@ -140,7 +140,7 @@ class _Record:
         return value
 
     def strings(self, *keys: str) -> tuple[str, ...]:
-        value = self.get(*keys, required=False, default=())
+        value = self.get(*keys, required=False, default=None)
         if value is None:
             return ()
         if isinstance(value, str):

@@ -1,0 +1,182 @@
+"""``sphere-fast edit`` end to end on a tiny saved model; resume; argument errors; train-lm wiring."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from sphere_fast.cli import main
+from sphere_fast.editing import paths
+from sphere_fast.editing.report import read_csv
+
+pytestmark = pytest.mark.skipif(
+    not (paths.counterfact_path().exists() and paths.wikitext_path("test").exists()),
+    reason=f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)",
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A saved tiny Llama + tokenizer, fast hparams, and a private cache directory."""
+    from sphere_fast.editing.hparams import default_hparams
+    from tests.editing_fixtures import tiny_model, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    old = os.environ.get("SPHERE_FAST_CACHE_DIR")
+    os.environ["SPHERE_FAST_CACHE_DIR"] = str(root / "cache")
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", tok, hidden=64, intermediate=128, layers=4, heads=2, seed=0)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    hp = default_hparams(model, "alphaedit").to_dict()
+    hp.update(v_num_grad_steps=4, mom2_n_samples=60)
+    hp_path = root / "hparams.yaml"
+    hp_path.write_text(yaml.safe_dump(hp))
+    yield {"root": root, "model": str(model_dir), "hparams": str(hp_path), "data": str(paths.counterfact_path())}
+    if old is None:
+        os.environ.pop("SPHERE_FAST_CACHE_DIR", None)
+    else:
+        os.environ["SPHERE_FAST_CACHE_DIR"] = old
+
+
+def _args(env, out, *extra, edits="4", batch="2"):
+    return ["edit", "--model", env["model"], "--data", env["data"], "--method", "alphaedit", "--edits", edits,
+            "--batch-size", batch, "--hparams", env["hparams"], "--out", str(out), "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(env):
+    out = env["root"] / "full"
+    assert main(_args(env, out)) == 0
+    return out
+
+
+def test_edit_writes_json_csv_png(full_run, capsys):
+    out = full_run
+    rows = read_csv(out / "edits.csv")
+    assert [r["batch"] for r in rows] == [0, 1, 2]
+    assert [r["edits"] for r in rows] == [0, 2, 4]
+    energy_cols = sorted(k for k in rows[0] if k.startswith("energy:"))
+    assert energy_cols == ["energy:model.layers.1.mlp.down_proj", "energy:model.layers.2.mlp.down_proj"]
+    for r in rows:
+        assert all(r[c] > 0 for c in energy_cols)
+        for k in ("efficacy", "generalization", "specificity", "locality"):
+            assert 0.0 <= r[k] <= 1.0
+    assert [r["eval_requests"] for r in rows] == [4, 2, 4]
+    assert rows[1]["seconds_total"] > 0 and rows[1]["seconds_sphere"] > 0
+    # The edits changed the weights, so the energy moved.
+    assert rows[2][energy_cols[0]] != rows[0][energy_cols[0]]
+    assert (out / "edits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for n in (0, 1, 2):
+        blob = json.loads((out / "metrics" / f"batch_{n:05d}.json").read_text())
+        assert blob["batch"] == n and set(blob["energy"]) == {c[len("energy:"):] for c in energy_cols}
+    final = json.loads((out / "metrics" / "batch_00002.json").read_text())
+    assert final["metrics"]["n_requests"] == 4 and final["metrics"]["efficacy"] == rows[2]["efficacy"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["edits"] == 4 and summary["batches"] == 2 and summary["sphere"] is True
+    assert summary["after"]["efficacy"] == rows[2]["efficacy"]
+    assert 0 < summary["sphere_share"] < 1
+    assert json.loads((out / "run.json").read_text())["method"] == "alphaedit"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["batch-000001", "batch-000002"]
+
+
+def test_resume_after_a_crash_matches_the_full_run(env, full_run, monkeypatch):
+    from safetensors.torch import load_file
+
+    from sphere_fast.editing.editor import Editor
+
+    out = env["root"] / "crashed"
+    real = Editor.edit_batch
+    calls = {"n": 0}
+
+    def crash_on_second(self, requests):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(self, requests)
+
+    monkeypatch.setattr(Editor, "edit_batch", crash_on_second)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(_args(env, out))
+    assert [r["batch"] for r in read_csv(out / "edits.csv")] == [0, 1]
+    monkeypatch.setattr(Editor, "edit_batch", real)
+
+    # Without --resume the checkpoints are protected.
+    with pytest.raises(SystemExit, match="already holds checkpoints: pass --resume"):
+        main(_args(env, out))
+    # With other settings, resume refuses.
+    with pytest.raises(SystemExit, match=r"--resume: .* holds a different run \(batch_size: was 2, now 1"):
+        main(_args(env, out, "--resume", batch="1"))
+
+    assert main(_args(env, out, "--resume")) == 0
+    a = load_file(str(full_run / "checkpoints" / "batch-000002" / "weights.safetensors"))
+    b = load_file(str(out / "checkpoints" / "batch-000002" / "weights.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a, rows_b = read_csv(full_run / "edits.csv"), read_csv(out / "edits.csv")
+    assert [r["batch"] for r in rows_b] == [0, 1, 2]
+    for ra, rb in zip(rows_a, rows_b):
+        for k in ra:
+            if not k.startswith("seconds"):
+                assert ra[k] == rb[k], k
+
+
+def test_argument_errors(env, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"--model '.*nope': directory not found"):
+        main(_args({**env, "model": str(tmp_path / "nope")}, tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="not a Hugging Face model directory"):
+        main(_args({**env, "model": str(tmp_path / "empty")}, tmp_path / "o"))
+    with pytest.raises(SystemExit, match=r"--data '.*absent.json': file not found"):
+        main(_args({**env, "data": str(tmp_path / "absent.json")}, tmp_path / "o"))
+    small = tmp_path / "three.json"
+    small.write_text(json.dumps(json.loads(paths.counterfact_path().read_text())[:3]))
+    with pytest.raises(SystemExit, match="--edits 5: .* holds only 3 editable requests"):
+        main(_args({**env, "data": str(small)}, tmp_path / "o", edits="5"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "x", "target_new": "y"}]))
+    with pytest.raises(SystemExit, match=r"--data: .*record 0 \(easyedit schema\): missing field 'subject'"):
+        main(_args({**env, "data": str(bad)}, tmp_path / "o", edits="1"))
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("layers: [1]\nbogus_key: 3\n")
+    with pytest.raises(SystemExit, match=r"--hparams .*unknown hparam key\(s\) \['bogus_key'\]"):
+        main(_args({**env, "hparams": str(hp)}, tmp_path / "o"))
+    for bad_args, flag in ((["--edits", "0"], "--edits"), (["--batch-size", "x"], "--batch-size"),
+                           (["--eta", "1.5"], "--eta")):
+        args = _args(env, tmp_path / "o")
+        i = args.index(bad_args[0]) if bad_args[0] in args else len(args)
+        args[i:i + 2] = bad_args
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["edit", "--model", env["model"], "--data", env["data"], "--method", "rome", "--edits", "1",
+              "--batch-size", "1", "--out", str(tmp_path / "o")])
+    assert info.value.code == 2 and "--method" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a refused command
+
+
+def test_register_defers_heavy_imports():
+    code = ("import argparse, sys; from sphere_fast.editing import cli; p = argparse.ArgumentParser(); "
+            "cli.register(p.add_subparsers()); print(sorted(m for m in ('transformers', 'matplotlib', "
+            "'sphere_fast.editing.editor') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_train_lm_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["train-lm", "--preset", "tiny", "--steps", "3", "--device", "cpu", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "copy")]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("trained model ") and "held-out perplexity" in first
+    assert (tmp_path / "copy" / "model.safetensors").exists() and (tmp_path / "copy" / "tokenizer.json").exists()
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("reused cached model ")
+    with pytest.raises(SystemExit, match="hidden_size .* divisible by num_heads"):
+        main(args + ["--hidden-size", "30", "--heads", "4"])
