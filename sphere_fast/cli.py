@@ -46,36 +46,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def synthetic_weight(n: int, d: int, *, spectrum: str, dtype, device, seed: int = 0):
-    """A test weight: Gaussian, or with a power-law decaying spectrum like a trained FFN weight.
-
-    ``decaying``: W = Q_n diag(s) Q_d^T with random orthonormal factors and
-    singular values s_k = k^-0.3 (plus 1 % Gaussian noise); trained FFN output
-    weights show a similar slow power-law decay of their singular values.
-    """
-    import torch
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    if spectrum == "gaussian":
-        W = torch.randn(n, d, generator=g)
-    elif spectrum == "decaying":
-        k = min(n, d)
-        Qn, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-        Qd, _ = torch.linalg.qr(torch.randn(d, k, generator=g))
-        s = torch.arange(1, k + 1, dtype=torch.float32).pow(-0.3)
-        W = (Qn * s) @ Qd.T
-        W += 0.01 * W.std() * torch.randn(n, d, generator=g)
-    else:
-        raise ValueError(f"spectrum must be 'gaussian' or 'decaying', got {spectrum!r}")
-    return W.to(device=device, dtype=dtype)
-
-
 def cmd_bench_projection(args) -> int:
     import torch
 
     from . import SphereProjector, sparse_projection
     from .gram import normalized_gram_reference
     from .reference import sparse_projection_reference
+    from .synthetic import synthetic_weight
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n, d = args.shape or ((4096, 14336) if device.type == "cuda" else (2048, 7168))
@@ -108,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench-projection", help="time the reference projection against sphere_fast on one layer")
     bench.add_argument("--shape", type=int, nargs=2, metavar=("N", "D"),
                        help="weight shape (default 2048 7168 on CPU, 4096 14336 on a GPU)")
-    bench.add_argument("--spectrum", choices=("decaying", "gaussian"), default="decaying")
+    bench.add_argument("--spectrum", choices=("decaying", "steep", "gaussian"), default="decaying",
+                       help="singular-value profile of the synthetic weight (see sphere_fast.synthetic)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
     bench.add_argument("--eta", type=float, default=0.5)
     bench.add_argument("--alpha", type=float, default=0.5)
