@@ -9,7 +9,7 @@ import torch
 from sphere_fast.editing import covariance as cov
 from sphere_fast.editing.model_utils import get_module, weights_fingerprint
 
-from .editing_fixtures import tiny_model, tiny_tokenizer
+from .editing_fixtures import one_thread, tiny_model, tiny_tokenizer
 
 NAME = "model.layers.1.mlp.down_proj"
 TEXTS = [
@@ -19,6 +19,11 @@ TEXTS = [
     "The official religion of Edwin of Northumbria is Christianity .",
     "A river flows through the old town .",
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

@@ -293,9 +293,9 @@ def test_editor_argument_errors(tok, cache):
     assert Editor(model, tok, hp.replace(suppression_strength=0.3), method="memit", cache_dir=cache).alpha == 0.3
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gptj"])
 def test_other_architectures(cache, arch):
-    """GPT-2's Conv1D (stored [in, out]) and Qwen2 edit through the same [out, in] orientation."""
+    """GPT-2's Conv1D (stored [in, out]), Qwen2 and GPT-J edit through the same [out, in] orientation."""
     tok = tiny_tokenizer()
     model = tiny_model(arch, tok)
     ed = make_editor(model, tok, cache, "alphaedit", hp={"v_num_grad_steps": 10}, sphere=True)

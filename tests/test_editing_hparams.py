@@ -180,3 +180,32 @@ def test_default_hparams_templates(arch, rewrite, conv):
 def test_default_hparams_rejects_unknown_method():
     with pytest.raises(ValueError, match="method"):
         default_hparams(tiny_model("llama", tiny_tokenizer()), "rome")
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("llama", dict(layers=[4, 5, 6, 7, 8], v_loss_layer=31, v_lr=0.1, L2=10.0, mom2_update_weight=15000.0)),
+        ("qwen2", dict(layers=[4, 5, 6, 7, 8], v_loss_layer=27, v_lr=0.5, L2=1.0, clamp_norm_factor=4.0,
+                       v_weight_decay=1e-3)),
+        ("gpt2", dict(layers=[13, 14, 15, 16, 17], v_loss_layer=47, v_lr=0.5, v_num_grad_steps=20,
+                      mom2_update_weight=20000.0)),
+    ],
+)
+def test_default_hparams_match_public_files_at_full_size(config, expected):
+    """Llama3-8B, Qwen2.5-7B and GPT-2 XL shapes (built on the meta device: no memory, no weights)."""
+    import torch
+    import transformers as tf
+
+    cfg = {
+        "llama": lambda: tf.LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+        "qwen2": lambda: tf.Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
+        "gpt2": lambda: tf.GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+    }[config]()
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    hp = default_hparams(model, "alphaedit")
+    for key, value in expected.items():
+        assert getattr(hp, key) == pytest.approx(value), key

@@ -212,8 +212,8 @@ _TEMPLATES = {
 def default_hparams(model, method: str) -> EditHparams:
     """Settings derived from the architecture and size of ``model``.
 
-    Large models (hidden >= 1024) get the public settings (layers [4..8] of 32
-    scaled to the depth, mom2_update_weight 15000, L2 10 for Llama-like and
+    Large models (hidden >= 1024) get the public settings (five layers from
+    4/32 of the depth for Llama-like models, 13/48 for GPT-2, 3/28 for GPT-J, mom2_update_weight 15000, L2 10 for Llama-like and
     GPT models, 1 for Qwen2, v_lr 0.1 Llama / 0.5 others). Small models get the
     settings that work on tiny random models (EDITING-NOTES.md): v_lr 0.5,
     mom2_update_weight 100, L2 0.01, few covariance samples.
@@ -226,7 +226,9 @@ def default_hparams(model, method: str) -> EditHparams:
     n_layers = int(config.num_hidden_layers)
     hidden = int(config.hidden_size)
     count = min(5, max(1, n_layers // 2))
-    start = min(max(1, round(n_layers / 8)), n_layers - count)
+    # Where the public files start: Llama3-8B 4/32, GPT-2 XL 13/48, GPT-J 3/28.
+    first = {"llama": 4 / 32, "gpt2": 13 / 48, "gptj": 3 / 28}[family]
+    start = min(max(1, round(n_layers * first)), n_layers - count)
     layers = list(range(start, start + count))
     large = hidden >= 1024
     qwen = getattr(config, "model_type", "") == "qwen2"

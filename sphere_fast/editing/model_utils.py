@@ -116,13 +116,15 @@ def weights_fingerprint(model: nn.Module, *, samples_per_tensor: int = 4096) -> 
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            if t.numel() == 0 or not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.bool)):
+            if t.numel() == 0 or t.device.type == "meta" or not t.is_floating_point():
                 continue
             flat = t.detach().reshape(-1)
             step = max(1, flat.numel() // samples_per_tensor)
             sample = flat[::step].float().cpu()
-            # Sums over the whole tensor catch changes between sampled entries.
-            full = torch.stack([flat.double().sum(), flat.double().abs().sum()]).cpu()
+            # Whole-tensor reductions catch changes between sampled entries; the
+            # dtype argument accumulates in float64 without a float64 copy.
+            full = torch.stack([flat.sum(dtype=torch.float64),
+                                torch.linalg.vector_norm(flat, dtype=torch.float64)]).cpu()
             h.update(sample.numpy().tobytes())
             h.update(full.numpy().tobytes())
     return h.hexdigest()
