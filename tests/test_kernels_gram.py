@@ -342,3 +342,84 @@ def test_import_has_no_side_effects():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# Ahead-of-time compilation for GPU targets: needs no GPU (Triton's bundled
+# ptxas), so the device code is type-checked and lowered on every machine.
+_AOT_SCRIPT = r'''
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sphere_fast.kernels import normalized_gram as ng, hyperspherical_energy as he
+
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+out = []
+for kernel_name, dtype_name, side, precision, cap in json.loads(sys.argv[1]):
+    dtype = {v: k for k, v in NAMES.items()}[dtype_name]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    dot = ng.dot_mode(dtype, precision, scaled_operands=side == "cols")
+    cfg = ng.cuda_configs((cap // 10, cap % 10), dot, torch.empty(0, dtype=dtype).element_size())[0]
+    consts = {"DOT": dot, "INTERPRET": False, "ACC_DTYPE": ng.tl_dtype(dtype), "SCALE_K": side == "cols", **cfg.kwargs}
+    if kernel_name == "gram":
+        fn = ng._normalized_gram_kernel
+        sig = {"x_ptr": "*" + dtype_name, "scale_ptr": "*" + acc, "g_ptr": "*" + acc, "m": "i32", "K": "i32",
+               "n": "i32", "stride_xm": "i32", "stride_xk": "i32", "stride_gm": "i32"}
+    elif kernel_name == "energy":
+        fn = he._hyperspherical_energy_kernel
+        sig = {"w_ptr": "*" + dtype_name, "scale_ptr": "*" + acc, "params_ptr": "*" + acc, "partial_ptr": "*" + acc,
+               "m": "i32", "K": "i32", "stride_wn": "i32", "stride_wd": "i32"}
+    else:
+        fn = ng._row_norms_kernel
+        sig = {"w_ptr": "*" + dtype_name, "norms_ptr": "*" + acc, "scale_ptr": "*" + acc, "n": "i32", "d": "i32",
+               "stride_wn": "i32", "stride_wd": "i32"}
+        consts = {"EPS": 1e-8, "ACC_DTYPE": ng.tl_dtype(dtype), **ng.NORMS_CONFIG_CUDA}
+    signature = {**sig, **{k: "constexpr" for k in consts}}
+    warps, stages = (4, 1) if kernel_name == "norms" else (cfg.num_warps, cfg.num_stages)
+    k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
+                       target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
+    out.append(k.asm["ptx"])
+print(json.dumps(out))
+'''
+
+# (kernel, W dtype, side, precision, sm) -> PTX that must / must not appear
+_AOT_CASES = [
+    (("norms", "bf16", "rows", "fp32", 90), ["sqrt.rn.f32", "div.rn.f32"], ["sqrt.approx", "div.full"]),
+    # 16-bit tiles go to the tensor cores as loaded (exact products, fp32 accumulation)
+    (("gram", "bf16", "rows", "fp32", 90), ["wgmma.mma_async", "f32.bf16.bf16", "div.rn.f32"], ["div.full"]),
+    (("gram", "fp32", "rows", "fp32", 90), ["fma.rn.f32"], ["wgmma", "mma.sync"]),  # IEEE fp32: no tensor cores
+    (("gram", "fp32", "cols", "tf32", 90), ["wgmma.mma_async", "f32.tf32.tf32"], []),
+    (("gram", "bf16", "cols", "bf16", 80), ["mma.sync.aligned", "f32.bf16.bf16.f32"], ["wgmma"]),
+    (("gram", "fp64", "cols", "fp32", 80), ["mma.sync.aligned", "f64.f64.f64.f64"], ["tf32", "bf16"]),
+    (("energy", "bf16", "rows", "fp32", 90), ["wgmma.mma_async", "f32.bf16.bf16"], []),
+]
+
+
+def _ptxas_available() -> bool:
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    base = os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "ptxas") if spec else ""
+    return os.path.exists(base)
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (bundled ptxas) is not installed")
+def test_kernels_compile_for_hopper_and_ampere():
+    """Every kernel family compiles for sm_90 / sm_80 and uses the arithmetic its precision promises."""
+    import json
+    import subprocess
+    import sys
+
+    cases = [c for c, _, _ in _AOT_CASES]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ptxs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for (case, must, must_not), ptx in zip(_AOT_CASES, ptxs):
+        for s in must:
+            assert s in ptx, f"{case}: expected {s!r} in the PTX"
+        for s in must_not:
+            assert s not in ptx, f"{case}: unexpected {s!r} in the PTX"
