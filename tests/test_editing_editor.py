@@ -341,3 +341,15 @@ def test_state_dict_round_trip(tok, cache):
     wrong = make_editor(tiny_model("llama", tok), tok, cache, "memit", hp=FAST, sphere=True)
     with pytest.raises(ValueError, match="method"):
         wrong.load_state_dict(state)
+
+
+def test_bf16_model_keeps_its_dtype(tok, cache):
+    """A bf16 model: keys and solves in fp32/fp64, the update written back in bf16 (SPHERE apply_ and plain)."""
+    reqs = small(tok, 4)
+    for sphere in (True, False):
+        model = tiny_model("llama", tok).to(torch.bfloat16)
+        ed = make_editor(model, tok, cache, "alphaedit", hp={"v_num_grad_steps": 10}, sphere=sphere)
+        info = ed.edit_batch(reqs)
+        assert info["z_residual_before"] >= 3 * info["z_residual_after"], info
+        for w in ed.edited_weights().values():
+            assert w.dtype == torch.bfloat16 and bool(torch.isfinite(w).all())

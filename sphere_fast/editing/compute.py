@@ -70,6 +70,8 @@ def lookup_index(tok, template: str, subject: str, fact_token: str) -> tuple[lis
 
 def target_ids(tok, target: str) -> list[int]:
     """Target tokens with the leading space; no BOS (added tokens come from the prompt side only)."""
+    if not target.strip():
+        raise ValueError("target is empty")
     ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target {target!r} tokenises to nothing")
