@@ -375,10 +375,12 @@ def launch_kernel(kernel, W: torch.Tensor, m: int, dot: int, args: tuple, kwargs
 def row_norms(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(norms, scale)``: ``||w_i||`` and ``1 / (||w_i|| + 1e-8)`` in fp32 (fp64 for fp64 W).
 
-    A separate bandwidth-bound pass: it reads W once more (about 2 % of the
-    Gram's time at LLM sizes), whereas summing squares inside the Gram's main
-    loop would redo it in every tile program on CUDA cores next to the tensor
-    cores, and the rows-side epilogue needs the scales of both tile rows.
+    A separate bandwidth-bound pass, by choice: it reads W once more (117 MB
+    for a bf16 [4096 x 14336] layer, ~25 us on an H200 against ~0.4 ms of
+    Gram), whereas summing squares inside the Gram's main loop would redo that
+    work in every one of the ~T/2 tile programs that load each row block, on
+    CUDA cores beside the tensor cores; and every tile's epilogue (rows side)
+    or main loop (cols side) needs the scales of rows owned by other programs.
     """
     n, d = W.shape
     norms = torch.empty(n, dtype=acc_dtype(W.dtype), device=W.device)
