@@ -249,7 +249,7 @@ def _normalized_gram_kernel(
         s_i = tl.load(scale_ptr + offs_i, mask=mask_i, other=0.0)
         s_j = tl.load(scale_ptr + offs_j, mask=mask_j, other=0.0)
         acc = acc * (s_i[:, None] * s_j[None, :])
-    acc = _div_rn(acc, n.to(ACC_DTYPE), ACC_DTYPE)
+    acc = _div_rn(acc, tl.cast(n, ACC_DTYPE), ACC_DTYPE)
     mask = mask_i[:, None] & mask_j[None, :]
     tl.store(g_ptr + offs_i[:, None] * stride_gm + offs_j[None, :], acc, mask=mask)
     if tile_i != tile_j:
