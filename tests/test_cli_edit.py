@@ -19,6 +19,15 @@ pytestmark = pytest.mark.skipif(
     reason=f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)",
 )
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: tiny matmuls on a shared, loaded machine are many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

@@ -22,6 +22,15 @@ from sphere_fast.editing.requests import EditRequest
 WORDS = ["<pad>", "<bos>", "the", "capital", "of", "France", "is", "Rome", "city", "big", "has", "nice",
          "Italy", "Paris", "hello"]
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: tiny matmuls on a shared, loaded machine are many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 class WordTokenizer:
     """Whitespace word tokenizer over WORDS; ``bos=True`` prepends <bos> like Llama's tokenizer."""

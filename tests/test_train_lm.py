@@ -11,6 +11,15 @@ from sphere_fast.editing.train_lm import PRESETS, TrainConfig, detokenize, ensur
 
 TINY = PRESETS["tiny"].replace(steps=12)
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: tiny matmuls on a shared, loaded machine are many times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 
 @pytest.fixture(autouse=True)
 def _need_wikitext():
