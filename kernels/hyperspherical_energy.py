@@ -43,6 +43,7 @@ def _hyperspherical_energy_kernel(
     params_ptr,  # [-s/2, eps] in the accumulator dtype
     partial_ptr,  # out: one partial sum per upper-triangle tile (zero-initialised)
     # sizes
+    num_partials,  # length of the partial buffer
     m,  # n (the Gram is n x n)
     K,  # d
     # strides (elements)
@@ -70,7 +71,7 @@ def _hyperspherical_energy_kernel(
     mask_j = offs_j < m
     s_i = tl.load(scale_ptr + offs_i, mask=mask_i, other=0.0)
     s_j = tl.load(scale_ptr + offs_j, mask=mask_j, other=0.0)
-    neg_half_s = tl.load(params_ptr)
+    neg_half_s = tl.load(params_ptr)  # two scalars, always present
     eps = tl.load(params_ptr + 1)
     cos = acc * (s_i[:, None] * s_j[None, :])
     dist2 = tl.maximum(2.0 - 2.0 * cos, 0.0)
@@ -80,7 +81,7 @@ def _hyperspherical_energy_kernel(
     total = tl.sum(tl.sum(terms, axis=1), axis=0)
     # an off-diagonal tile stands for itself and its mirror
     total = total * tl.where(tile_i == tile_j, 1.0, 2.0).to(ACC_DTYPE)
-    tl.store(partial_ptr + pid, total)
+    tl.store(partial_ptr + pid, total, mask=pid < num_partials)
 
 
 def hyperspherical_energy(W: torch.Tensor, *, s: float, eps: float) -> torch.Tensor:
@@ -122,7 +123,7 @@ def hyperspherical_energy(W: torch.Tensor, *, s: float, eps: float) -> torch.Ten
         W,
         n,
         dot,
-        (W, scale, params, partials, n, d, W.stride(0), W.stride(1)),
+        (W, scale, params, partials, partials.numel(), n, d, W.stride(0), W.stride(1)),
         dict(SCALE_K=False, DOT=dot, ACC_DTYPE=tl_dtype(W.dtype)),
         reset=("partial_ptr",),
     )

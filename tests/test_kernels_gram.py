@@ -356,7 +356,7 @@ from sphere_fast.kernels import normalized_gram as ng, hyperspherical_energy as 
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 out = []
-for kernel_name, dtype_name, side, precision, cap in json.loads(sys.argv[1]):
+for kernel_name, dtype_name, side, precision, cap, ones in json.loads(sys.argv[1]):
     dtype = {v: k for k, v in NAMES.items()}[dtype_name]
     acc = "fp64" if dtype == torch.float64 else "fp32"
     dot = ng.dot_mode(dtype, precision, scaled_operands=side == "cols")
@@ -369,12 +369,14 @@ for kernel_name, dtype_name, side, precision, cap in json.loads(sys.argv[1]):
     elif kernel_name == "energy":
         fn = he._hyperspherical_energy_kernel
         sig = {"w_ptr": "*" + dtype_name, "scale_ptr": "*" + acc, "params_ptr": "*" + acc, "partial_ptr": "*" + acc,
-               "m": "i32", "K": "i32", "stride_wn": "i32", "stride_wd": "i32"}
+               "num_partials": "i32", "m": "i32", "K": "i32", "stride_wn": "i32", "stride_wd": "i32"}
     else:
         fn = ng._row_norms_kernel
         sig = {"w_ptr": "*" + dtype_name, "norms_ptr": "*" + acc, "scale_ptr": "*" + acc, "n": "i32", "d": "i32",
                "stride_wn": "i32", "stride_wd": "i32"}
         consts = {"EPS": 1e-8, "ACC_DTYPE": ng.tl_dtype(dtype), **ng.NORMS_CONFIG_CUDA}
+    # Triton specialises integer arguments equal to 1 into constexprs: compile those variants too
+    consts.update({name: 1 for name in ones})
     signature = {**sig, **{k: "constexpr" for k in consts}}
     warps, stages = (4, 1) if kernel_name == "norms" else (cfg.num_warps, cfg.num_stages)
     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
@@ -383,16 +385,19 @@ for kernel_name, dtype_name, side, precision, cap in json.loads(sys.argv[1]):
 print(json.dumps(out))
 '''
 
-# (kernel, W dtype, side, precision, sm) -> PTX that must / must not appear
+# (kernel, W dtype, side, precision, sm, arguments equal to 1) -> PTX that must / must not appear
 _AOT_CASES = [
-    (("norms", "bf16", "rows", "fp32", 90), ["sqrt.rn.f32", "div.rn.f32"], ["sqrt.approx", "div.full"]),
+    (("norms", "bf16", "rows", "fp32", 90, []), ["sqrt.rn.f32", "div.rn.f32"], ["sqrt.approx", "div.full"]),
     # 16-bit tiles go to the tensor cores as loaded (exact products, fp32 accumulation)
-    (("gram", "bf16", "rows", "fp32", 90), ["wgmma.mma_async", "f32.bf16.bf16", "div.rn.f32"], ["div.full"]),
-    (("gram", "fp32", "rows", "fp32", 90), ["fma.rn.f32"], ["wgmma", "mma.sync"]),  # IEEE fp32: no tensor cores
-    (("gram", "fp32", "cols", "tf32", 90), ["wgmma.mma_async", "f32.tf32.tf32"], []),
-    (("gram", "bf16", "cols", "bf16", 80), ["mma.sync.aligned", "f32.bf16.bf16.f32"], ["wgmma"]),
-    (("gram", "fp64", "cols", "fp32", 80), ["mma.sync.aligned", "f64.f64.f64.f64"], ["tf32", "bf16"]),
-    (("energy", "bf16", "rows", "fp32", 90), ["wgmma.mma_async", "f32.bf16.bf16"], []),
+    (("gram", "bf16", "rows", "fp32", 90, []), ["wgmma.mma_async", "f32.bf16.bf16", "div.rn.f32"], ["div.full"]),
+    (("gram", "fp32", "rows", "fp32", 90, []), ["fma.rn.f32"], ["wgmma", "mma.sync"]),  # IEEE fp32: no tensor cores
+    (("gram", "fp32", "cols", "tf32", 90, []), ["wgmma.mma_async", "f32.tf32.tf32"], []),
+    (("gram", "bf16", "cols", "bf16", 80, []), ["mma.sync.aligned", "f32.bf16.bf16.f32"], ["wgmma"]),
+    (("gram", "fp64", "cols", "fp32", 80, []), ["mma.sync.aligned", "f64.f64.f64.f64"], ["tf32", "bf16"]),
+    (("energy", "bf16", "rows", "fp32", 90, []), ["wgmma.mma_async", "f32.bf16.bf16"], []),
+    (("gram", "bf16", "rows", "fp32", 90, ["n", "m", "stride_xk"]), ["wgmma.mma_async"], []),
+    (("energy", "fp32", "rows", "fp32", 80, ["m", "stride_wd"]), ["fma.rn.f32"], ["mma.sync"]),
+    (("norms", "fp64", "rows", "fp32", 90, ["n", "d", "stride_wn", "stride_wd"]), ["sqrt.rn.f64"], []),
 ]
 
 
