@@ -189,3 +189,25 @@ def test_train_lm_command(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("reused cached model ")
     with pytest.raises(SystemExit, match="hidden_size .* divisible by num_heads"):
         main(args + ["--hidden-size", "30", "--heads", "4"])
+
+
+def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    """The demo's whole path (train, synthetic requests, both runs, table, plot) on the tiny preset."""
+    from sphere_fast.editing.demo import run_demo
+    from sphere_fast.editing.train_lm import PRESETS
+
+    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    result = run_demo(edits=4, batch_size=2, out=tmp_path / "demo", device="cpu", synthetic=True, progress=False,
+                      train_config=PRESETS["tiny"].replace(steps=3),
+                      hparams_overrides={"v_num_grad_steps": 4, "mom2_n_samples": 60})
+    printed = capsys.readouterr().out
+    assert "AlphaEdit + SPHERE" in printed and "energy drift %" in printed and "unedited" in printed
+    assert [row["run"] for row in result["table"]] == ["unedited", "AlphaEdit", "AlphaEdit + SPHERE"]
+    runs = result["runs"]
+    assert runs["AlphaEdit"]["sphere_share"] == 0.0 and runs["AlphaEdit + SPHERE"]["sphere_share"] > 0
+    # SPHERE changes the update, so the two runs end with different energies.
+    assert runs["AlphaEdit"]["energy_drift"] != runs["AlphaEdit + SPHERE"]["energy_drift"]
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "demo" / "demo.json").read_text())["edits"] == 4
+    for sub in ("alphaedit", "alphaedit_sphere"):
+        assert [r["edits"] for r in read_csv(tmp_path / "demo" / sub / "edits.csv")] == [0, 2, 4]

@@ -36,14 +36,20 @@ def run_demo(
     synthetic: bool = False,
     progress: bool = True,
     train_config=None,
+    hparams_overrides: dict | None = None,
     log=print,
 ) -> dict:
-    """Run the comparison and return the summary written to ``out/demo.json``."""
+    """Run the comparison and return the summary written to ``out/demo.json``.
+
+    ``train_config`` replaces the device's default :class:`~.train_lm.TrainConfig`;
+    ``hparams_overrides`` replaces keys of the model-sized default hyperparameters.
+    """
     import torch
 
     from . import paths, train_lm
     from .cli import load_model, run_edit
     from .datasets import load_requests, synthetic_requests
+    from .hparams import default_hparams
     from .report import format_table, plot_comparison, read_csv, write_json
 
     t0 = time.perf_counter()
@@ -80,9 +86,12 @@ def run_demo(
             shutil.rmtree(run_dir)
         model, tokenizer = load_model(model_dir, device=device, command="demo")
         torch.manual_seed(seed)
+        hparams = default_hparams(model, "alphaedit")
+        if hparams_overrides:
+            hparams = hparams.replace(**hparams_overrides)
         summaries[label] = run_edit(
             model=model, tokenizer=tokenizer, requests=requests, method="alphaedit", sphere=sphere, out=run_dir,
-            batch_size=batch_size, eval_every=eval_every, seed=seed, progress=progress,
+            batch_size=batch_size, hparams=hparams, eval_every=eval_every, seed=seed, progress=progress,
             run_info={"model_dir": str(model_dir), "data": data_name}, title=label, log=log,
         )
         rows[label] = read_csv(run_dir / "edits.csv")
