@@ -5,7 +5,8 @@ divided by the number of remaining layers) and the key covariance C0:
 
     Delta = R K^T (lambda C0 + K K^T)^-1,   lambda = mom2_update_weight
 
-returned as ``[d_out, d_in]`` (the oriented weight's shape).
+returned as ``[d_out, d_in]`` (the oriented weight's shape). The solve runs in
+float64, as in the public code (C0's spectrum spans many decades).
 """
 from __future__ import annotations
 
@@ -13,18 +14,18 @@ import torch
 
 
 def solve_dtype(device: torch.device, d: int) -> torch.dtype:
-    """float64 where it is cheap (CPU, or d <= 8192); float32 for large d on accelerators."""
+    """AlphaEdit's solve dtype: float64 where it is cheap (CPU, or d <= 8192), else float32 as in the public code."""
     return torch.float64 if device.type == "cpu" or d <= 8192 else torch.float32
 
 
 def memit_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, mom2_update_weight: float) -> torch.Tensor:
-    """``R K^T (w C0 + K K^T)^-1`` as [d_out, d_in], in the solve dtype (see :func:`solve_dtype`)."""
+    """``R K^T (w C0 + K K^T)^-1`` as [d_out, d_in], float64."""
     d = K.shape[0]
     if C0.shape != (d, d):
         raise ValueError(f"C0 must be {d} x {d} (the key dimension), got {tuple(C0.shape)}")
     if R.shape[1] != K.shape[1]:
         raise ValueError(f"R and K must have as many columns (requests), got R {tuple(R.shape)} and K {tuple(K.shape)}")
-    dt = solve_dtype(K.device, d)
+    dt = torch.float64
     K, R = K.to(dt), R.to(dt)
     A = mom2_update_weight * C0.to(dt) + K @ K.T
     adj = torch.linalg.solve(A, K)  # A^-1 K, A symmetric
