@@ -182,23 +182,35 @@ def test_eigensolver_cold_matches_oracle_and_twin(shape, method, dtype, eta):
     assert (pairs.values[:r].cpu() - twin.values[:r].cpu()).abs().max().item() <= bound * lam1
 
 
+# A Gram where the block method is the right call (m = 768, fast decay, r = 5):
+# auto must take it, cold and warm.
+BLOCK_CASE = dict(n=768, d=2048, decay=1.0, rank=256, noise=0.02)
+
+
+def block_case_weight(dtype=torch.float32) -> torch.Tensor:
+    c = BLOCK_CASE
+    return decaying_weight(c["n"], c["d"], decay=c["decay"], rank=c["rank"], noise=c["noise"], dtype=dtype)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("method", ["block", "auto"])
 def test_eigensolver_warm_start_after_an_edit(dtype, method):
     eta = 0.5
-    W0 = decaying_weight(257, 640, dtype=dtype)
+    W0 = block_case_weight(dtype)
     g0 = normalized_gram_reference(W0)
-    cold = _cuda.top_eigenpairs(g0.gram, g0.trace, eta, method="block")
+    cold = _cuda.top_eigenpairs(g0.gram, g0.trace, eta, method=method)
+    assert cold.method == "block"
+    check_contract(cold, g0.gram, g0.trace, eta, oracle(W0.cpu(), eta), tol=DEFAULT_TOL[dtype])
     W1 = edited(W0)
     g1 = normalized_gram_reference(W1)
     ref = oracle(W1.cpu(), eta)
     warm, stats = _cuda.top_eigenpairs(g1.gram, g1.trace, eta, method=method, init=cold.vectors, return_stats=True)
+    assert warm.method == "block"
     check_contract(warm, g1.gram, g1.trace, eta, ref, tol=DEFAULT_TOL[dtype])
-    if warm.method == "block":
-        recold = _cuda.top_eigenpairs(g1.gram, g1.trace, eta, method="block")
-        assert warm.iterations <= recold.iterations
-        assert stats["tf32_iterations"] == 0  # warm starts run in fp32 throughout
+    recold = _cuda.top_eigenpairs(g1.gram, g1.trace, eta, method=method)
+    assert warm.iterations <= recold.iterations
+    assert stats["tf32_iterations"] == 0  # warm starts run in fp32 throughout
 
 
 @needs_ext
