@@ -282,6 +282,22 @@ def test_gram_cuda_multi_tile(device, precision, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_gram_random_shapes(device):
+    """Property: any shape, dtype and layout is within the bound of the fp64 oracle."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=12, deadline=None, derandomize=True)
+    @given(n=st.integers(1, 48), d=st.integers(1, 48), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
+           seed=st.integers(0, 2**16))
+    def check(n, d, dtype, layout, seed):
+        W = make_matrix(n, d, dtype, device, layout, seed=seed)
+        check_against_oracle(W, ng.normalized_gram(W))
+
+    check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dispatch_through_ops(device, monkeypatch):
     from sphere_fast import ops
 
