@@ -161,6 +161,21 @@ __global__ void _residual_kernel(const double* __restrict__ x, const double* __r
   if (threadIdx.x == 0) res[j] = sqrt(partial[0]);
 }
 
+// One block per column j: norms[j] = ||X_j|| (fp64, m rows, column-major).
+__global__ void _column_norms_kernel(const double* __restrict__ x, int64_t m, double* __restrict__ norms) {
+  __shared__ double partial[kThreads];
+  const int64_t j = blockIdx.x;
+  double acc = 0.0;
+  for (int64_t i = threadIdx.x; i < m; i += blockDim.x) acc += x[j * m + i] * x[j * m + i];
+  partial[threadIdx.x] = acc;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) norms[j] = sqrt(partial[0]);
+}
+
 // One block per column: scale column j of x (m x k) to unit norm (zero stays zero).
 __global__ void _normalize_columns_kernel(double* __restrict__ x, int64_t m) {
   __shared__ double partial[kThreads];
@@ -358,14 +373,8 @@ class BlockSolver {
     int p;
     bool tf32 = opt_.tf32 && std::is_same<T, float>::value;
     if (init != nullptr) {
-      p = opt_.oversample >= 0 ? opt_.oversample : std::max(8, k0 / 8);
-      const int extra = std::min(p, m_ - k0);
-      SF_RETURN_IF_ERROR(reserve(k0 + extra, &x_));
-      _load_columns_kernel<T><<<blocks_for(m * k0, kThreads), kThreads, 0, stream_>>>(init, m, k0, init_s0, init_s1,
-                                                                                      x_.as<double>(), m);
-      SF_RETURN_IF_ERROR(detail::launch_status("_load_columns_kernel"));
-      SF_RETURN_IF_ERROR(random_columns(x_.as<double>() + m * k0, m * extra));
-      k_ = k0 + extra;
+      p = opt_.oversample >= 0 ? opt_.oversample : std::max(16, k0 / 4);
+      SF_RETURN_IF_ERROR(warm_start(init, k0, init_s0, init_s1, p));
       tf32 = false;  // a warm start is near the answer: TF32 steps would be discarded
     } else {
       k_ = std::min(m_, 32);
@@ -443,6 +452,54 @@ class BlockSolver {
  private:
   // An m x k fp64 block (fresh contents when it has to grow).
   Status reserve(int k, DeviceBuffer* buf) { return buf->ensure(sizeof(double) * m_ * static_cast<int64_t>(k), stream_); }
+
+  // Warm start: the previous basis V, plus the directions its residual
+  // R = G V - V (V^T G V) points to (where the change moved the subspace): the
+  // min(p, k0) columns of R with the largest norms, topped up with random
+  // guard vectors; at most m columns in all. Sets x_ and k_ (not yet
+  // orthonormal as a whole).
+  Status warm_start(const T* init, int k0, int64_t init_s0, int64_t init_s1, int p) {
+    const int64_t m = m_;
+    SF_RETURN_IF_ERROR(reserve(k0, &x_));
+    _load_columns_kernel<T><<<blocks_for(m * k0, kThreads), kThreads, 0, stream_>>>(init, m, k0, init_s0, init_s1,
+                                                                                    x_.as<double>(), m);
+    SF_RETURN_IF_ERROR(detail::launch_status("_load_columns_kernel"));
+    SF_RETURN_IF_ERROR(orthonormalize(&x_, k0));
+    k_ = k0;
+    SF_RETURN_IF_ERROR(reserve(k0, &y_));
+    SF_RETURN_IF_ERROR(product(/*tf32=*/false, k0));  // y_ = G V
+    SF_RETURN_IF_ERROR(c_.ensure(sizeof(double) * k0 * static_cast<int64_t>(k0), stream_));
+    SF_RETURN_IF_ERROR(res_.ensure(sizeof(double) * k0, stream_));
+    const double one = 1.0, zero = 0.0, minus = -1.0;
+    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, k0, k0, m_, &one, x_.as<double>(), m_, y_.as<double>(), m_,
+                          &zero, c_.as<double>(), k0));
+    SF_CUBLAS(cublasDgemm(blas_, CUBLAS_OP_N, CUBLAS_OP_N, m_, k0, k0, &minus, x_.as<double>(), m_, c_.as<double>(), k0,
+                          &one, y_.as<double>(), m_));  // y_ = R
+    _column_norms_kernel<<<k0, kThreads, 0, stream_>>>(y_.as<double>(), m, res_.as<double>());
+    SF_RETURN_IF_ERROR(detail::launch_status("_column_norms_kernel"));
+    std::vector<double> norms(k0);
+    SF_CUDA(cudaMemcpyAsync(norms.data(), res_.get(), sizeof(double) * k0, cudaMemcpyDeviceToHost, stream_));
+    SF_CUDA(cudaStreamSynchronize(stream_));
+    std::vector<int> order(k0);
+    for (int j = 0; j < k0; ++j) order[j] = j;
+    const int keep = std::min(p, k0);
+    std::partial_sort(order.begin(), order.begin() + keep, order.end(),
+                      [&](int a, int b) { return norms[a] > norms[b]; });
+    const int topup = std::max(0, std::min(p, m_ - k0) - keep);
+    const int total = std::min(m_, k0 + keep + topup);
+    DeviceBuffer& next = x_next_;
+    SF_RETURN_IF_ERROR(reserve(total, &next));
+    SF_CUDA(cudaMemcpyAsync(next.get(), x_.get(), sizeof(double) * m * k0, cudaMemcpyDeviceToDevice, stream_));
+    int filled = k0;
+    for (int j = 0; j < keep && filled < total; ++j, ++filled) {
+      SF_CUDA(cudaMemcpyAsync(next.as<double>() + m * filled, y_.as<double>() + m * order[j], sizeof(double) * m,
+                              cudaMemcpyDeviceToDevice, stream_));
+    }
+    SF_RETURN_IF_ERROR(random_columns(next.as<double>() + m * filled, m * (total - filled)));
+    x_.swap(next);
+    k_ = total;
+    return Status::Ok();
+  }
 
   Status random_columns(double* dst, int64_t count) {
     if (count <= 0) return Status::Ok();
@@ -685,7 +742,7 @@ Status solve(const T* G, int m, int64_t ldg, double trace, double eta, const T* 
     // (its per-iteration cost grows as k^3 and flat spectra converge slowly).
     max_block = std::max(m / kAutoBlockFraction, 1);
     if (init != nullptr) {
-      const int p = opt.oversample >= 0 ? opt.oversample : std::max(8, k0 / 8);
+      const int p = opt.oversample >= 0 ? opt.oversample : std::max(16, k0 / 4);
       if (k0 + p > max_block) return dense_solve<T>(G, m, ldg, trace, eta, stream, result);
     }
     budget = (init == nullptr ? 0.5 : 1.0) * dense_cost(m);

@@ -91,7 +91,8 @@ class EigResult {
 
 // G: m x m symmetric, `dtype` kFloat32 or kFloat64, element (i, j) at
 //    G[i * ldg + j] (== G[j * ldg + i]); ldg >= m.
-// init: optional warm start (nullptr for a cold start): m x k0 with element
+// init: optional warm start (nullptr for a cold start; augmented with the
+//    largest residual directions G V - V (V^T G V) as the torch twin does): m x k0 with element
 //    (i, j) at init[i * init_s0 + j * init_s1], same dtype as G.
 // Device memory for the iteration is taken with cudaMallocAsync on `stream`
 // and returned to the device's memory pool before the call returns.

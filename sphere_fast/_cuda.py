@@ -144,7 +144,7 @@ def top_eigenpairs(
     max_iter : block iterations before :class:`sphere_fast.ConvergenceError`.
     tf32 : for fp32 G, run the early block iterations' G @ X on TF32 tensor cores
         (accepted pairs always come from a full-fp32 iteration).
-    oversample : guard vectors p (default: the torch twin's, 8 or max(8, k0 // 8)).
+    oversample : guard vectors p (default: the torch twin's, 8 cold, max(16, k0 // 4) warm).
     seed : seed of the random start / growth columns.
     return_stats : also return a dict (iterations, tf32_iterations, residuals, ...).
     """
