@@ -4,8 +4,8 @@ A checkpoint is a folder ``<checkpoint_dir>/batch-<next:06d>/`` holding
 ``weights.safetensors`` (the edited weights, [out, in] oriented),
 ``editor.pt`` (:meth:`Editor.state_dict`) and ``meta.json`` (next batch index,
 batch size, a hash of the request list). It is written to a temporary folder
-and renamed into place, so a crash never leaves a half-written checkpoint;
-older checkpoints are removed once the new one is in place.
+and renamed into place, so a crash never leaves a half-written checkpoint.
+Every checkpoint is kept (each holds d x d state per AlphaEdit layer: mind the disk).
 Resuming loads the newest one and continues with the next batch; the final
 weights equal those of an uninterrupted run bit for bit on CPU.
 """
@@ -77,12 +77,6 @@ def save_checkpoint(editor, checkpoint_dir: str | Path, next_batch: int, *, batc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    # Only the newest checkpoint is ever resumed from; older ones (each holds
-    # d x d state per layer) go once the new one is complete.
-    for old in root.iterdir():
-        if (old.is_dir() and old.name.startswith(CHECKPOINT_PREFIX) and old != final
-                and old.name[len(CHECKPOINT_PREFIX):].isdigit()):
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
