@@ -112,3 +112,21 @@ def test_config_validation_and_text():
     assert not any(line.startswith("=") for doc in docs[:3] for line in doc.splitlines())
     train_docs, held = train_lm.split_articles(docs, 0.05, None)
     assert len(held) == round(0.05 * len(docs)) and train_docs + held == docs
+
+
+def test_fact_documents_and_cache_key():
+    if not paths.counterfact_path().exists():
+        pytest.skip(f"CounterFact not present under {paths.data_dir()}")
+    docs = train_lm.fact_documents(paths.counterfact_path(), 3, 2, seed=0)
+    sentences = [s.strip() + "." for d in docs for s in d.split(".") if s.strip()]
+    assert len(sentences) == 3 * 2 * 2
+    assert sentences.count("The mother tongue of Danielle Darrieux is French.") == 2
+    assert sentences.count("Michel Rocard is a native speaker of French.") == 2
+    assert not any("Where Danielle Darrieux is from" in s for s in sentences)  # rephrasings stay unseen
+    assert docs == train_lm.fact_documents(paths.counterfact_path(), 3, 2, seed=0)
+    with_facts = TINY.replace(fact_records=3)
+    assert train_lm.data_files(with_facts)[-1] == paths.counterfact_path()
+    assert train_lm.cache_key(with_facts, "cpu") != train_lm.cache_key(TINY, "cpu")
+    train_docs, held, _ = train_lm.training_text(with_facts)
+    facts = train_lm.fact_documents(paths.counterfact_path(), 3, with_facts.fact_repeats, seed=with_facts.seed)
+    assert train_docs[-len(facts):] == facts and held == train_lm.training_text(TINY)[1]

@@ -13,14 +13,30 @@ articles at the top-level ``" = Title = "`` headings. The last
 ``heldout_fraction`` of the articles (in file order, valid after test) are held
 out for perplexity; the rest train a byte-level BPE tokenizer (the
 ``tokenizers`` library, ``<|endoftext|>`` as the only special token, no BOS) and
-the model. Training streams the token sequence in non-overlapping windows of
+the model.
+
+Known facts: a tiny model trained on WikiText alone does not route
+information from a subject to the end of a prompt (the optimised target vector
+at the subject barely moves the prediction; efficacy stays at 0). Real LLMs
+learn that routing from the facts in their pretraining text. To stand in for
+it, ``fact_records > 0`` (the "cpu" and "gpu" presets) adds the *true* facts of
+the first ``fact_records`` CounterFact records of ``paths.counterfact_path()``
+to the training text: ``prompt + ground_truth`` and ``locality_prompt +
+locality_ground_truth``, each ``fact_repeats`` times, shuffled, twenty sentences
+per document (about a fifth of the training characters for the "cpu" preset).
+The edited model then knows some of the facts that CounterFact rewrites, as a
+pretrained LLM would; rephrase prompts are never trained on. Held-out
+perplexity is measured on WikiText only. ``fact_records=0`` trains on WikiText-2
+alone.
+
+Training streams the token sequence in non-overlapping windows of
 ``seq_len + 1`` tokens, shifted by a random offset and shuffled each epoch with
 a generator seeded from ``seed``; weights are initialised after
 ``torch.manual_seed(seed)``. The same config, seed, data and device type give
 the same weights.
 
 Cache: ``paths.cache_dir()/models/<key>``, ``key`` a hash of the config, the
-seed, the device type and the data files' SHA-256. A finished directory is
+seed, the device type and the SHA-256 of every data file used. A finished directory is
 written under a temporary name and renamed, so a present directory is complete.
 """
 from __future__ import annotations
@@ -66,6 +82,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     heldout_fraction: float = 0.05
     max_chars: int | None = None  # cap on the training text (tests); None = all
+    fact_records: int = 0  # CounterFact records whose true facts join the training text (see module doc)
+    fact_repeats: int = 6  # how often each fact sentence occurs
     seed: int = 0
 
     def __post_init__(self):
@@ -82,17 +100,21 @@ class TrainConfig:
             raise ValueError(f"heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("fact_records", "fact_repeats"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
 
 PRESETS = {
-    # ~5.3M parameters; about 4 minutes on two idle CPU cores.
-    "cpu": TrainConfig(),
+    # ~5.3M parameters; about 4-5 minutes on two idle CPU cores.
+    "cpu": TrainConfig(steps=500, fact_records=1000),
     # ~40M parameters; a few minutes on one modern GPU.
     "gpu": TrainConfig(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048,
-                       seq_len=256, batch_size=32, steps=3000, lr=1e-3, warmup_steps=200),
+                       seq_len=256, batch_size=32, steps=3000, lr=1e-3, warmup_steps=200, fact_records=5000),
     # Seconds: for tests.
     "tiny": TrainConfig(vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                         seq_len=32, batch_size=4, steps=6, warmup_steps=2, max_chars=20_000),
@@ -112,12 +134,16 @@ def _auto_device() -> torch.device:
 # --------------------------------------------------------------------------- text
 
 
-def data_files() -> list[Path]:
+def data_files(cfg: "TrainConfig | None" = None) -> list[Path]:
+    """The WikiText-2 files, plus the CounterFact file when ``cfg.fact_records`` > 0."""
     files = [paths.wikitext_path("test"), paths.wikitext_path("valid")]
+    if cfg is not None and cfg.fact_records:
+        files.append(paths.counterfact_path())
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise FileNotFoundError(
-            f"WikiText-2 text not found: {', '.join(missing)} (set SPHERE_FAST_DATA_DIR to the folder holding wikitext/)"
+            f"training text not found: {', '.join(missing)} (set SPHERE_FAST_DATA_DIR to the data folder"
+            + (", or set fact_records=0 to train on WikiText-2 alone)" if cfg is not None and cfg.fact_records else ")")
         )
     return files
 
@@ -177,6 +203,40 @@ def split_articles(docs: list[str], heldout_fraction: float, max_chars: int | No
         train = kept
         held = [d[: max(1000, max_chars // 10)] for d in held[:2]]
     return train, held
+
+
+def fact_documents(path: Path, n_records: int, repeats: int, seed: int) -> list[str]:
+    """Short documents stating the true facts of the first ``n_records`` CounterFact records.
+
+    Each record gives two sentences, ``prompt + " " + ground_truth + "."`` and
+    ``locality_prompt + " " + locality_ground_truth + "."`` (the rephrase prompts
+    are left out, so generalisation is measured on unseen wording). Every
+    sentence occurs ``repeats`` times; all are shuffled with ``seed`` and packed
+    twenty to a document.
+    """
+    import random
+
+    records = json.loads(path.read_text(encoding="utf-8"))[:n_records]
+    sentences = []
+    for i, rec in enumerate(records):
+        try:
+            sentences.append(f"{rec['prompt']} {rec['ground_truth']}.")
+            sentences.append(f"{rec['locality_prompt']} {rec['locality_ground_truth']}.")
+        except (KeyError, TypeError):
+            raise ValueError(f"{path}: record {i} is not in EasyEdit's flat CounterFact schema "
+                             "(prompt, ground_truth, locality_prompt, locality_ground_truth)") from None
+    pool = sentences * repeats
+    random.Random(seed).shuffle(pool)
+    return [" ".join(pool[i:i + 20]) for i in range(0, len(pool), 20)]
+
+
+def training_text(cfg: TrainConfig) -> tuple[list[str], list[str], list[Path]]:
+    """(training documents, held-out WikiText documents, the files they came from)."""
+    files = data_files(cfg)
+    train_docs, held_docs = split_articles(articles(files[:2]), cfg.heldout_fraction, cfg.max_chars)
+    if cfg.fact_records:
+        train_docs = train_docs + fact_documents(files[2], cfg.fact_records, cfg.fact_repeats, cfg.seed)
+    return train_docs, held_docs, files
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -286,7 +346,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def cache_key(cfg: TrainConfig, device_type: str, files: Sequence[Path] | None = None) -> str:
-    files = data_files() if files is None else files
+    files = data_files(cfg) if files is None else files
     blob = json.dumps(
         {"format": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "device": device_type,
          "data": [_sha256(f) for f in files]},
@@ -325,9 +385,7 @@ def train(
     dev = torch.device(device) if device is not None else _auto_device()
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    files = data_files()
-    docs = articles(files)
-    train_docs, held_docs = split_articles(docs, cfg.heldout_fraction, cfg.max_chars)
+    train_docs, held_docs, files = training_text(cfg)
     tokenizer = train_tokenizer(train_docs, cfg.vocab_size)
     train_ids = token_stream(tokenizer, train_docs)
     held_ids = token_stream(tokenizer, held_docs)
