@@ -26,7 +26,16 @@ ARCHS = ("llama", "qwen2", "mistral", "gpt2", "gptj")
 VOCAB_SIZE = 2048
 
 
+def _require_data(path) -> None:
+    """Skip, saying where the data was looked for, when the shared data folder is absent."""
+    if not path.exists():
+        import pytest
+
+        pytest.skip(f"{path} not found: the shared data folder is absent (set SPHERE_FAST_DATA_DIR)")
+
+
 def _counterfact_records() -> list[dict]:
+    _require_data(paths.counterfact_path())
     with open(paths.counterfact_path(), encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -37,6 +46,7 @@ def _trained_bpe():
 
     records = _counterfact_records()[:4000]
     texts = [r["prompt"] + " " + r["target_new"] + " " + r["ground_truth"] for r in records]
+    _require_data(paths.wikitext_path("valid"))
     with open(paths.wikitext_path("valid"), encoding="utf-8") as fh:
         texts += fh.read(300_000).splitlines()
     bpe = Tokenizer(models.BPE())
