@@ -225,12 +225,12 @@ def run_edit(
         log(f"[{title or method}] evaluating the unedited model on all {len(requests)} requests")
         base = evaluate(model, tokenizer, requests, batch_size=eval_batch_size, fluency=fluency,
                         reference=reference, seed=seed, progress=progress)
+        energies0 = layer_energies(editor.edited_weights())
         row0 = {"batch": 0, "edits": 0, "batch_size": 0, "eval_requests": len(requests)}
-        row0.update({f"energy:{k}": v for k, v in layer_energies(editor.edited_weights()).items()})
+        row0.update({f"energy:{k}": v for k, v in energies0.items()})
         row0.update(_metric_cells(base))
         rows = {0: row0}
-        write_json(out / "metrics" / "batch_00000.json", {"batch": 0, "edits": 0, "metrics": base,
-                                                           "energy": layer_energies(editor.edited_weights())})
+        write_json(out / "metrics" / "batch_00000.json", {"batch": 0, "edits": 0, "metrics": base, "energy": energies0})
         write_csv(csv_path, [rows[k] for k in sorted(rows)])
 
     evaluations: dict[int, dict] = {}
