@@ -117,6 +117,7 @@ def register(subparsers) -> None:
     demo.add_argument("--device", default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--synthetic", action="store_true", help="use synthetic requests even if CounterFact is present")
+    demo.add_argument("--hparams", default=None, help="YAML/JSON hparams file (default: sized to the model, L2 10)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=cmd_demo)
 
@@ -446,6 +447,8 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     device = _device(args.device, "demo")
+    if args.hparams is not None and not Path(args.hparams).exists():
+        raise CLIError("demo", f"--hparams {args.hparams!r}: file not found")
     run_demo(edits=args.edits, batch_size=args.batch_size, out=args.out, device=device, seed=args.seed,
-             synthetic=args.synthetic, progress=not args.quiet)
+             synthetic=args.synthetic, progress=not args.quiet, hparams_file=args.hparams)
     return 0
