@@ -64,13 +64,14 @@ def select_rank(values_desc: torch.Tensor, trace: float, eta: float, *, complete
     return count + 1
 
 
-def orthonormalize(X: torch.Tensor) -> torch.Tensor:
+def orthonormalize(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """Orthonormal basis of X's columns: CholeskyQR2 with a float64 block Gram.
 
+    ``passes=1`` (CholeskyQR) suffices when X is already close to orthonormal.
     Falls back to Householder QR when the block is numerically rank-deficient.
     """
     Q = X
-    for _ in range(2):
+    for _ in range(passes):
         H = Q.double().T @ Q.double()
         L, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0 or not bool(torch.isfinite(L).all()):

@@ -36,8 +36,9 @@ def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Ten
     scaled = pairs.vectors * gram.row_scale.to(dtype).unsqueeze(1)  # D V
     U = W.to(dtype).T @ scaled
     U /= torch.sqrt(gram.n * pairs.values.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
-    # The lift is exact in exact arithmetic; one CholeskyQR2 pass removes its rounding.
-    return orthonormalize(U)
+    # The lift is orthonormal in exact arithmetic, so one CholeskyQR pass (float64
+    # block Gram) removes its rounding; a second would change nothing.
+    return orthonormalize(U, passes=1)
 
 
 class SphereProjector:
