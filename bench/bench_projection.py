@@ -24,7 +24,7 @@ from tests.reference import sparse_projection_reference
 
 CPU_SHAPES = [(512, 1792), (1024, 3584), (2048, 7168)]
 GPU_SHAPES = [(4096, 14336), (3584, 18944), (5120, 27648)]  # Llama3-8B, Qwen2.5-7B, Qwen2.5-32B down_proj
-SPECTRA = ["decaying", "gaussian"]
+SPECTRA = ["steep", "decaying", "gaussian"]
 CASES = ["reference", "sparse_projection", "fit_apply", "refit"]
 
 
