@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from ._validation import real_number
 from .eigensolver import DEFAULT_TOL, METHODS, Eigenpairs
 
 EXTENSION_MODULE = "sphere_fast._C"
@@ -82,19 +83,6 @@ def _check_cuda_matrix(x, name: str, dtypes: tuple[torch.dtype, ...]) -> torch.T
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} must be {allowed}, got {x.dtype}")
     return x
-
-
-def _real(value, name: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _row_major(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -154,13 +142,13 @@ def top_eigenpairs(
         raise ValueError(f"G must be square, got shape {tuple(G.shape)}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    trace = _real(trace, "trace")
+    trace = real_number(trace, "trace")
     if trace <= 0.0:
         raise ValueError(f"trace must be > 0, got {trace}")
-    eta = _real(eta, "eta")
+    eta = real_number(eta, "eta")
     if not 0.0 < eta <= 1.0:
         raise ValueError(f"eta must be in (0, 1], got {eta}")
-    tol = DEFAULT_TOL[G.dtype] if tol is None else _real(tol, "tol")
+    tol = DEFAULT_TOL[G.dtype] if tol is None else real_number(tol, "tol")
     if tol <= 0.0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -248,7 +236,7 @@ def _check_project_args(B, U, alpha) -> float:
         raise ValueError(f"U must have {B.shape[1]} rows (as many as B has columns), got shape {tuple(U.shape)}")
     if B.numel() == 0:
         raise ValueError(f"B must not be empty, got shape {tuple(B.shape)}")
-    return _real(alpha, "alpha")
+    return real_number(alpha, "alpha")
 
 
 def project(B: torch.Tensor, U: torch.Tensor, alpha: float, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -49,27 +49,28 @@ def check_columns(b: torch.Tensor, d: int, name: str = "B", what: str = "A") -> 
 
 
 def check_eta(eta) -> float:
-    eta = _real(eta, "eta")
+    eta = real_number(eta, "eta")
     if not (0.0 < eta <= 1.0):
         raise ValueError(f"eta must be in (0, 1], got {eta}")
     return eta
 
 
 def check_alpha(alpha) -> float:
-    alpha = _real(alpha, "alpha")
+    alpha = real_number(alpha, "alpha")
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return alpha
 
 
 def check_positive(value, name: str) -> float:
-    value = _real(value, name)
+    value = real_number(value, name)
     if not value > 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
 
 
-def _real(value, name: str) -> float:
+def real_number(value, name: str) -> float:
+    """A finite real number (a Python number or a one-element tensor), as float."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise TypeError(f"{name} must be a real number, got a tensor of shape {tuple(value.shape)}")

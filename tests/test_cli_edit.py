@@ -8,6 +8,8 @@ import sys
 
 import pytest
 import torch
+
+from tests.editing_fixtures import one_thread
 import yaml
 
 from sphere_fast.cli import main
@@ -21,11 +23,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One intra-op thread: tiny matmuls on a shared, loaded machine are many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from one_thread()
 
 
 

@@ -7,6 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.editing_fixtures import one_thread
+
 from sphere_fast.editing.metrics import (
     evaluate,
     generate,
@@ -24,11 +26,7 @@ WORDS = ["<pad>", "<bos>", "the", "capital", "of", "France", "is", "Rome", "city
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One intra-op thread: tiny matmuls on a shared, loaded machine are many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from one_thread()
 
 
 

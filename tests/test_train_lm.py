@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+from tests.editing_fixtures import one_thread
+
 from sphere_fast.editing import paths, train_lm
 from sphere_fast.editing.train_lm import PRESETS, TrainConfig, detokenize, ensure_model, train
 
@@ -13,11 +15,7 @@ TINY = PRESETS["tiny"].replace(steps=12)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """One intra-op thread: tiny matmuls on a shared, loaded machine are many times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from one_thread()
 
 
 
