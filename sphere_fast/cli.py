@@ -1,4 +1,4 @@
-"""The ``sphere-fast`` command line.
+"""sphere-fast: SPHERE's projection benchmarked, and sequential editing with it.
 
 bench-projection   time the reference projection against sphere_fast on one layer
 edit, train-lm, demo   the editing layer (sphere_fast.editing.cli)
