@@ -92,6 +92,8 @@ class SphereProjector:
     @classmethod
     def _fit(cls, W, eta, alpha, *, backend, method, precision, init):
         gram = normalized_gram(W, backend=backend, precision=precision)
+        if gram.trace == 0.0:
+            raise ValueError("W has only zero rows: it has no principal directions to project out")
         pairs = _solve(gram, eta, backend=backend, method=method, init=init)
         U = _lift(W, gram, pairs)
         return cls(

@@ -277,6 +277,11 @@ def test_bad_input_raises_naming_the_argument(call, exc, match):
         call()
 
 
+def test_all_zero_weight_raises():
+    with pytest.raises(ValueError, match="W has only zero rows"):
+        SphereProjector.fit(torch.zeros(4, 6))
+
+
 def test_tensors_on_different_devices_raise():
     meta = torch.empty(3, 5, device="meta")
     with pytest.raises(ValueError, match="one device"):
