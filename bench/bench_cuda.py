@@ -30,19 +30,10 @@ if str(ROOT) not in sys.path:
 from sphere_fast import SphereProjector, _cuda  # noqa: E402
 from sphere_fast.gram import normalized_gram_reference  # noqa: E402
 from tests.reference import sparse_projection_reference  # noqa: E402
+from tests.test_cuda_ext import extension_status  # noqa: E402
 
 
-def _why_skip() -> str | None:
-    if not torch.cuda.is_available():
-        return "no CUDA device on this machine"
-    try:
-        _cuda.load_extension()
-    except ImportError as exc:
-        return f"the CUDA extension is not built here: {exc}"
-    return None
-
-
-_SKIP = _why_skip()
+_SKIP = extension_status()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 ETA, ALPHA = 0.5, 0.8

@@ -14,20 +14,19 @@ import torch
 from sphere_fast import ConvergenceError, _cuda
 from sphere_fast.eigensolver import DEFAULT_TOL, top_eigenpairs as torch_top_eigenpairs
 from sphere_fast.gram import normalized_gram_reference
+from sphere_fast.backends import backend_status
 from tests.reference import oracle
 
 
-def _extension_status() -> str | None:
+def extension_status() -> str | None:
+    """Why the CUDA tests cannot run here, or None when they can (benchmarks use it too)."""
     if not torch.cuda.is_available():
         return "no CUDA device on this machine"
-    try:
-        _cuda.load_extension()
-    except ImportError as exc:
-        return f"the CUDA extension is not built here: {exc}"
-    return None
+    ok, why = backend_status("cuda", torch.device("cuda"))
+    return None if ok else why
 
 
-_SKIP = _extension_status()
+_SKIP = extension_status()
 needs_ext = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 pytestmark = pytest.mark.cuda
 
