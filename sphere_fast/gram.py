@@ -59,10 +59,17 @@ def normalized_gram_reference(W: torch.Tensor, *, dtype: torch.dtype | None = No
     norms = torch.linalg.vector_norm(A, dim=1)
     A_hat = A / (norms + NORM_EPS).unsqueeze(1)
     side = gram_side(n, d)
-    G = A_hat @ A_hat.T if side == "rows" else A_hat.T @ A_hat
-    G = G.div_(n)
-    G = 0.5 * (G + G.T)  # exactly symmetric, as the kernel's mirrored triangle
+    G = symmetric_product(A_hat if side == "rows" else A_hat.T).div_(n)
     return NormalizedGram(G, norms, trace_from_norms(norms), side, n, d)
+
+
+def symmetric_product(X: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """X X^T from its upper block rows only, mirrored: exactly symmetric, ~5/8 of the flops at 4 blocks."""
+    m = X.shape[0]
+    G = torch.empty(m, m, dtype=X.dtype, device=X.device)
+    for i in range(0, m, block):
+        G[i:i + block, i:] = X[i:i + block] @ X[i:].T
+    return torch.triu(G).add_(torch.triu(G, 1).T)
 
 
 def hyperspherical_energy_reference(
