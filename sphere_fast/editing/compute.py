@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .hparams import EditHparams
-from .model_utils import get_module, trace
+from .model_utils import get_module, model_device, pad_token_id, trace
 from .requests import EditRequest
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -103,15 +103,8 @@ def _pad(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     return ids.to(device), mask.to(device)
 
 
-def _pad_id(tok) -> int:
-    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
 
 
-def _model_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()
@@ -119,7 +112,7 @@ def context_templates(model, tok, *, seed: int = 0, length: int = 10, n_per_pref
                       ) -> list[list[str]]:
     """``[["{}"], [sampled ". {}" templates]]``; deterministic for a given model and seed."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    device = _model_device(model)
+    device = model_device(model)
     out = []
     for prefix in TEMPLATE_PREFIXES:
         for _ in range(n_per_prefix):
@@ -136,7 +129,7 @@ def context_templates(model, tok, *, seed: int = 0, length: int = 10, n_per_pref
 
 
 def _forward_at(model, name: str, seqs: list[list[int]], idxs: list[int], pad_id: int, *, inputs: bool):
-    ids, mask = _pad(seqs, pad_id, _model_device(model))
+    ids, mask = _pad(seqs, pad_id, model_device(model))
     with trace(model, [name], inputs=inputs, outputs=not inputs) as rec:
         model(input_ids=ids, attention_mask=mask)
     reps = rec[name]["input" if inputs else "output"]
@@ -145,7 +138,7 @@ def _forward_at(model, name: str, seqs: list[list[int]], idxs: list[int], pad_id
 
 
 def _forward_multi(model, names: Sequence[str], seqs, idxs, pad_id: int) -> dict[str, torch.Tensor]:
-    ids, mask = _pad(seqs, pad_id, _model_device(model))
+    ids, mask = _pad(seqs, pad_id, model_device(model))
     with trace(model, names, inputs=True, outputs=False) as rec:
         model(input_ids=ids, attention_mask=mask)
     out = {}
@@ -167,7 +160,7 @@ def compute_keys(model, tok, requests: Sequence[EditRequest], hp: EditHparams, m
             ids, idx = lookup_index(tok, ctx.replace("{}", req.prompt, 1), req.subject, hp.fact_token)
             seqs.append(ids)
             idxs.append(idx)
-    pad_id = _pad_id(tok)
+    pad_id = pad_token_id(tok)
     parts = [_forward_multi(model, module_names, seqs[i:i + chunk], idxs[i:i + chunk], pad_id)
              for i in range(0, len(seqs), chunk)]
     sizes = [len(g) for g in templates]
@@ -187,7 +180,7 @@ def layer_outputs(model, tok, requests: Sequence[EditRequest], hp: EditHparams, 
     """Output of ``layer_module_tmp`` at the lookup token of each bare prompt: ``[n, hidden]`` float32."""
     seqs, idxs = zip(*(lookup_index(tok, r.prompt, r.subject, hp.fact_token) for r in requests))
     name = hp.layer_module_tmp.format(layer)
-    return _forward_at(model, name, list(seqs), list(idxs), _pad_id(tok), inputs=False).float()
+    return _forward_at(model, name, list(seqs), list(idxs), pad_token_id(tok), inputs=False).float()
 
 
 @dataclass
@@ -242,8 +235,8 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
             kl_lookups.append(idx)
             kl_owner.append(r)
     n_rw = len(seqs)
-    device = _model_device(model)
-    input_ids, mask = _pad(seqs + kl_seqs, _pad_id(tok), device)
+    device = model_device(model)
+    input_ids, mask = _pad(seqs + kl_seqs, pad_token_id(tok), device)
     labels = torch.full((n_rw, input_ids.shape[1]), -100, dtype=torch.long)
     tgt_len = torch.zeros(n_rw)
     for row, pos, tgt in label_rows:

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 
 from . import paths
+from .paths import file_sha256
 from .model_utils import get_module, module_device, tokenizer_fingerprint, trace, weights_fingerprint
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,17 +56,11 @@ def read_corpus(path: str | Path, n_samples: int) -> list[str]:
     return texts
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def cache_key(weights_fp: str, tok_fp: str, module_name: str, dtype: str, n_samples: int, max_length: int,
               corpus: Path) -> str:
-    parts = [weights_fp, tok_fp, module_name, dtype, str(n_samples), str(max_length), _file_hash(corpus)]
+    parts = [weights_fp, tok_fp, module_name, dtype, str(n_samples), str(max_length), file_sha256(corpus)[:16]]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from ..ops import hyperspherical_energy
+from .model_utils import model_device, pad_token_id
 from .requests import EditRequest
 
 ACCURACY_METRICS = ("efficacy", "generalization", "specificity")
@@ -64,15 +65,8 @@ def encode_pair(tokenizer, prompt: str, target: str, prefix: Sequence[int] | Non
     return prompt_ids, target_ids
 
 
-def _pad_id(tokenizer) -> int:
-    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if tok_id is not None:
-            return int(tok_id)
-    return 0
 
 
-def _model_device(model) -> torch.device:
-    return model.get_input_embeddings().weight.device
 
 
 @torch.no_grad()
@@ -96,8 +90,8 @@ def teacher_forced_predictions(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     prefix = special_prefix(tokenizer)
     encoded = [encode_pair(tokenizer, p, t, prefix) for p, t in zip(prompts, targets)]
-    pad = _pad_id(tokenizer)
-    device = _model_device(model)
+    pad = pad_token_id(tokenizer)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     out: list[tuple[list[int], list[int]]] = []
@@ -278,8 +272,8 @@ def generate(
 ) -> list[str]:
     """Prompt plus continuation for each prompt (greedy, or top-k sampling as in ROME), left-padded batches."""
     prefix = special_prefix(tokenizer)
-    pad = _pad_id(tokenizer)
-    device = _model_device(model)
+    pad = pad_token_id(tokenizer)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     texts: list[str] = []

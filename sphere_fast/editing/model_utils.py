@@ -134,3 +134,16 @@ def tokenizer_fingerprint(tok) -> str:
     probe = "The quick brown fox, Danielle Darrieux, 1e-1 <unk> \u00e9t\u00e9."
     ids = tok(probe)["input_ids"]
     return hashlib.sha256(f"{type(tok).__name__}|{len(tok)}|{ids}".encode()).hexdigest()[:16]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id used for right padding: pad, else eos, else 0 (padded positions are masked)."""
+    for tok_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tok_id is not None:
+            return int(tok_id)
+    return 0
+
+
+def model_device(model) -> torch.device:
+    """Where the model's inputs go: the device of its input embeddings (sharded models too)."""
+    return model.get_input_embeddings().weight.device

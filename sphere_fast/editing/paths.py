@@ -7,6 +7,7 @@ SPHERE_FAST_CACHE_DIR  covariance statistics, trained models (default:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -37,3 +38,12 @@ def counterfact_path() -> Path:
 
 def zsre_path() -> Path:
     return data_dir() / "zsre" / "zsre_mend_train-1k.json"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks: cache keys follow the data."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -57,6 +57,7 @@ from typing import Iterator, Sequence
 import torch
 
 from . import paths
+from .paths import file_sha256
 
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
@@ -149,12 +150,6 @@ def data_files(cfg: "TrainConfig | None" = None) -> list[Path]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _DETOK = [
@@ -350,7 +345,7 @@ def cache_key(cfg: TrainConfig, device_type: str, files: Sequence[Path] | None =
     files = data_files(cfg) if files is None else files
     blob = json.dumps(
         {"format": FORMAT_VERSION, "config": dataclasses.asdict(cfg), "device": device_type,
-         "data": [_sha256(f) for f in files]},
+         "data": [file_sha256(f) for f in files]},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -425,7 +420,7 @@ def train(
         "format": FORMAT_VERSION,
         "config": dataclasses.asdict(cfg),
         "device": dev.type,
-        "data": {str(f.name): _sha256(f) for f in files},
+        "data": {str(f.name): file_sha256(f) for f in files},
         "train_tokens": int(train_ids.numel()),
         "heldout_tokens": int(held_ids.numel()),
         "heldout_articles": len(held_docs),
