@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validation import check_finite
+
 # Energy left above which the cut is not "at the end of the spectrum": beyond
 # this point the float64 cumulative sum is within 1e-6 * trace of any eta close
 # to 1, which the accuracy contract treats as an ambiguous cut.
@@ -225,8 +227,7 @@ def top_eigenpairs(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not bool(torch.isfinite(G).all()):
-        raise ValueError("G contains NaN or Inf")
+    check_finite(G, "G")
     m = G.shape[0]
     if method == "dense" or (method == "auto" and m <= 64):
         return dense_eigenpairs(G, trace, eta)

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 
+from .._validation import all_finite
 from ..projector import SphereProjector
 from . import paths
 from .alphaedit import alphaedit_update, nullspace_projector
@@ -248,7 +249,7 @@ class Editor:
                     t = time.perf_counter()
                     W.add_(delta.to(W.dtype))
                     seconds["apply"] += time.perf_counter() - t
-                if not bool(torch.isfinite(W).all()):
+                if not all_finite(W):
                     raise FloatingPointError(f"{name}: the update produced NaN/Inf weights")
                 layers_info[name] = {
                     "rank": rank,

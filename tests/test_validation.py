@@ -1,0 +1,38 @@
+"""The shared finiteness check: a fast reduction with an exact fallback."""
+import pytest
+import torch
+
+from sphere_fast._validation import all_finite, check_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_any_nan_or_inf_is_found(dtype, bad):
+    for index in [(0, 0), (5, 17), (63, 63)]:
+        x = torch.randn(64, 64).to(dtype)
+        x[index] = bad
+        assert not all_finite(x)
+        with pytest.raises(ValueError, match="X contains NaN or Inf"):
+            check_finite(x, "X")
+
+
+def test_opposite_infinities_are_found():
+    x = torch.zeros(8, 8)
+    x[0, 0], x[7, 7] = float("inf"), float("-inf")
+    assert not all_finite(x)
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 3e38), (torch.float64, 1.7e308)])
+def test_finite_values_whose_sum_overflows_pass(dtype, big):
+    x = torch.full((16, 16), big, dtype=dtype)
+    assert not torch.isfinite(x.sum()).item()  # the fast reduction alone would be fooled
+    assert all_finite(x)
+    check_finite(x, "X")
+
+
+def test_strided_input():
+    x = torch.randn(32, 48).T[::2]
+    assert all_finite(x)
+    x = x.clone()
+    x[3, 5] = float("nan")
+    assert not all_finite(x.T)
