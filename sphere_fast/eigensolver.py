@@ -74,11 +74,11 @@ def orthonormalize(X: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """
     Q = X
     for _ in range(passes):
-        H = Q.double().T @ Q.double()
-        L, info = torch.linalg.cholesky_ex(H)
+        Qd = Q.double()
+        L, info = torch.linalg.cholesky_ex(Qd.T @ Qd)
         if int(info) != 0 or not bool(torch.isfinite(L).all()):
             return torch.linalg.qr(X.double())[0].to(X.dtype)
-        Q = torch.linalg.solve_triangular(L, Q.double().T, upper=False).T.to(X.dtype)
+        Q = torch.linalg.solve_triangular(L, Qd.T, upper=False).T.to(X.dtype)
     return Q
 
 

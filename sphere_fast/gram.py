@@ -63,8 +63,12 @@ def normalized_gram_reference(W: torch.Tensor, *, dtype: torch.dtype | None = No
     return NormalizedGram(G, norms, trace_from_norms(norms), side, n, d)
 
 
-def symmetric_product(X: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """X X^T from its upper block rows only, mirrored: exactly symmetric, ~5/8 of the flops at 4 blocks."""
+def symmetric_product(X: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """X X^T from its upper block rows only, mirrored: exactly symmetric, ~9/16 of the flops at 8 blocks.
+
+    256-row blocks measured fastest on a CPU from m = 512 to 4096 (smaller
+    blocks waste fewer flops below the diagonal, larger ones run GEMM better).
+    """
     m = X.shape[0]
     G = torch.empty(m, m, dtype=X.dtype, device=X.device)
     for i in range(0, m, block):
