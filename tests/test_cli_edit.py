@@ -93,6 +93,17 @@ def test_edit_writes_json_csv_png(full_run, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["batch-000001", "batch-000002"]
 
 
+def test_keep_checkpoints_keeps_the_newest(env, full_run):
+    from safetensors.torch import load_file
+
+    out = env["root"] / "keep"
+    assert main(_args(env, out, "--keep-checkpoints", "1")) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["batch-000002"]
+    a = load_file(str(full_run / "checkpoints" / "batch-000002" / "weights.safetensors"))
+    b = load_file(str(out / "checkpoints" / "batch-000002" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_after_a_crash_matches_the_full_run(env, full_run, monkeypatch):
     from safetensors.torch import load_file
 

@@ -103,6 +103,21 @@ def test_resume_from_cached_statistics(tok, cache, tmp_path):
         load_checkpoint(empty, latest_checkpoint(tmp_path / "c"))
 
 
+def test_keep_last_prunes_older_checkpoints(tok, cache, tmp_path):
+    reqs = subject_end_requests(tok, 6)
+    ckpt = tmp_path / "ckpt"
+    full = editor(tok, cache)
+    run_sequential(full, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, keep_last=2, progress=False)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["batch-000002", "batch-000003"]
+    # The kept newest checkpoint restores the final state.
+    restored = editor(tok, cache)
+    assert run_sequential(restored, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, resume=True,
+                          keep_last=1, progress=False) == []
+    for n, w in restored.edited_weights().items():
+        assert torch.equal(w, full.edited_weights()[n])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["batch-000002", "batch-000003"]  # nothing new was written
+
+
 def test_argument_errors(tok, cache, tmp_path):
     ed = editor(tok, cache)
     reqs = subject_end_requests(tok, 2)
@@ -112,6 +127,8 @@ def test_argument_errors(tok, cache, tmp_path):
         run_sequential(ed, reqs, batch_size=1, checkpoint_every=0, checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="checkpoint_dir"):
         run_sequential(ed, reqs, batch_size=1, checkpoint_every=1, progress=False)
+    with pytest.raises(ValueError, match="keep_last"):
+        run_sequential(ed, reqs, batch_size=1, checkpoint_every=1, checkpoint_dir=tmp_path, keep_last=0, progress=False)
     run_sequential(ed, reqs, batch_size=1, checkpoint_every=2, checkpoint_dir=tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="batch_size=2"):
         run_sequential(editor(tok, cache), reqs, batch_size=2, checkpoint_dir=tmp_path / "c", resume=True,

@@ -79,6 +79,8 @@ def register(subparsers) -> None:
                       help="evaluate and checkpoint every K batches (and after the last)")
     edit.add_argument("--out", required=True, help="output directory")
     edit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    edit.add_argument("--keep-checkpoints", type=_positive_int, default=None, metavar="N",
+                      help="keep only the newest N checkpoints (default: all; each holds d x d state per layer)")
     edit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     edit.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     edit.add_argument("--eval-batch-size", type=_positive_int, default=16)
@@ -181,6 +183,7 @@ def run_edit(
     alpha: float | None = None,
     stats_corpus: str | Path | None = None,
     resume: bool = False,
+    keep_checkpoints: int | None = None,
     seed: int = 0,
     eval_batch_size: int = 16,
     fluency: bool = False,
@@ -265,7 +268,8 @@ def run_edit(
             plot_run(ordered, png_path, title=title)
 
     infos = run_sequential(editor, requests, batch_size=batch_size, checkpoint_every=eval_every,
-                           checkpoint_dir=out / "checkpoints", resume=resume, on_batch=on_batch, progress=progress)
+                           checkpoint_dir=out / "checkpoints", resume=resume, keep_last=keep_checkpoints,
+                           on_batch=on_batch, progress=progress)
     ordered = [rows[k] for k in sorted(rows)]
     plot_run(ordered, png_path, title=title)
 
@@ -389,7 +393,8 @@ def cmd_edit(args) -> int:
         summary = run_edit(
             model=model, tokenizer=tokenizer, requests=requests, method=args.method, sphere=args.sphere, out=out,
             batch_size=args.batch_size, eval_every=args.eval_every, hparams=hparams, eta=args.eta, alpha=args.alpha,
-            stats_corpus=args.stats_corpus, resume=args.resume, seed=args.seed, eval_batch_size=args.eval_batch_size,
+            stats_corpus=args.stats_corpus, resume=args.resume, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+            eval_batch_size=args.eval_batch_size,
             fluency=args.fluency, progress=not args.quiet, run_info={"settings": settings},
             title=f"{args.method}{' + SPHERE' if args.sphere else ''}",
         )

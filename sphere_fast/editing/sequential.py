@@ -5,7 +5,9 @@ A checkpoint is a folder ``<checkpoint_dir>/batch-<next:06d>/`` holding
 ``editor.pt`` (:meth:`Editor.state_dict`) and ``meta.json`` (next batch index,
 batch size, a hash of the request list). It is written to a temporary folder
 and renamed into place, so a crash never leaves a half-written checkpoint.
-Every checkpoint is kept (each holds d x d state per AlphaEdit layer: mind the disk).
+Each holds d x d state (``cache_c``) per AlphaEdit layer, about 0.8 GB per layer
+at Llama3-8B's d = 14336: ``keep_last`` prunes older checkpoints once a newer
+one is in place (default: keep all).
 Resuming loads the newest one and continues with the next batch; the final
 weights equal those of an uninterrupted run bit for bit on CPU.
 """
@@ -51,9 +53,23 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return None
+    found = _checkpoints(root)
+    return found[-1] if found else None
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first."""
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
              and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "meta.json").exists()]
-    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; returns the deleted folders."""
+    doomed = _checkpoints(Path(checkpoint_dir))[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
 
 
 def save_checkpoint(editor, checkpoint_dir: str | Path, next_batch: int, *, batch_size: int,
@@ -103,13 +119,14 @@ def load_checkpoint(editor, path: str | Path) -> dict:
 
 
 def run_sequential(editor, requests: Sequence[EditRequest], *, batch_size: int, checkpoint_every: int | None = None,
-                   checkpoint_dir: str | Path | None = None, resume: bool = False,
+                   checkpoint_dir: str | Path | None = None, resume: bool = False, keep_last: int | None = None,
                    on_batch: Callable[[int, list, dict], None] | None = None, progress: bool = True) -> list[dict]:
     """Edit ``requests`` in consecutive batches; returns the infos of the batches run in this call.
 
     ``on_batch(batch_index, batch_requests, info)`` is called after each batch.
     Every ``checkpoint_every`` batches (and after the last one) a checkpoint is
     written to ``checkpoint_dir``; ``resume=True`` continues from the newest one.
+    ``keep_last`` (None: all) deletes older checkpoints after each new one is written.
     """
     requests = list(requests)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -117,6 +134,8 @@ def run_sequential(editor, requests: Sequence[EditRequest], *, batch_size: int, 
     if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                          or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
     if (checkpoint_every is not None or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_dir is required with checkpoint_every or resume")
     if not requests:
@@ -149,4 +168,6 @@ def run_sequential(editor, requests: Sequence[EditRequest], *, batch_size: int, 
         done = b + 1
         if checkpoint_every is not None and (done % checkpoint_every == 0 or done == len(batches)):
             save_checkpoint(editor, checkpoint_dir, done, batch_size=batch_size, requests_hash=req_hash)
+            if keep_last is not None:
+                prune_checkpoints(checkpoint_dir, keep_last)
     return infos
