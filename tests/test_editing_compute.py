@@ -158,3 +158,53 @@ def test_alphaedit_update_lies_in_the_null_space():
         alphaedit_update(K, R, P, cache_c[:3], 0.1)
     with pytest.raises(ValueError, match="C0"):
         memit_update(K, R, C0[:3, :3], 1.0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gptj"])
+def test_replayed_lower_layers_match_the_full_forward(arch):
+    """compute_targets skips the layers below the edited one; the skipped forward equals the real one."""
+    from sphere_fast.editing.model_utils import get_module, replay_lower_layers, trace
+
+    tok = tiny_tokenizer(bos=True)
+    model = tiny_model(arch, tok)
+    tmp = default_hparams(model, "alphaedit").layer_module_tmp
+    ids = torch.tensor([[5, 6, 7, 8, 9], [10, 11, 12, 2, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    body = model.base_model
+
+    def forward():
+        return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+    last = 1
+    name = tmp.format(last)
+
+    def bump(module_name, h):
+        return h + 0.25 if module_name == name else None
+
+    with torch.no_grad():
+        with trace(model, [name], edit=bump):
+            expected = forward()
+        originals = [get_module(model, tmp.format(i)) for i in range(model.config.num_hidden_layers)]
+        calls = []
+        hook = originals[0].register_forward_hook(lambda *a: calls.append(1))
+        with replay_lower_layers(model, tmp, last, forward) as replayed:
+            assert replayed and len(calls) == 1  # the recording run only
+            with trace(model, [name], edit=bump):
+                got = forward()
+            assert len(calls) == 1  # layer 0 was not run again
+        hook.remove()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert [get_module(model, tmp.format(i)) for i in range(len(originals))] == originals
+    with pytest.raises(RuntimeError, match="inside"):
+        with replay_lower_layers(model, tmp, last, forward):
+            raise RuntimeError("inside")
+    assert [get_module(model, tmp.format(i)) for i in range(len(originals))] == originals
+
+
+def test_replay_skips_nothing_for_layers_outside_a_module_list():
+    from sphere_fast.editing.model_utils import replay_lower_layers
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    ran = []
+    with replay_lower_layers(model, "{}", 0, lambda: ran.append(1)) as replayed:
+        assert replayed is False and ran == []

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .hparams import EditHparams
-from .model_utils import get_module, model_device, pad_token_id, trace
+from .model_utils import get_module, model_device, pad_token_id, replay_lower_layers, trace
 from .requests import EditRequest
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -237,10 +237,13 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
     n_rw = len(seqs)
     device = model_device(model)
     input_ids, mask = _pad(seqs + kl_seqs, pad_token_id(tok), device)
-    labels = torch.full((n_rw, input_ids.shape[1]), -100, dtype=torch.long)
+    # Flat (row, position, token) of every target token: the loss reads logits there only.
+    lab_row, lab_pos, lab_tok = [], [], []
     tgt_len = torch.zeros(n_rw)
     for row, pos, tgt in label_rows:
-        labels[row, pos:pos + len(tgt)] = torch.tensor(tgt)
+        lab_row += [row] * len(tgt)
+        lab_pos += range(pos, pos + len(tgt))
+        lab_tok += tgt
         tgt_len[row] = len(tgt)
     all_lookups = lookups + kl_lookups
     all_owner = owner + kl_owner
@@ -276,6 +279,16 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
     own_kl[torch.tensor(kl_owner), torch.arange(len(kl_seqs))] = 1.0
     own_kl /= own_kl.sum(1, keepdim=True)
 
+    # The body without the LM head: logits are needed at a few positions only.
+    body = model.base_model
+    with_head = body is model
+
+    def forward() -> torch.Tensor:
+        """Final hidden states (after the final norm), or logits for a model without a separate body."""
+        if with_head:
+            return model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        return body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -284,57 +297,62 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
     nll_last = [float("nan")] * n
     steps = [0] * n
     try:
-        for it in range(hp.v_num_grad_steps):
-            opt.zero_grad()
-            with trace(model, [layer_name, loss_name], edit=edit) as rec:
-                logits = model(input_ids=input_ids, attention_mask=mask).logits
-            kl_rows = torch.arange(n_rw, n_rw + len(kl_seqs), device=logits.device)
-            kl_logp = torch.log_softmax(
-                logits[kl_rows, torch.tensor(kl_lookups, device=logits.device)].float(), -1)
-            if "kl_init" not in state:
-                state["kl_init"] = kl_logp.detach().clone()
-            out_h = rec[loss_name]["output"][:n_rw]
-            logp = torch.log_softmax(lm_head(ln_f(out_h)).float(), -1)
-            dev = logp.device
-            lab = labels.to(dev)
-            picked = torch.gather(logp, 2, lab.clamp_min(0).unsqueeze(2)).squeeze(2)
-            nll_rows = -(picked * (lab != -100)).sum(1) / tgt_len.to(dev)
-            nll = own_rw.to(dev) @ nll_rows
-            kl_rows_loss = F.kl_div(state["kl_init"], kl_logp, log_target=True, reduction="none").sum(1)
-            kl = hp.kl_factor * (own_kl.to(dev) @ kl_rows_loss.to(dev))
-            init = state["init"]
-            decay = hp.v_weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2)
-            loss = nll + kl + decay.to(dev)
-            values = loss.detach().cpu().tolist()
-            nll_values = nll.detach().cpu().tolist()
-            step_mask = []
-            for r in range(n):
-                if not active[r]:
-                    step_mask.append(False)
-                    continue
-                if it == 0:
-                    nll_first[r] = nll_values[r]
-                nll_last[r] = nll_values[r]
-                steps[r] = it
-                if values[r] < 5e-2 or it == hp.v_num_grad_steps - 1:
-                    active[r] = False
-                step_mask.append(active[r])
-            if not any(step_mask):
-                break
-            keep = torch.tensor(step_mask, device=dev)
-            loss[keep].sum().backward()
-            frozen = delta.detach().clone()
-            opt.step()
-            with torch.no_grad():
-                moving = torch.tensor(step_mask, device=layer_device)
-                delta[~moving] = frozen[~moving]
-                max_norm = hp.clamp_norm_factor * init.norm(dim=1)
-                norms = delta.norm(dim=1)
-                scale = torch.where(moving & (norms > max_norm), max_norm / norms, torch.ones_like(norms))
-                delta.mul_(scale.unsqueeze(1))
+        # Layers up to the edited one see the same inputs every step: run them once.
+        with replay_lower_layers(model, hp.layer_module_tmp, layer, forward):
+            for it in range(hp.v_num_grad_steps):
+                opt.zero_grad()
+                with trace(model, [layer_name, loss_name], edit=edit) as rec:
+                    final = forward()
+                dev = final.device
+                kl_rows = torch.arange(n_rw, n_rw + len(kl_seqs), device=dev)
+                kl_final = final[kl_rows, torch.tensor(kl_lookups, device=dev)]
+                kl_logp = torch.log_softmax((kl_final if with_head else lm_head(kl_final)).float(), -1)
+                if "kl_init" not in state:
+                    state["kl_init"] = kl_logp.detach().clone()
+                out_h = rec[loss_name]["output"]
+                h_dev = out_h.device
+                at_labels = out_h[torch.tensor(lab_row, device=h_dev), torch.tensor(lab_pos, device=h_dev)]
+                logp = torch.log_softmax(lm_head(ln_f(at_labels)).float(), -1)
+                dev = logp.device
+                picked = logp.gather(1, torch.tensor(lab_tok, device=dev).unsqueeze(1)).squeeze(1)
+                nll_rows = torch.zeros(n_rw, device=dev).index_add(0, torch.tensor(lab_row, device=dev), -picked)
+                nll_rows = nll_rows / tgt_len.to(dev)
+                nll = own_rw.to(dev) @ nll_rows
+                kl_rows_loss = F.kl_div(state["kl_init"], kl_logp, log_target=True, reduction="none").sum(1)
+                kl = hp.kl_factor * (own_kl.to(dev) @ kl_rows_loss.to(dev))
+                init = state["init"]
+                decay = hp.v_weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2)
+                loss = nll + kl + decay.to(dev)
+                values = loss.detach().cpu().tolist()
+                nll_values = nll.detach().cpu().tolist()
+                step_mask = []
                 for r in range(n):
-                    if step_mask[r]:
-                        steps[r] = it + 1
+                    if not active[r]:
+                        step_mask.append(False)
+                        continue
+                    if it == 0:
+                        nll_first[r] = nll_values[r]
+                    nll_last[r] = nll_values[r]
+                    steps[r] = it
+                    if values[r] < 5e-2 or it == hp.v_num_grad_steps - 1:
+                        active[r] = False
+                    step_mask.append(active[r])
+                if not any(step_mask):
+                    break
+                keep = torch.tensor(step_mask, device=dev)
+                loss[keep].sum().backward()
+                frozen = delta.detach().clone()
+                opt.step()
+                with torch.no_grad():
+                    moving = torch.tensor(step_mask, device=layer_device)
+                    delta[~moving] = frozen[~moving]
+                    max_norm = hp.clamp_norm_factor * init.norm(dim=1)
+                    norms = delta.norm(dim=1)
+                    scale = torch.where(moving & (norms > max_norm), max_norm / norms, torch.ones_like(norms))
+                    delta.mul_(scale.unsqueeze(1))
+                    for r in range(n):
+                        if step_mask[r]:
+                            steps[r] = it + 1
     finally:
         for p, req_grad in zip(model.parameters(), requires):
             p.requires_grad_(req_grad)

@@ -102,6 +102,70 @@ def trace(model: nn.Module, names: Iterable[str], *, inputs: bool = False, outpu
             h.remove()
 
 
+class _StandIn(nn.Module):
+    """Replays a decoder layer's recorded output instead of computing it.
+
+    ``passthrough`` layers return their incoming hidden states (their output is
+    never used: a later stand-in replays the real value); the last one returns
+    the recorded output. Other attributes (e.g. ``attention_type``) come from
+    the original layer, which decoder loops may read.
+    """
+
+    def __init__(self, original: nn.Module, recorded, passthrough: bool):
+        super().__init__()
+        self.__dict__["_original"] = original  # not a submodule: no second copy of its parameters
+        self.__dict__["_recorded"] = recorded
+        self.passthrough = passthrough
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_original"], name)
+
+    def forward(self, *args, **kwargs):
+        recorded = self.__dict__["_recorded"]
+        if self.passthrough:
+            return _replace_hidden(recorded, args[0] if args else kwargs["hidden_states"])
+        return recorded
+
+
+@contextlib.contextmanager
+def replay_lower_layers(model: nn.Module, layer_tmp: str, last: int, forward: Callable[[], object]):
+    """Run ``forward()`` once, then skip layers ``0..last`` in later forwards on the same inputs.
+
+    While the block is open, those layers are replaced in their ``ModuleList``
+    by stand-ins that replay the outputs recorded during the first run, so a
+    loop that only perturbs layer ``last``'s output (the target-value
+    optimisation) pays for the layers above it alone. Yields True, or False
+    (and skips nothing) when the layers are not items of one ``ModuleList``.
+    """
+    names = [layer_tmp.format(i) for i in range(last + 1)]
+    parents = {name.rpartition(".")[0] for name in names}
+    indices = [name.rpartition(".")[2] for name in names]
+    container = get_module(model, parents.pop()) if len(parents) == 1 else None
+    if not isinstance(container, nn.ModuleList) or not all(i.isdigit() for i in indices):
+        yield False
+        return
+    originals = [container[int(i)] for i in indices]
+    recorded: dict[int, object] = {}
+    handles = [layer.register_forward_hook(lambda mod, args, out, k=k: recorded.__setitem__(k, out))
+               for k, layer in enumerate(originals)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+    try:
+        for k, i in enumerate(indices):
+            container[int(i)] = _StandIn(originals[k], recorded[k], passthrough=k < last)
+        yield True
+    finally:
+        for k, i in enumerate(indices):
+            container[int(i)] = originals[k]
+
+
 def num_layers(model: nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
