@@ -11,7 +11,9 @@
   becomes likely, with a KL term on "{subject} is a" prompts, weight decay
   ||delta|| / ||h||^2 and the norm clamp ||delta|| <= clamp_norm_factor ||h||.
 Batches are right-padded; prompts are token ids, never re-tokenised after
-concatenation with the target.
+concatenation with the target. The optimisation runs the layers up to the
+edited one once (``model_utils.replay_lower_layers``) and applies the LM head
+only where the loss reads it; the result is the same as re-running the model.
 """
 from __future__ import annotations
 
