@@ -30,7 +30,7 @@ import os
 import torch
 
 from ._validation import real_number
-from .eigensolver import DEFAULT_TOL, METHODS, Eigenpairs
+from .eigensolver import AUTO_BLOCK_FRACTION, DEFAULT_TOL, METHODS, Eigenpairs
 
 EXTENSION_MODULE = "sphere_fast._C"
 BUILD_HINT = (
@@ -176,6 +176,12 @@ def top_eigenpairs(
             init = init.to(G.dtype)
         init_ptr, k0, s0, s1 = init.data_ptr(), init.shape[1], init.stride(0), init.stride(1)
 
+    if method == "auto" and init is None and m > 64:
+        # The twin's cold-start rule: a flat spectrum (effective rank trace^2 / ||G||_F^2
+        # above the block limit) goes dense without trying the block method.
+        if trace**2 / float(torch.linalg.matrix_norm(G).double() ** 2) > max(m // AUTO_BLOCK_FRACTION, 1):
+            method = "dense"
+
     ext = load_extension()
     with torch.cuda.device(G.device):
         stream = _stream(G.device)
@@ -184,20 +190,23 @@ def top_eigenpairs(
             init=init_ptr, k0=k0, init_s0=s0, init_s1=s1, tol=tol, max_iter=max_iter, tf32=bool(tf32),
             seed=int(seed), oversample=-1 if oversample is None else oversample, stream=stream,
         )
-        values = torch.empty(res.rank, dtype=torch.float64, device=G.device)
-        vectors = torch.empty(m, res.rank, dtype=G.dtype, device=G.device)
-        res.copy_out(values=values.data_ptr(), vectors=vectors.data_ptr(), ld=max(res.rank, 1), stream=stream)
-    pairs = Eigenpairs(values, vectors, res.method, res.iterations, res.block_size)
-    if not return_stats:
-        return pairs
-    stats = {
-        "method": res.method,
-        "iterations": res.iterations,
-        "tf32_iterations": res.tf32_iterations,
-        "block_size": res.block_size,
-        "residuals": list(res.residuals),
-    }
-    return pairs, stats
+        # Free the solver's device memory (cudaFreeAsync on `stream`) while G's device
+        # is current, also on error: stream 0 names the current device's null stream.
+        try:
+            values = torch.empty(res.rank, dtype=torch.float64, device=G.device)
+            vectors = torch.empty(m, res.rank, dtype=G.dtype, device=G.device)
+            res.copy_out(values=values.data_ptr(), vectors=vectors.data_ptr(), ld=max(res.rank, 1), stream=stream)
+            pairs = Eigenpairs(values, vectors, res.method, res.iterations, res.block_size)
+            stats = {
+                "method": res.method,
+                "iterations": res.iterations,
+                "tf32_iterations": res.tf32_iterations,
+                "block_size": res.block_size,
+                "residuals": list(res.residuals),
+            }
+        finally:
+            del res
+    return (pairs, stats) if return_stats else pairs
 
 
 # -- projection -------------------------------------------------------------------
