@@ -372,11 +372,11 @@ from sphere_fast.kernels import normalized_gram as ng, hyperspherical_energy as 
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 out = []
-for kernel_name, dtype_name, side, precision, cap, ones in json.loads(sys.argv[1]):
+for kernel_name, dtype_name, side, precision, cap, ones, *index in json.loads(sys.argv[1]):
     dtype = {v: k for k, v in NAMES.items()}[dtype_name]
     acc = "fp64" if dtype == torch.float64 else "fp32"
     dot = ng.dot_mode(dtype, precision, scaled_operands=side == "cols")
-    cfg = ng.cuda_configs((cap // 10, cap % 10), dot, torch.empty(0, dtype=dtype).element_size())[0]
+    cfg = ng.cuda_configs((cap // 10, cap % 10), dot, torch.empty(0, dtype=dtype).element_size())[index[0] if index else 0]
     consts = {"DOT": dot, "INTERPRET": False, "ACC_DTYPE": ng.tl_dtype(dtype), "SCALE_K": side == "cols", **cfg.kwargs}
     if kernel_name == "gram":
         fn = ng._normalized_gram_kernel
@@ -397,7 +397,7 @@ for kernel_name, dtype_name, side, precision, cap, ones in json.loads(sys.argv[1
     warps, stages = (4, 1) if kernel_name == "norms" else (cfg.num_warps, cfg.num_stages)
     k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
                        target=GPUTarget("cuda", cap, 32), options={"num_warps": warps, "num_stages": stages})
-    out.append(k.asm["ptx"])
+    out.append({"ptx": k.asm["ptx"], "shared": k.metadata.shared})
 print(json.dumps(out))
 '''
 
@@ -425,20 +425,49 @@ def _ptxas_available() -> bool:
     return os.path.exists(base)
 
 
-@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (bundled ptxas) is not installed")
-def test_kernels_compile_for_hopper_and_ampere():
-    """Every kernel family compiles for sm_90 / sm_80 and uses the arithmetic its precision promises."""
+def _compile_ahead_of_time(cases) -> list[dict]:
+    """Compile (kernel, dtype, side, precision, sm, ones[, config index]) cases in a fresh interpreter-free process."""
     import json
     import subprocess
     import sys
 
-    cases = [c for c, _, _ in _AOT_CASES]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ptxs = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Largest shared memory per block: sm_90 (H100/H200, opt-in); the capability-8 lists
+# also serve sm_86/sm_89 (consumer Ampere/Ada, 99 KB), so they must fit there.
+_SMEM_LIMIT = {90: 232448, 80: 101376}
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (bundled ptxas) is not installed")
+def test_every_autotune_config_fits_in_shared_memory():
+    """A config that does not fit is dropped by the autotuner at run time; catch it at build time instead."""
+    import torch
+
+    from sphere_fast.kernels import normalized_gram as ng
+
+    # The families with the largest tiles: fp64 (8-byte operands), TF32 and scaled bf16 operands (fp32 staging).
+    families = [("fp64", torch.float64, "cols", "fp32"), ("fp32", torch.float32, "rows", "tf32"),
+                ("fp32", torch.float32, "cols", "bf16")]
+    cases = []
+    for cap in _SMEM_LIMIT:
+        for name, dtype, side, precision in families:
+            dot = ng.dot_mode(dtype, precision, scaled_operands=side == "cols")
+            for index in range(len(ng.cuda_configs((cap // 10, cap % 10), dot, dtype.itemsize))):
+                cases.append(("gram", name, side, precision, cap, [], index))
+    for case, kernel in zip(cases, _compile_ahead_of_time(cases)):
+        assert 0 < kernel["shared"] <= _SMEM_LIMIT[case[4]], f"{case}: {kernel['shared']} bytes of shared memory"
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (bundled ptxas) is not installed")
+def test_kernels_compile_for_hopper_and_ampere():
+    """Every kernel family compiles for sm_90 / sm_80 and uses the arithmetic its precision promises."""
+    ptxs = [k["ptx"] for k in _compile_ahead_of_time([c for c, _, _ in _AOT_CASES])]
     for (case, must, must_not), ptx in zip(_AOT_CASES, ptxs):
         for s in must:
             assert s in ptx, f"{case}: expected {s!r} in the PTX"
