@@ -37,14 +37,14 @@ import triton
 import triton.language as tl
 
 from sphere_fast.gram import NORM_EPS, NormalizedGram, gram_side, trace_from_norms
-
-PRECISIONS = ("fp32", "tf32", "bf16")
+from sphere_fast.ops import PRECISIONS
 
 # How a tile pair enters tl.dot (a constexpr of the kernels).
 DOT_NATIVE16 = 0  # fp16/bf16 tiles as loaded: products are exact in fp32, fp32 accumulation
 DOT_IEEE = 1  # fp32 (or fp64) operands, full-precision FMA dot
 DOT_TF32 = 2  # fp32 operands on tensor cores in TF32
 DOT_BF16 = 3  # operands rounded to bf16, tensor cores, fp32 accumulation
+DOT_TF32X3 = 4  # fp32 operands split into TF32 high + low parts: three tensor-core dots, ~fp32 accuracy
 
 
 # ----------------------------------------------------------------------------
@@ -131,7 +131,8 @@ def _tile_dot(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     bf16 casts), so there every 16-bit operand is widened to fp32 first and
     DOT_BF16 rounds to nearest-even bf16 values kept in fp32: products of
     16-bit values are exact in fp32, so this is the same arithmetic as the
-    tensor cores' fp32-accumulate dot (TF32 is not emulated: it runs as IEEE fp32).
+    tensor cores' fp32-accumulate dot (TF32 and 3xTF32 are not emulated: they run
+    as IEEE fp32).
     """
     if INTERPRET:
         if DOT == 0:
@@ -148,6 +149,8 @@ def _tile_dot(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
             acc = tl.dot(a, b, acc, input_precision="tf32")
         elif DOT == 3:
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)  # fp32 -> bf16 rounds to nearest even
+        elif DOT == 4:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
         else:
             acc = tl.dot(a, b, acc)
     return acc
@@ -316,7 +319,7 @@ def dot_mode(dtype: torch.dtype, precision: str, *, scaled_operands: bool) -> in
         return DOT_IEEE
     if dtype in (torch.float16, torch.bfloat16) and not scaled_operands:
         return DOT_NATIVE16
-    return {"fp32": DOT_IEEE, "tf32": DOT_TF32, "bf16": DOT_BF16}[precision]
+    return {"fp32": DOT_IEEE, "tf32": DOT_TF32, "tf32x3": DOT_TF32X3, "bf16": DOT_BF16}[precision]
 
 
 def num_upper_tiles(m: int, block: int) -> int:
@@ -337,7 +340,7 @@ def _cfg(block, block_k, warps, stages):
 
 def cuda_configs(capability: tuple[int, int], dot: int, elem_bytes: int) -> list:
     """Short autotune lists per architecture and operand family (tensor cores or FMA)."""
-    tensor_cores = dot in (DOT_NATIVE16, DOT_TF32, DOT_BF16)
+    tensor_cores = dot in (DOT_NATIVE16, DOT_TF32, DOT_TF32X3, DOT_BF16)
     bk = 64 if elem_bytes <= 2 else 32
     if capability[0] >= 9:  # Hopper: wgmma likes 128 x 128 tiles with 8 warps; 228 KB smem
         if tensor_cores:

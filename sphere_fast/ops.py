@@ -7,7 +7,11 @@ from ._validation import check_matrix, check_positive
 from .backends import resolve_backend
 from .gram import NormalizedGram, hyperspherical_energy_reference, normalized_gram_reference
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+# fp32: IEEE products (the default; keeps the fp32 contract). On a GPU, Triton can use
+# tensor cores: tf32 (10-bit operands), tf32x3 (operands split into two TF32 parts, three
+# dots: close to fp32), bf16 (8-bit operands). 16-bit weights on the rows side always
+# use tensor cores, with exact products.
+PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
 
 
 def normalized_gram(W: torch.Tensor, *, backend: str = "auto", precision: str = "fp32") -> NormalizedGram:
@@ -18,7 +22,8 @@ def normalized_gram(W: torch.Tensor, *, backend: str = "auto", precision: str = 
     W : (n, d) float tensor, any strides. Read in its stored dtype.
     backend : "auto", "triton" or "torch" (see :mod:`sphere_fast.backends`).
     precision : "fp32" (default, keeps the fp32 accuracy contract), or the
-        tensor-core input precisions "tf32" / "bf16" (Triton on a GPU only).
+        tensor-core input precisions "tf32", "tf32x3", "bf16" (Triton on a GPU only;
+        see ``PRECISIONS``).
     """
     check_matrix(W, "W")
     if precision not in PRECISIONS:

@@ -82,7 +82,7 @@ class SphereProjector:
         alpha : suppression strength in [0, 1].
         backend : "auto", "cuda", "triton" or "torch" (:mod:`sphere_fast.backends`).
         method : eigensolver, "auto", "dense" or "block".
-        precision : input precision of the Gram products ("fp32", "tf32", "bf16").
+        precision : input precision of the Gram products (``sphere_fast.ops.PRECISIONS``).
         """
         val.check_matrix(W, "W")
         eta = val.check_eta(eta)

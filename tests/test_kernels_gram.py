@@ -114,8 +114,9 @@ def make_matrix(n: int, d: int, dtype: torch.dtype, device: str, layout: str = "
 
 
 UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24}
-# Operand rounding of the tensor-core precisions (tf32: hardware may truncate, hence 2^-10).
-OPERAND_ROUNDING = {"fp32": 0.0, "tf32": 2.0**-10, "bf16": 2.0**-8}
+# Operand rounding of the tensor-core precisions (tf32: hardware may truncate, hence 2^-10;
+# tf32x3 keeps a high and a low TF32 part and drops the low x low product: about 2^-20).
+OPERAND_ROUNDING = {"fp32": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-20, "bf16": 2.0**-8}
 
 
 def operand_rounding(dtype: torch.dtype, precision: str, side: str) -> float:
@@ -249,7 +250,7 @@ def test_tiny_rows_use_the_norm_eps(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("precision", ng.PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_precisions(device, precision, dtype, shape):
@@ -270,7 +271,7 @@ def test_bf16_precision_is_honoured(device, shape):
 
 
 @pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
-@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+@pytest.mark.parametrize("precision", ng.PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(257, 1031), (1031, 257), (300, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gram_cuda_multi_tile(device, precision, dtype, shape):
@@ -408,6 +409,7 @@ _AOT_CASES = [
     (("gram", "bf16", "rows", "fp32", 90, []), ["wgmma.mma_async", "f32.bf16.bf16", "div.rn.f32"], ["div.full"]),
     (("gram", "fp32", "rows", "fp32", 90, []), ["fma.rn.f32"], ["wgmma", "mma.sync"]),  # IEEE fp32: no tensor cores
     (("gram", "fp32", "cols", "tf32", 90, []), ["wgmma.mma_async", "f32.tf32.tf32"], []),
+    (("gram", "fp32", "rows", "tf32x3", 90, []), ["wgmma.mma_async", "f32.tf32.tf32"], []),
     (("gram", "bf16", "cols", "bf16", 80, []), ["mma.sync.aligned", "f32.bf16.bf16.f32"], ["wgmma"]),
     (("gram", "fp64", "cols", "fp32", 80, []), ["mma.sync.aligned", "f64.f64.f64.f64"], ["tf32", "bf16"]),
     (("energy", "bf16", "rows", "fp32", 90, []), ["wgmma.mma_async", "f32.bf16.bf16"], []),
@@ -453,7 +455,7 @@ def test_every_autotune_config_fits_in_shared_memory():
 
     # The families with the largest tiles: fp64 (8-byte operands), TF32 and scaled bf16 operands (fp32 staging).
     families = [("fp64", torch.float64, "cols", "fp32"), ("fp32", torch.float32, "rows", "tf32"),
-                ("fp32", torch.float32, "cols", "bf16")]
+                ("fp32", torch.float32, "rows", "tf32x3"), ("fp32", torch.float32, "cols", "bf16")]
     cases = []
     for cap in _SMEM_LIMIT:
         for name, dtype, side, precision in families:
