@@ -63,7 +63,13 @@ namespace {
 struct DeviceHandles {
   cublasHandle_t blas = nullptr;
   cusolverDnHandle_t solver = nullptr;
+  // cublasSetStream resets the handle to one default workspace, which GEMMs still
+  // running on another stream may be using: each stream gets its own (as in torch).
+  std::unordered_map<cudaStream_t, void*> blas_workspace;
 };
+
+// cuBLAS's recommended workspace on Hopper (4096 KiB x 8), ample on older GPUs.
+constexpr size_t kBlasWorkspaceBytes = size_t(32) << 20;
 
 // One set per thread and device: a handle is bound to a stream per call, so
 // threads must not share one. Never destroyed: handles must not be torn down
@@ -84,6 +90,9 @@ Status blas_handle(cudaStream_t stream, cublasHandle_t* out) {
     SF_CUBLAS(cublasSetPointerMode(h.blas, CUBLAS_POINTER_MODE_HOST));
   }
   SF_CUBLAS(cublasSetStream(h.blas, stream));
+  void*& workspace = h.blas_workspace[stream];
+  if (workspace == nullptr) SF_CUDA(cudaMalloc(&workspace, kBlasWorkspaceBytes));
+  SF_CUBLAS(cublasSetWorkspace(h.blas, workspace, kBlasWorkspaceBytes));
   *out = h.blas;
   return Status::Ok();
 }

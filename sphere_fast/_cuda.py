@@ -155,6 +155,8 @@ def top_eigenpairs(
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
         raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
 
     # G is symmetric: a column-major view is the same matrix.
     if G.stride(1) == 1 and (m == 1 or G.stride(0) >= m):
@@ -216,6 +218,11 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
     n, d = B.shape
     r = U.shape[1]
     acc = torch.float64 if B.dtype == torch.float64 else torch.float32
+    if out.untyped_storage().data_ptr() == B.untyped_storage().data_ptr() and (
+        out.data_ptr() != B.data_ptr() or out.stride() != B.stride()
+    ):
+        # The output pass reads B while other threads write out: only an exact alias is safe.
+        B = B.clone()
     B, ldb = _row_major(B)
     Uc, ldu = _row_major(U.to(acc) if U.dtype != acc else U)
     ext = load_extension()

@@ -282,6 +282,24 @@ def test_eigensolver_errors_raise_and_name_the_argument():
         _cuda.top_eigenpairs(G, trace, 0.5, method="block", init=init)
     with pytest.raises(ConvergenceError, match="did not converge in 1 iterations"):
         _cuda.top_eigenpairs(G, trace, 0.5, method="block", max_iter=1, tol=1e-30)
+    with pytest.raises(ValueError, match="seed must be an int"):
+        _cuda.top_eigenpairs(G, trace, 0.5, seed=-1)
+
+
+@needs_ext
+@pytest.mark.parametrize("spectrum", ["steep", "gaussian"])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_auto_picks_the_same_method_as_the_twin(spectrum, warm):
+    """The auto rules (block limit m/8, the cold effective-rank test) match sphere_fast.eigensolver."""
+    from sphere_fast.eigensolver import top_eigenpairs
+    from sphere_fast.synthetic import synthetic_weight
+
+    W = synthetic_weight(512, 1792, spectrum=spectrum, dtype=torch.float32, device="cpu")
+    gram = normalized_gram_reference(W)
+    init = top_eigenpairs(gram.gram, gram.trace, 0.5).vectors if warm else None
+    twin = top_eigenpairs(gram.gram, gram.trace, 0.5, init=init)
+    ext = _cuda.top_eigenpairs(gram.gram.cuda(), gram.trace, 0.5, init=None if init is None else init.cuda())
+    assert ext.method == twin.method
 
 
 # -- projection (GPU) ------------------------------------------------------------------
@@ -386,6 +404,21 @@ def test_project_errors_raise_and_leave_w_unchanged():
     with pytest.raises(ValueError, match="W must not be an expanded"):
         _cuda.project_add_(torch.zeros(20, device="cuda").expand(10, 20), B, U, 0.5)
     assert torch.equal(W, before)
+
+
+@needs_ext
+def test_project_into_an_overlapping_view_of_b():
+    """out may alias B exactly or overlap it partially (a transposed view): the result is as if B were copied."""
+    U = _basis(64, 5, torch.float32)
+    B = torch.randn(64, 64, device="cuda")
+    expected = B - 0.5 * (B @ U) @ U.T
+    same = B.clone()
+    _cuda.project(same, U, 0.5, out=same)
+    assert _rel(same, expected) <= PROJECT_TOL[torch.float32]
+    square = B.clone()
+    out = square.T  # the same storage, transposed
+    _cuda.project(square, U, 0.5, out=out)
+    assert _rel(out, expected) <= PROJECT_TOL[torch.float32]
 
 
 @needs_ext
