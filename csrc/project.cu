@@ -16,6 +16,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -103,6 +104,7 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
     __syncthreads();
   }
 
+  using Wide = std::conditional_t<(sizeof(OutT) > sizeof(Acc)), OutT, Acc>;
 #pragma unroll
   for (int a = 0; a < kMicro; ++a) {
     const int64_t i = i0 + ty + a * kThreadsY;
@@ -111,8 +113,9 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
     for (int b = 0; b < kMicro; ++b) {
       const int64_t j = j0 + tx + b * kThreadsX;
       if (j >= d) continue;
-      Acc v = to_acc<Acc>(B[i * ldb + j]) - alpha * acc[a][b];
-      if (W != nullptr) v += to_acc<Acc>(W[i * ws0 + j * ws1]);
+      // An fp64 W with an fp32 update is added in fp64: W keeps its low bits.
+      Wide v = static_cast<Wide>(to_acc<Acc>(B[i * ldb + j]) - alpha * acc[a][b]);
+      if (W != nullptr) v += to_acc<Wide>(W[i * ws0 + j * ws1]);
       out[i * os0 + j * os1] = from_acc<OutT>(v);
     }
   }

@@ -174,8 +174,10 @@ class SphereProjector:
             update = self._project_work(B)
             if W.dtype == update.dtype:
                 W.add_(update)
+            elif W.element_size() > update.element_size():
+                W.add_(update.to(W.dtype))  # an fp64 W keeps its low bits
             else:
-                W.copy_(update.add_(W.to(update.dtype)))
+                W.copy_(update.add_(W.to(update.dtype)))  # 16-bit W: add in fp32, round once
         return W
 
     def _project_work(self, B: torch.Tensor) -> torch.Tensor:

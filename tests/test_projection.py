@@ -232,6 +232,18 @@ def test_apply_in_place(dtype, device):
     torch.testing.assert_close(W, expected, rtol=0, atol=0)
 
 
+def test_apply_in_place_into_a_wider_weight(device):
+    """A float64 master weight with an fp32 projector and update keeps its low bits (one fp64 addition)."""
+    W32 = make_weight("gaussian", 48, 90, seed=26).to(device=device, dtype=torch.float32)
+    P = SphereProjector.fit(W32, 0.5, 0.5)
+    W64 = W32.double() + 1e-12 * torch.randn(48, 90, generator=torch.Generator().manual_seed(27)).to(device).double()
+    B = (1e-4 * torch.randn(48, 90, generator=torch.Generator().manual_seed(28))).to(device)
+    W = W64.clone()
+    P.apply_(W, B)
+    # Rounding W to fp32 on the way would cost ~3e-8; an ulp of the update is below 1e-10.
+    torch.testing.assert_close(W, W64 + P.apply(B).double(), rtol=0, atol=1e-9)
+
+
 def test_refit_after_low_rank_change_matches_cold_fit():
     g = torch.Generator().manual_seed(24)
     W = make_weight("steep", 128, 300, seed=25).float()
