@@ -187,11 +187,11 @@ def top_eigenpairs(
     ext = load_extension()
     with torch.cuda.device(G.device):
         stream = _stream(G.device)
-        res = ext.eigensolve(
+        res = _with_memory_retry(lambda: ext.eigensolve(
             G=G.data_ptr(), m=m, ldg=ldg, dtype=_DTYPE_CODES[G.dtype], trace=trace, eta=eta, method=method,
             init=init_ptr, k0=k0, init_s0=s0, init_s1=s1, tol=tol, max_iter=max_iter, tf32=bool(tf32),
             seed=int(seed), oversample=-1 if oversample is None else oversample, stream=stream,
-        )
+        ))
         # Free the solver's device memory (cudaFreeAsync on `stream`) while G's device
         # is current, also on error: stream 0 names the current device's null stream.
         try:
@@ -209,6 +209,27 @@ def top_eigenpairs(
         finally:
             del res
     return (pairs, stats) if return_stats else pairs
+
+
+def _with_memory_retry(call):
+    """Run an extension call; if a device allocation fails, free torch's cached blocks and retry once.
+
+    The extension allocates its workspace outside torch's caching allocator, which
+    during editing often holds most free memory. Only failed allocations are
+    retried; they happen before any output is written.
+    """
+    try:
+        return call()
+    except RuntimeError as exc:
+        if "cudaErrorMemoryAllocation" not in str(exc):
+            raise
+    torch.cuda.empty_cache()
+    try:
+        return call()
+    except RuntimeError as exc:
+        if "cudaErrorMemoryAllocation" in str(exc):
+            raise torch.cuda.OutOfMemoryError(f"{exc} (also after torch.cuda.empty_cache())") from exc
+        raise
 
 
 # -- projection -------------------------------------------------------------------
@@ -231,7 +252,7 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
         half = B.dtype in (torch.float16, torch.bfloat16)
         u_hi = torch.empty(d, r, dtype=B.dtype, device=B.device) if half and r else None
         u_lo = torch.empty(d, r, dtype=B.dtype, device=B.device) if half and r else None
-        ext.project(
+        _with_memory_retry(lambda: ext.project(
             out=out.data_ptr(), out_dtype=_DTYPE_CODES[out.dtype], os0=out.stride(0), os1=out.stride(1),
             W=0 if W is None else W.data_ptr(), ws0=0 if W is None else W.stride(0),
             ws1=1 if W is None else W.stride(1),
@@ -239,7 +260,7 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
             n=n, d=d, r=r, alpha=alpha, T=T.data_ptr() if r else 0,
             u_hi=0 if u_hi is None else u_hi.data_ptr(), u_lo=0 if u_lo is None else u_lo.data_ptr(),
             stream=_stream(B.device),
-        )
+        ))
     return out
 
 

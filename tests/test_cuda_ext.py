@@ -64,6 +64,38 @@ def test_importing_the_package_does_not_load_the_extension():
     assert out.stdout.strip() == "False"
 
 
+def test_failed_device_allocation_is_retried_once_then_reported_as_oom():
+    """CPU check of the retry wrapper around extension calls (no device needed)."""
+    alloc = RuntimeError("cudaMallocAsync of 8 bytes: cudaErrorMemoryAllocation (out of memory)")
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise alloc
+        return "done"
+
+    assert _cuda._with_memory_retry(flaky) == "done" and len(calls) == 2
+
+    def always():
+        calls.append(1)
+        raise alloc
+
+    calls.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="after torch.cuda.empty_cache"):
+        _cuda._with_memory_retry(always)
+    assert len(calls) == 2
+
+    def other():
+        calls.append(1)
+        raise RuntimeError("cusolverDnXsyevd: info = 3")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="info = 3"):
+        _cuda._with_memory_retry(other)
+    assert len(calls) == 1  # only failed allocations are retried
+
+
 # -- the TF32 premise (CPU) ------------------------------------------------------------
 
 TF32_SWITCH = 0.5 * 2**-11  # csrc/eigensolver.cu kTf32Switch
