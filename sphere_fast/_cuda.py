@@ -30,7 +30,7 @@ import os
 import torch
 
 from ._validation import real_number
-from .eigensolver import AUTO_BLOCK_FRACTION, DEFAULT_TOL, METHODS, Eigenpairs
+from .eigensolver import DEFAULT_TOL, METHODS, Eigenpairs, too_flat_for_block
 
 EXTENSION_MODULE = "sphere_fast._C"
 BUILD_HINT = (
@@ -178,11 +178,8 @@ def top_eigenpairs(
             init = init.to(G.dtype)
         init_ptr, k0, s0, s1 = init.data_ptr(), init.shape[1], init.stride(0), init.stride(1)
 
-    if method == "auto" and init is None and m > 64:
-        # The twin's cold-start rule: a flat spectrum (effective rank trace^2 / ||G||_F^2
-        # above the block limit) goes dense without trying the block method.
-        if trace**2 / float(torch.linalg.matrix_norm(G).double() ** 2) > max(m // AUTO_BLOCK_FRACTION, 1):
-            method = "dense"
+    if method == "auto" and init is None and m > 64 and too_flat_for_block(G, trace):
+        method = "dense"  # the twin's cold-start rule, here rather than in csrc/
 
     ext = load_extension()
     with torch.cuda.device(G.device):

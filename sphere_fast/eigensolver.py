@@ -211,6 +211,18 @@ def block_eigenpairs(
     )
 
 
+def auto_block_limit(m: int) -> int:
+    """Largest block the auto rule gives the block method (m / AUTO_BLOCK_FRACTION columns)."""
+    return max(m // AUTO_BLOCK_FRACTION, 1)
+
+
+def too_flat_for_block(G: torch.Tensor, trace: float) -> bool:
+    """The cold-start rule of ``auto``: the effective rank trace^2 / ||G||_F^2 (how many
+    eigenvalues of comparable size carry the energy) exceeds the block limit, so a
+    dense solve wins; known at the cost of one pass over G."""
+    return trace**2 / float(torch.linalg.matrix_norm(G).double() ** 2) > auto_block_limit(G.shape[0])
+
+
 def top_eigenpairs(
     G: torch.Tensor,
     trace: float,
@@ -235,12 +247,10 @@ def top_eigenpairs(
         return block_eigenpairs(G, trace, eta, init=init, tol=tol, max_iter=max_iter)
     # auto: the block method wins only while its block is a small part of m
     # (its per-iteration cost grows as k^3 and flat spectra converge slowly).
-    max_block = max(m // AUTO_BLOCK_FRACTION, 1)
+    max_block = auto_block_limit(m)
     if init is not None and init.shape[1] + max(16, init.shape[1] // 4) > max_block:
         return dense_eigenpairs(G, trace, eta)
-    # Cold start: the effective rank trace^2 / ||G||_F^2 (how many eigenvalues
-    # of comparable size carry the energy) tells a flat spectrum at no cost.
-    if init is None and trace**2 / float(torch.linalg.matrix_norm(G).double() ** 2) > max_block:
+    if init is None and too_flat_for_block(G, trace):
         return dense_eigenpairs(G, trace, eta)
     budget = (0.5 if init is None else 1.0) * _dense_cost(m)
     result = block_eigenpairs(
