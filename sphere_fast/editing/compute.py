@@ -305,20 +305,23 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
                 opt.zero_grad()
                 with trace(model, [layer_name, loss_name], edit=edit) as rec:
                     final = forward()
-                dev = final.device
-                kl_rows = torch.arange(n_rw, n_rw + len(kl_seqs), device=dev)
-                kl_final = final[kl_rows, torch.tensor(kl_lookups, device=dev)]
+                out_h = rec[loss_name]["output"]
+                if it == 0:  # gather indices, on the devices that read them (layers may sit on several)
+                    idx = {"kl": (torch.arange(n_rw, n_rw + len(kl_seqs), device=final.device),
+                                  torch.tensor(kl_lookups, device=final.device)),
+                           "at": (torch.tensor(lab_row, device=out_h.device),
+                                  torch.tensor(lab_pos, device=out_h.device))}
+                kl_final = final[idx["kl"]]
                 kl_logp = torch.log_softmax((kl_final if with_head else lm_head(kl_final)).float(), -1)
                 if "kl_init" not in state:
                     state["kl_init"] = kl_logp.detach().clone()
-                out_h = rec[loss_name]["output"]
-                h_dev = out_h.device
-                at_labels = out_h[torch.tensor(lab_row, device=h_dev), torch.tensor(lab_pos, device=h_dev)]
-                logp = torch.log_softmax(lm_head(ln_f(at_labels)).float(), -1)
+                logp = torch.log_softmax(lm_head(ln_f(out_h[idx["at"]])).float(), -1)
                 dev = logp.device
-                picked = logp.gather(1, torch.tensor(lab_tok, device=dev).unsqueeze(1)).squeeze(1)
-                nll_rows = torch.zeros(n_rw, device=dev).index_add(0, torch.tensor(lab_row, device=dev), -picked)
-                nll_rows = nll_rows / tgt_len.to(dev)
+                if it == 0:
+                    idx["tok"] = torch.tensor(lab_tok, device=dev).unsqueeze(1)
+                    idx["row"] = torch.tensor(lab_row, device=dev)
+                picked = logp.gather(1, idx["tok"]).squeeze(1)
+                nll_rows = torch.zeros(n_rw, device=dev).index_add(0, idx["row"], -picked) / tgt_len.to(dev)
                 nll = own_rw.to(dev) @ nll_rows
                 kl_rows_loss = F.kl_div(state["kl_init"], kl_logp, log_target=True, reduction="none").sum(1)
                 kl = hp.kl_factor * (own_kl.to(dev) @ kl_rows_loss.to(dev))
