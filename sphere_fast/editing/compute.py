@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .hparams import EditHparams
-from .model_utils import get_module, model_device, pad_token_id, replay_lower_layers, trace
+from .model_utils import get_module, model_device, pad_token_id, replay_lower_layers, right_pad, trace
 from .requests import EditRequest
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -94,15 +94,6 @@ def validate_request(tok, request: EditRequest, fact_token: str, where: str) -> 
         raise ValueError(f"{where} (case_id {request.case_id!r}): {exc}") from None
 
 
-def _pad(seqs: Sequence[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding: real tokens first, so indices into each sequence stay valid."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 
@@ -131,7 +122,7 @@ def context_templates(model, tok, *, seed: int = 0, length: int = 10, n_per_pref
 
 
 def _forward_at(model, name: str, seqs: list[list[int]], idxs: list[int], pad_id: int, *, inputs: bool):
-    ids, mask = _pad(seqs, pad_id, model_device(model))
+    ids, mask = right_pad(seqs, pad_id, model_device(model))
     with trace(model, [name], inputs=inputs, outputs=not inputs) as rec:
         model(input_ids=ids, attention_mask=mask)
     reps = rec[name]["input" if inputs else "output"]
@@ -140,7 +131,7 @@ def _forward_at(model, name: str, seqs: list[list[int]], idxs: list[int], pad_id
 
 
 def _forward_multi(model, names: Sequence[str], seqs, idxs, pad_id: int) -> dict[str, torch.Tensor]:
-    ids, mask = _pad(seqs, pad_id, model_device(model))
+    ids, mask = right_pad(seqs, pad_id, model_device(model))
     with trace(model, names, inputs=True, outputs=False) as rec:
         model(input_ids=ids, attention_mask=mask)
     out = {}
@@ -238,7 +229,7 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
             kl_owner.append(r)
     n_rw = len(seqs)
     device = model_device(model)
-    input_ids, mask = _pad(seqs + kl_seqs, pad_token_id(tok), device)
+    input_ids, mask = right_pad(seqs + kl_seqs, pad_token_id(tok), device)
     # Flat (row, position, token) of every target token: the loss reads logits there only.
     lab_row, lab_pos, lab_tok = [], [], []
     tgt_len = torch.zeros(n_rw)

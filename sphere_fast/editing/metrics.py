@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from ..ops import hyperspherical_energy
-from .model_utils import model_device, pad_token_id
+from .model_utils import model_device, pad_token_id, right_pad
 from .requests import EditRequest
 
 ACCURACY_METRICS = ("efficacy", "generalization", "specificity")
@@ -104,14 +104,8 @@ def teacher_forced_predictions(
         for start in starts:
             chunk = encoded[start:start + batch_size]
             # The last target token is never an input.
-            seqs = [p + t[:-1] for p, t in chunk]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for row, seq in enumerate(seqs):
-                ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                mask[row, : len(seq)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            ids, mask = right_pad([p + t[:-1] for p, t in chunk], pad, device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
             rows, cols = [], []
             for row, (p, t) in enumerate(chunk):
                 rows.extend([row] * len(t))
