@@ -143,10 +143,21 @@ __global__ void _descending_kernel(const double* __restrict__ w, const double* _
   }
 }
 
+// The sum of every thread's `value` over a block of kThreads threads, returned to all of them.
+__device__ double block_sum(double value) {
+  __shared__ double partial[kThreads];
+  partial[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return partial[0];
+}
+
 // One block per column j: res[j] = ||Y_j - theta_j X_j|| (fp64, m x k column-major).
 __global__ void _residual_kernel(const double* __restrict__ x, const double* __restrict__ y,
                                  const double* __restrict__ theta, int64_t m, double* __restrict__ res) {
-  __shared__ double partial[kThreads];
   const int64_t j = blockIdx.x;
   const double t = theta[j];
   double acc = 0.0;
@@ -154,43 +165,25 @@ __global__ void _residual_kernel(const double* __restrict__ x, const double* __r
     const double diff = y[j * m + i] - t * x[j * m + i];
     acc += diff * diff;
   }
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) res[j] = sqrt(partial[0]);
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) res[j] = sqrt(total);
 }
 
 // One block per column j: norms[j] = ||X_j|| (fp64, m rows, column-major).
 __global__ void _column_norms_kernel(const double* __restrict__ x, int64_t m, double* __restrict__ norms) {
-  __shared__ double partial[kThreads];
   const int64_t j = blockIdx.x;
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) acc += x[j * m + i] * x[j * m + i];
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) norms[j] = sqrt(partial[0]);
+  const double total = block_sum(acc);
+  if (threadIdx.x == 0) norms[j] = sqrt(total);
 }
 
 // One block per column: scale column j of x (m x k) to unit norm (zero stays zero).
 __global__ void _normalize_columns_kernel(double* __restrict__ x, int64_t m) {
-  __shared__ double partial[kThreads];
   const int64_t j = blockIdx.x;
   double acc = 0.0;
   for (int64_t i = threadIdx.x; i < m; i += blockDim.x) acc += x[j * m + i] * x[j * m + i];
-  partial[threadIdx.x] = acc;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];
-    __syncthreads();
-  }
-  const double norm = sqrt(partial[0]);
+  const double norm = sqrt(block_sum(acc));
   if (norm > 0.0 && isfinite(norm)) {
     const double inv = 1.0 / norm;
     for (int64_t i = threadIdx.x; i < m; i += blockDim.x) x[j * m + i] *= inv;
