@@ -1,169 +1,79 @@
-"""Benchmarks of the CUDA extension (GPU only; skipped elsewhere, with the reason).
+"""Benchmarks of the CUDA extension's eigensolver (GPU only; skipped elsewhere, with the reason).
 
     pytest bench/bench_cuda.py --benchmark-json bench/results/cuda.json
 
-* eigensolver: ``sphere_fast._cuda.top_eigenpairs`` on m x m Grams with decaying
-  spectra (m = 3584, 4096, 5120: the Gram side of Qwen2.5-7B, Llama3-8B and
-  Qwen2.5-32B down_proj), cold and warm (after a rank-8 edit), against
-  ``torch.linalg.eigh`` of the same Gram;
-* fit + apply and warm refit + apply of ``SphereProjector`` on the CUDA backend
-  against the reference ``sparse_projection`` (tests/reference.py) at the
-  down_proj shapes [4096 x 14336], [3584 x 18944], [5120 x 27648].
-
-Each benchmark records in extra_info the rank, the path taken and the peak GPU
-memory it needed beyond its inputs: torch's allocator peak plus the extension's
-cudaMallocAsync pool peak.
+``sphere_fast._cuda.top_eigenpairs`` on the m x m normalised Gram of a synthetic weight
+(m = 3584, 4096, 5120: the Gram side of Qwen2.5-7B, Llama3-8B and Qwen2.5-32B down_proj), for a
+flat 'decaying' spectrum (what real weights look like: the dense path) and a 'steep' one (the
+block method), in three cases measured in one run:
+  cold        auto method, no start
+  warm        auto method, started from the cold basis of W, on W + a realistic per-batch change
+              (rank 100, 3 % of ||W||_F)
+  torch_eigh  ``torch.linalg.eigh`` of the same changed Gram: the baseline the ratios use
+Each records in extra_info the rank, the path taken (method, iterations, TF32 iterations, block)
+and the peak GPU memory its timed rounds needed beyond their inputs (torch's allocator peak plus
+the extension's cudaMallocAsync pool peak). The whole projection (Gram, solve, lift, apply) against
+the reference is measured in bench_projection.py, with the reference run once per shape.
 """
 from __future__ import annotations
-
-import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from sphere_fast import SphereProjector, _cuda  # noqa: E402
-from sphere_fast.gram import normalized_gram_reference  # noqa: E402
-from tests.reference import sparse_projection_reference  # noqa: E402
-from tests.test_cuda_ext import extension_status  # noqa: E402
-
+from benchutil import PeakMemory, sync
+from sphere_fast.ops import normalized_gram
+from sphere_fast.synthetic import low_rank_change, synthetic_weight
+from tests.test_cuda_ext import extension_status
 
 _SKIP = extension_status()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
-ETA, ALPHA = 0.5, 0.8
+ETA = 0.5
 GRAM_SIZES = {3584: 18944, 4096: 14336, 5120: 27648}  # m -> d of the model it stands for
-MODELS = {"llama3-8b": (4096, 14336), "qwen2.5-7b": (3584, 18944), "qwen2.5-32b": (5120, 27648)}
+SPECTRA = ["decaying", "steep"]
+CASES = ["cold", "warm", "torch_eigh"]
+BATCH_RANK, CHANGE_RELATIVE = 100, 0.03
 
 
-def realistic_weight(n: int, d: int, *, seed: int = 0) -> torch.Tensor:
-    """fp32 weight on the GPU: a power-law spectrum over a noise bulk, like trained FFN weights."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    k = 512
-    left = torch.randn(n, k, generator=g, device="cuda")
-    right = torch.randn(k, d, generator=g, device="cuda")
-    scale = torch.arange(1, k + 1, device="cuda", dtype=torch.float32) ** -0.75
-    W = (left * scale) @ right / math.sqrt(k)
-    W += 0.05 * torch.randn(n, d, generator=g, device="cuda")
-    return W
+@pytest.fixture(scope="module", params=[(m, s) for m in sorted(GRAM_SIZES) for s in SPECTRA],
+                ids=lambda p: f"m{p[0]}-{p[1]}")
+def grams(request):
+    from sphere_fast import _cuda
+
+    m, spectrum = request.param
+    W0 = synthetic_weight(m, GRAM_SIZES[m], spectrum=spectrum, dtype=torch.float32, device="cuda")
+    W1 = W0 + low_rank_change(W0, rank=BATCH_RANK, relative=CHANGE_RELATIVE, seed=3)
+    g0, g1 = normalized_gram(W0), normalized_gram(W1)
+    del W0, W1
+    start = _cuda.top_eigenpairs(g0.gram, g0.trace, ETA).vectors
+    yield m, spectrum, g1, start
+    torch.cuda.empty_cache()
 
 
-def edit(W: torch.Tensor, *, rank: int = 8, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    a = torch.randn(W.shape[0], rank, generator=g, device="cuda")
-    b = torch.randn(rank, W.shape[1], generator=g, device="cuda")
-    return W + 0.01 * (a @ b) / math.sqrt(W.shape[1])
+@pytest.mark.parametrize("case", CASES)
+def test_eigensolver(benchmark, grams, case):
+    from sphere_fast import _cuda
 
+    m, spectrum, g1, start = grams
+    benchmark.group = f"eigensolver m{m} {spectrum}"
+    if case == "torch_eigh":
+        solve = lambda: (torch.linalg.eigh(g1.gram), None)  # noqa: E731
+    else:
+        init = start if case == "warm" else None
+        solve = lambda: _cuda.top_eigenpairs(g1.gram, g1.trace, ETA, init=init, return_stats=True)  # noqa: E731
 
-def peak_extra_bytes(fn) -> int:
-    """Peak GPU memory fn needs beyond what is allocated before it runs."""
-    ext = _cuda.load_extension()
-    device = torch.cuda.current_device()
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    ext.mempool_used(device, True)
-    result = fn()
-    torch.cuda.synchronize()
-    torch_peak = torch.cuda.max_memory_allocated() - base
-    pool_peak = ext.mempool_used(device, False)[1]
-    del result
-    return int(torch_peak + pool_peak)
-
-
-def timed(benchmark, fn, *, rounds: int):
     def run():
-        out = fn()
-        torch.cuda.synchronize()
+        out = solve()
+        sync("cuda")
         return out
 
-    return benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-
-
-# -- eigensolver ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", params=sorted(GRAM_SIZES), ids=lambda m: f"m{m}")
-def grams(request):
-    m = request.param
-    W0 = realistic_weight(m, GRAM_SIZES[m])
-    g0 = normalized_gram_reference(W0)
-    g1 = normalized_gram_reference(edit(W0))
-    del W0
-    yield m, g0, g1
-    torch.cuda.empty_cache()
-
-
-@pytest.mark.parametrize("start", ["cold", "warm"])
-def test_eigensolver_cuda(benchmark, grams, start):
-    m, g0, g1 = grams
-    init = None
-    if start == "warm":
-        init = _cuda.top_eigenpairs(g0.gram, g0.trace, ETA).vectors
-    solve = lambda: _cuda.top_eigenpairs(g1.gram, g1.trace, ETA, init=init, return_stats=True)  # noqa: E731
-    pairs, stats = timed(benchmark, solve, rounds=5)
-    benchmark.extra_info.update(
-        m=m, start=start, rank=pairs.values.numel(), method=stats["method"], iterations=stats["iterations"],
-        tf32_iterations=stats["tf32_iterations"], block_size=stats["block_size"],
-        captured=float(pairs.values.sum()) / g1.trace, peak_extra_bytes=peak_extra_bytes(solve),
-    )
-
-
-def test_eigensolver_torch_eigh(benchmark, grams):
-    m, _, g1 = grams
-    timed(benchmark, lambda: torch.linalg.eigh(g1.gram), rounds=3)
-    benchmark.extra_info.update(m=m, peak_extra_bytes=peak_extra_bytes(lambda: torch.linalg.eigh(g1.gram)))
-
-
-# -- fit + apply, refit ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", params=list(MODELS), ids=str)
-def model_weight(request):
-    n, d = MODELS[request.param]
-    W = realistic_weight(n, d, seed=2)
-    B = 1e-3 * torch.randn(n, d, generator=torch.Generator(device="cuda").manual_seed(3), device="cuda")
-    yield request.param, W, B
-    torch.cuda.empty_cache()
-
-
-def test_fit_apply_cuda(benchmark, model_weight):
-    name, W, B = model_weight
-
-    def fit_apply():
-        proj = SphereProjector.fit(W, ETA, ALPHA, backend="cuda")
-        return proj, proj.apply(B)
-
-    proj, _ = timed(benchmark, fit_apply, rounds=3)
-    n, d = W.shape
-    benchmark.extra_info.update(
-        model=name, shape=[n, d], rank=proj.rank, method=proj.method,
-        apply_gflop=4.0 * n * d * proj.rank / 1e9, peak_extra_bytes=peak_extra_bytes(fit_apply),
-    )
-
-
-def test_refit_apply_cuda(benchmark, model_weight):
-    name, W, B = model_weight
-    proj = SphereProjector.fit(W, ETA, ALPHA, backend="cuda")
-    W1 = edit(W)
-
-    def refit_apply():
-        proj.refit(W1)
-        return proj.apply(B)
-
-    timed(benchmark, refit_apply, rounds=3)
-    benchmark.extra_info.update(
-        model=name, rank=proj.rank, method=proj.method, peak_extra_bytes=peak_extra_bytes(refit_apply)
-    )
-
-
-def test_fit_apply_reference(benchmark, model_weight):
-    name, W, B = model_weight
-    run = lambda: sparse_projection_reference(W, B, ETA, ALPHA)  # noqa: E731
-    _, _, U = timed(benchmark, run, rounds=1)
-    benchmark.extra_info.update(model=name, rank=U.shape[1], peak_extra_bytes=peak_extra_bytes(run))
+    with PeakMemory("cuda") as peak:
+        pairs, stats = benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(kind="eigensolver", case=case, m=m, d=GRAM_SIZES[m], spectrum=spectrum,
+                                peak_extra_bytes=peak.bytes)
+    if stats is not None:
+        benchmark.extra_info.update(
+            rank=pairs.values.numel(), method=stats["method"], iterations=stats["iterations"],
+            tf32_iterations=stats["tf32_iterations"], block_size=stats["block_size"],
+            captured=float(pairs.values.sum()) / g1.trace,
+        )

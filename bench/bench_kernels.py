@@ -11,22 +11,15 @@
   tests (tests/test_kernels_gram.py, tests/test_kernels_energy.py), imported,
   so tests and benchmarks cannot drift apart.
 
-extra_info per benchmark: the FLOPs of the Gram as a full GEMM (``2 n^2 d``;
+extra_info per benchmark: kind ("gram" / "energy"), case (the impl), model, dtype, precision, the FLOPs of the Gram as a full GEMM (``2 n^2 d``;
 the kernels execute about half of it, one triangle) and the TFLOP/s that
 gives, the compulsory bytes (W once, the output once) and GB/s, and the
 device's dense peak for the precision used with the fraction reached.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _why_skip() -> str | None:
@@ -85,7 +78,8 @@ def weight(n: int, d: int, dtype: torch.dtype, *, seed: int = 0) -> torch.Tensor
     return W.to(dtype)
 
 
-def run(benchmark, fn, *, n: int, d: int, out_bytes: int, elem: int, math: str, impl: str, rounds: int = 10):
+def run(benchmark, fn, *, n: int, d: int, out_bytes: int, elem: int, math: str, impl: str, rounds: int = 10,
+        **info):
     fn()  # compile / autotune outside the timed rounds
     torch.cuda.synchronize()
 
@@ -100,6 +94,8 @@ def run(benchmark, fn, *, n: int, d: int, out_bytes: int, elem: int, math: str, 
     peak = device_peak(math)
     tflops = flops / seconds / 1e12
     benchmark.extra_info.update(
+        info,
+        case=impl,
         impl=impl,
         shape=[n, d],
         math=math,
@@ -135,7 +131,7 @@ def test_gram(benchmark, impl, model, dtype, precision):
     old = _allow_tf32(precision)
     try:
         run(benchmark, fn, n=n, d=d, out_bytes=4 * n * n, elem=W.element_size(),
-            math=math_used(dtype, precision), impl=impl)
+            math=math_used(dtype, precision), impl=impl, kind="gram", model=model, dtype=dtype, precision=precision)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
@@ -155,6 +151,7 @@ def test_energy(benchmark, impl, model, dtype):
     old = _allow_tf32("fp32")
     try:
         run(benchmark, fn, n=n, d=d, out_bytes=8, elem=W.element_size(),
-            math=math_used(dtype, "fp32"), impl=impl, rounds=5)
+            math=math_used(dtype, "fp32"), impl=impl, rounds=5, kind="energy", model=model, dtype=dtype,
+            precision="fp32")
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old

@@ -16,16 +16,18 @@ def synthetic_weight(n: int, d: int, *, spectrum: str, dtype, device, seed: int 
     the slow power-law decay seen in trained FFN weights (about 20 % / 0.5 % of
     the eigenpairs at eta = 0.5 for a [2048 x 7168] weight).
     """
+    # Random numbers come from a seeded CPU generator (the same weight on every
+    # device); the QR factorisations and the product run on ``device``.
     g = torch.Generator(device="cpu").manual_seed(seed)
     if spectrum == "gaussian":
         W = torch.randn(n, d, generator=g)
     elif spectrum in SPECTRUM_EXPONENTS:
         k = min(n, d)
-        Qn, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
-        Qd, _ = torch.linalg.qr(torch.randn(d, k, generator=g))
-        s = torch.arange(1, k + 1, dtype=torch.float32).pow(-SPECTRUM_EXPONENTS[spectrum])
+        Qn, _ = torch.linalg.qr(torch.randn(n, k, generator=g).to(device))
+        Qd, _ = torch.linalg.qr(torch.randn(d, k, generator=g).to(device))
+        s = torch.arange(1, k + 1, dtype=torch.float32, device=device).pow(-SPECTRUM_EXPONENTS[spectrum])
         W = (Qn * s) @ Qd.T
-        W += 0.01 * W.std() * torch.randn(n, d, generator=g)
+        W += 0.01 * W.std() * torch.randn(n, d, generator=g).to(device)
     else:
         raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
     return W.to(device=device, dtype=dtype)

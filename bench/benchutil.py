@@ -1,0 +1,145 @@
+"""Helpers shared by the benchmarks and the GPU check: device sync, peak memory, the run's environment.
+
+Imported as ``benchutil`` (pytest puts ``bench/`` on sys.path through bench/conftest.py; the
+scripts in ``bench/`` find it beside them).
+"""
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Environment variable choosing the benchmarks' shapes: "tiny" (the dry run), "cpu", "gpu".
+SHAPES_ENV = "SPHERE_FAST_BENCH_SHAPES"
+
+
+def shape_set() -> str:
+    """The shape set asked for (default: "gpu" with a CUDA device, else "cpu")."""
+    choice = os.environ.get(SHAPES_ENV, "").strip().lower() or ("gpu" if torch.cuda.is_available() else "cpu")
+    if choice not in ("tiny", "cpu", "gpu"):
+        raise ValueError(f"{SHAPES_ENV} must be tiny, cpu or gpu, got {choice!r}")
+    return choice
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _extension_pool(device: torch.device):
+    """The CUDA extension's memory-pool counter, when the extension is loaded (else None)."""
+    if device.type != "cuda":
+        return None
+    from sphere_fast import _cuda
+
+    try:
+        ext = _cuda.load_extension()
+    except ImportError:
+        return None
+    return lambda reset: ext.mempool_used(device.index if device.index is not None else torch.cuda.current_device(),
+                                          reset)
+
+
+class PeakMemory:
+    """Peak device memory a block needs beyond what was allocated before it: torch's allocator
+    peak plus the CUDA extension's own pool (``cudaMallocAsync``) peak. ``bytes`` is None on CPU."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._pool = _extension_pool(self.device)
+            if self._pool is not None:
+                self._pool(True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            extra = torch.cuda.max_memory_allocated(self.device) - self._base
+            if self._pool is not None:
+                extra += self._pool(False)[1]
+            self.bytes = int(extra)
+        return False
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _run(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit() -> dict:
+    """HEAD and whether tracked files differ from it; GPU_CHECK_COMMIT where there is no repository."""
+    commit = _run(["git", "rev-parse", "HEAD"])
+    if commit is None:
+        return {"id": os.environ.get("GPU_CHECK_COMMIT") or None, "dirty": None}
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return {"id": commit, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def nvcc_version() -> str | None:
+    out = _run([os.environ.get("CUDACXX") or "nvcc", "--version"])
+    match = re.search(r"release ([\d.]+)", out or "")
+    return match.group(1) if match else None
+
+
+def environment() -> dict:
+    """Device, date, commit and the versions that matter for the results."""
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "nvcc": nvcc_version(),
+        "cuda_available": torch.cuda.is_available(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            device=torch.cuda.get_device_name(0),
+            capability=list(torch.cuda.get_device_capability(0)),
+            multiprocessors=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+            driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        )
+    return env
+
+
+def device_slug(env: dict) -> str:
+    """A file-name-safe name of the device: "nvidia-h200", or "cpu"."""
+    return re.sub(r"[^a-z0-9]+", "-", str(env.get("device", "cpu")).lower()).strip("-") or "cpu"

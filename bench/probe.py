@@ -1,0 +1,43 @@
+"""The GPU check's first step: what machine this is, and which backends can run on it.
+
+    python bench/probe.py --out probe.json
+
+Prints a short summary and writes the environment (device, date, commit, torch /
+triton / CUDA / transformers versions; benchutil.environment) and each backend's
+status to JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchutil import _run, environment  # noqa: E402
+
+from sphere_fast import available_backends  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args(argv)
+    env = environment()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env["backends"] = {device: available_backends(device)}
+    env["nvidia_smi"] = _run(["nvidia-smi"])
+    for key in ("device", "date", "commit", "python", "torch", "torch_cuda", "triton", "transformers", "nvcc",
+                "driver", "capability", "multiprocessors", "memory_gib"):
+        if key in env:
+            print(f"{key:16s} {env[key]}")
+    for name, status in env["backends"][device].items():
+        print(f"backend {name:8s} {status}")
+    args.out.write_text(json.dumps(env, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

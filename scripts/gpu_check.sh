@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The GPU check: one prepared command for a short GPU window (README, "GPU check").
+#
+#   OUT=DIR bash scripts/gpu_check.sh [all|part1|part2] [--dry-run]
+#
+#   part1  probe, build, accuracy at [4096 x 14336], CUDA + Triton test subsets,
+#          kernel and eigensolver benchmarks
+#   part2  probe, build, projection benchmarks (synthetic and real weights), end-to-end batches
+#   all    every step (what the dry run runs by default)
+#
+# Runs with the machine's python3 (PYTHON overrides it), no virtual environment, nothing
+# downloaded. Each step has its own timeout and log, and the steps of one call share a budget
+# (GPU_CHECK_BUDGET_S, default 470 s, so that a part fits in 8 minutes): a step that fails or
+# times out loses nothing else, and a step the budget cannot hold is skipped with a message.
+# GPU_CHECK_TIMEOUT_<STEP> (e.g. GPU_CHECK_TIMEOUT_E2E=300) overrides one step's timeout;
+# GPU_CHECK_COMMIT names the commit where the copy being checked has no .git.
+# Without a CUDA device (or with --dry-run) the same command is a dry run: the GPU steps skip
+# with a message and the rest runs at tiny shapes on CPU.
+#
+# Results (at most 4 files, so that they all come back from a GPU machine's $OUT):
+#   $OUT/bench/results/<device>-gpu-check-<date>[-partN].json and .md   (bench/report.py)
+#   $OUT/bench/results/<...>-e2e.png                                   (end-to-end batches)
+#   $OUT/gpu-check-logs.tar.gz    every step's log and raw JSON, refreshed after each step
+# Exit status: 0 when no step failed or timed out, else 1.
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$here"
+mode=all
+dry=0
+for arg in "$@"; do
+  case "$arg" in
+    all|part1|part2) mode=$arg ;;
+    --dry-run) dry=1 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument '$arg' (expected all, part1, part2 or --dry-run)" >&2; exit 2 ;;
+  esac
+done
+: "${OUT:?gpu_check: set OUT to the folder the results go to}"
+PY=${PYTHON:-python3}
+budget=${GPU_CHECK_BUDGET_S:-470}
+reserve=25  # kept back for the report and the last packing
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+if [ "$dry" = 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  dry=1
+fi
+if [ "$dry" = 1 ]; then
+  export SPHERE_FAST_BENCH_SHAPES=tiny OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  export TRITON_INTERPRET=${TRITON_INTERPRET:-1}
+  tiny=(--tiny)
+else
+  export SPHERE_FAST_BENCH_SHAPES=gpu
+  tiny=()
+fi
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")"
+mkdir -p "$work/logs" "$OUT/bench/results"
+: >"$work/steps.tsv"
+start=$SECONDS
+failed=0
+
+pack() {  # the logs and raw results so far, replaced atomically
+  tar -czf "$OUT/.gpu-check-logs.tar.gz.tmp" -C "$work" . 2>/dev/null &&
+    mv -f "$OUT/.gpu-check-logs.tar.gz.tmp" "$OUT/gpu-check-logs.tar.gz"
+}
+
+record() {  # name status rc seconds timeout note
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$work/steps.tsv"
+  printf '[gpu_check] %-16s %-8s %6ss  %s\n' "$1" "$2" "$4" "$6"
+}
+
+# step NAME TIMEOUT_S gpu|any COMMAND...: runs COMMAND with its log in logs/NAME.log
+step() {
+  local name=$1 limit=$2 needs=$3
+  shift 3
+  if [ "$needs" = gpu ] && [ "$dry" = 1 ]; then
+    record "$name" skipped "" 0 "" "dry run: needs a CUDA device"
+    return
+  fi
+  local override="GPU_CHECK_TIMEOUT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
+  limit=${!override:-$limit}
+  local left=$((budget - reserve - (SECONDS - start)))
+  if [ "$left" -lt 20 ]; then
+    record "$name" skipped "" 0 "" "budget spent (GPU_CHECK_BUDGET_S=$budget)"
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "[gpu_check] $name (timeout ${limit}s): $*"
+  local t0=$SECONDS rc
+  timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" >"$work/logs/$name.log" 2>&1
+  rc=$?
+  local took=$((SECONDS - t0)) status=ok note=""
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    status=timeout note="stopped after ${limit}s"
+    failed=1
+  elif [ "$rc" != 0 ]; then
+    status=failed note="exit $rc; see logs/$name.log"
+    failed=1
+  fi
+  record "$name" "$status" "$rc" "$took" "$limit" "$note"
+  tail -n 15 "$work/logs/$name.log" | sed "s/^/    /"
+  pack
+}
+
+build() {
+  SPHERE_FAST_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=${GPU_CHECK_CUDA_ARCHITECTURES:-90a-real}" \
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . &&
+    "$PY" -c 'import sphere_fast._C as ext; print("imported", ext.__file__)'
+}
+
+tests() {
+  local options=()
+  "$PY" -c 'import xdist' 2>/dev/null && options+=(-n "${GPU_CHECK_TEST_WORKERS:-8}")  # Triton compiles in parallel
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && options+=(--timeout 300)
+  "$PY" -m pytest -q -p no:cacheprovider "${options[@]}" --junitxml="$work/tests.xml" \
+    tests/test_cuda_ext.py tests/test_kernels_gram.py tests/test_kernels_energy.py tests/test_projection.py \
+    tests/test_gram_energy.py -k "not cpu"
+}
+
+bench() {  # bench FILE JSON: one pytest-benchmark suite
+  "$PY" -m pytest -q -p no:cacheprovider "$1" --benchmark-json="$work/$2" --benchmark-columns=min,median,max,rounds
+}
+
+probe() {
+  command -v nvidia-smi >/dev/null && nvidia-smi
+  "$PY" bench/probe.py --out "$work/probe.json"
+}
+
+export PY work
+export -f build tests bench probe  # steps run them in a child bash, under timeout
+
+case $mode in
+  part1) steps=(probe build accuracy tests bench-kernels bench-cuda) ;;
+  part2) steps=(probe build bench-projection e2e bench-real) ;;
+  all) steps=(probe build accuracy tests bench-kernels bench-cuda bench-projection bench-real e2e) ;;
+esac
+echo "[gpu_check] mode $mode, $([ "$dry" = 1 ] && echo 'DRY RUN (no CUDA device)' || echo GPU), budget ${budget}s, work $work"
+for s in "${steps[@]}"; do
+  case $s in
+    probe) step probe 60 any probe ;;
+    build) step build 300 gpu build ;;
+    accuracy) step accuracy 180 any "$PY" bench/gpu_accuracy.py --out "$work/accuracy.json" "${tiny[@]}" ;;
+    tests) step tests 240 gpu tests ;;
+    bench-kernels) step bench-kernels 180 gpu bench bench/bench_kernels.py bench-kernels.json ;;
+    bench-cuda) step bench-cuda 120 gpu bench bench/bench_cuda.py bench-cuda.json ;;
+    bench-projection) step bench-projection 240 any bench bench/bench_projection.py bench-projection.json ;;
+    bench-real) step bench-real 90 any bench bench/bench_real_weights.py bench-real.json ;;
+    e2e) step e2e 360 any "$PY" bench/bench_e2e.py --out "$work/e2e.json" --png "$work/e2e.png" "${tiny[@]}" ;;
+  esac
+done
+
+# Results, named after the device and the date: <device>-gpu-check[-dry-run]-<date>[-partN].
+name=$("$PY" - "$work/probe.json" "$dry" <<'EOF' 2>/dev/null || echo "unknown-gpu-check"
+import datetime, json, re, sys
+try:
+    env = json.load(open(sys.argv[1]))
+except (OSError, ValueError):
+    env = {}
+device = re.sub(r"[^a-z0-9]+", "-", str(env.get("device", "unknown")).lower()).strip("-")
+date = env.get("date") or datetime.date.today().isoformat()
+print(f"{device}-gpu-check{'-dry-run' if sys.argv[2] == '1' else ''}-{date[:10]}")
+EOF
+)
+prefix="$OUT/bench/results/$name"
+[ "$mode" != all ] && prefix="$prefix-$mode"
+report_args=(--gpu-check "$work" --out "$prefix" --mode "$mode")
+[ "$dry" = 1 ] && report_args+=(--dry-run)
+if timeout 60 "$PY" bench/report.py "${report_args[@]}" >"$work/logs/report.log" 2>&1; then
+  echo "[gpu_check] report: $prefix.json, $prefix.md"
+else
+  echo "[gpu_check] report FAILED (see logs/report.log):"
+  tail -n 20 "$work/logs/report.log" | sed "s/^/    /"
+  failed=1
+fi
+[ -f "$work/e2e.png" ] && cp "$work/e2e.png" "$prefix-e2e.png"
+pack
+echo "[gpu_check] done in $((SECONDS - start))s; steps:"
+column -t -s $'\t' "$work/steps.tsv" 2>/dev/null || cat "$work/steps.tsv"
+[ "${GPU_CHECK_KEEP_WORK:-0}" = 1 ] || rm -rf "$work"
+exit "$failed"
