@@ -342,7 +342,9 @@ def alphaedit_dd_work(editor, hp, device, n_requests: int) -> dict:
 # --------------------------------------------------------------------------- the run
 
 
-def run(args) -> dict:
+def run(args, save) -> dict:
+    """The batches and the d x d timings; ``save(result)`` after each stage, so a run stopped by its
+    timeout still leaves what it measured."""
     from sphere_fast.editing.editor import Editor
     from sphere_fast.editing.hparams import load_hparams, shipped_hparams
     from sphere_fast.editing.train_lm import train_tokenizer
@@ -374,6 +376,7 @@ def run(args) -> dict:
                     "alpha": hp.suppression_strength},
         "requests_per_batch": args.requests, "setup": setup, "batches": [],
     }
+    save(result)
     with tempfile.TemporaryDirectory(prefix="sphere-fast-e2e-") as tmp:
         corpus_file = Path(tmp) / "corpus.txt"
         corpus_file.write_text("\n".join(corpus) + "\n", encoding="utf-8")
@@ -398,8 +401,12 @@ def run(args) -> dict:
                 print(f"batch {index} ({path:9s}): {entry['batch']:.2f} s, SPHERE {entry['components']['sphere']:.3f} s "
                       f"({100 * entry['sphere_share']:.2f} %), one-time stats {entry['one_time_stats']:.1f} s",
                       flush=True)
+                save(result)
+        result["summary"] = summarize(result)
+        save(result)
         result["alphaedit_dd"] = alphaedit_dd_work(editor, hp, device, args.requests)
     result["summary"] = summarize(result)
+    save(result)
     return result
 
 
@@ -481,14 +488,19 @@ def main(argv=None) -> int:
     args.requests = args.requests or (4 if args.tiny else 100)
     args.steps = args.steps or (2 if args.tiny else 25)
     args.stats_samples = args.stats_samples or (32 if args.tiny else 1000)
-    result = run(args)
-    args.out.write_text(json.dumps(result, indent=1))
+
+    def save(result: dict) -> None:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.out)
+        if args.png and result["batches"]:
+            plot(result, args.png)
+
+    result = run(args, save)
     text = markdown(result)
     print(text)
     if args.md:
         args.md.write_text(text)
-    if args.png:
-        plot(result, args.png)
     return 0
 
 

@@ -27,8 +27,9 @@ PROJECTION_CASES = ["reference", "sparse_projection", "fit_apply", "refit_apply"
 CASE_LABELS = {"reference": "reference", "sparse_projection": "sparse_projection", "fit_apply": "fit+apply",
                "refit_apply": "refit+apply", "fit_apply_next": "cold fit+apply of the changed W",
                "refit": "refit (legacy)"}
-BENCH_FILES = {"kernels": "bench-kernels.json", "cuda": "bench-cuda.json", "projection": "bench-projection.json",
-               "real_weights": "bench-real.json"}
+# pytest-benchmark files of the GPU check's steps, by suite (a suite may be split into one file per shape)
+BENCH_FILES = {"kernels": "bench-kernels*.json", "cuda": "bench-cuda*.json", "projection": "bench-projection*.json",
+               "real_weights": "bench-real*.json"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -233,7 +234,7 @@ def accuracy_markdown(acc: dict) -> str:
 
 
 def e2e_markdown(result: dict) -> str:
-    m, hp, s = result["model"], result["hparams"], result["summary"]
+    m, hp, s = result["model"], result["hparams"], result.get("summary")
     head = (f"{'Reduced configuration (dry run)' if result.get('tiny') else 'Llama3-8B configuration'}: "
             f"{m['num_hidden_layers']} layers, hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, "
             f"vocabulary {m['vocab_size']}, {result['parameters'] / 1e9:.2f} B random {result['dtype']} parameters on "
@@ -248,6 +249,8 @@ def e2e_markdown(result: dict) -> str:
                        ", ".join(b["methods"]), b["one_time_stats"]])
     table = _table(["path", "batch (s)", "targets", "keys", "AlphaEdit solve", "SPHERE", "update (cache_c)", "other",
                     "SPHERE fit/refit", "SPHERE apply", "SPHERE share", "method", "one-time stats (s)"], rows)
+    if s is None:  # a run stopped before its three batches
+        return "\n\n".join([head, table, f"Incomplete: {len(result['batches'])} of 3 batches ran."])
     verdict = (
         f"SPHERE's share of the batch: {100 * s['sphere_share_refit']:.2f} % with warm refit "
         f"(target ≤ {100 * s['share_target']:.1f} %: {'met' if s['share_target_met'] else 'NOT met'}), "
@@ -288,16 +291,19 @@ def _read_json(path: Path):
         return None
 
 
-def _slim(raw: dict | None) -> dict | None:
-    """A pytest-benchmark JSON without the per-round data: what the tables need, and the machine."""
-    if raw is None:
+def _suite(paths: list[Path]) -> dict | None:
+    """pytest-benchmark files of one suite, merged, without the per-round data: what the tables
+    need, and the machine."""
+    raws = [raw for raw in map(_read_json, paths) if raw]
+    if not raws:
         return None
     keep = ("min", "max", "mean", "median", "stddev", "rounds", "iqr")
     return {
-        "datetime": raw.get("datetime"), "machine_info": raw.get("machine_info"),
-        "commit_info": raw.get("commit_info"),
+        "files": [p.name for p in paths], "datetime": raws[0].get("datetime"),
+        "machine_info": raws[0].get("machine_info"), "commit_info": raws[0].get("commit_info"),
         "benchmarks": [{"name": b["name"], "group": b.get("group"), "extra_info": b.get("extra_info", {}),
-                        "stats": {k: b["stats"][k] for k in keep if k in b["stats"]}} for b in raw.get("benchmarks", [])],
+                        "stats": {k: b["stats"][k] for k in keep if k in b["stats"]}}
+                       for raw in raws for b in raw.get("benchmarks", [])],
     }
 
 
@@ -319,8 +325,8 @@ def gpu_check_result(work: Path, *, mode: str, dry_run: bool) -> dict:
         "environment": _read_json(work / "probe.json"),
         "steps": read_steps(work / "steps.tsv"),
         "accuracy": _read_json(work / "accuracy.json"),
-        "benchmarks": {name: _slim(_read_json(work / fname)) for name, fname in BENCH_FILES.items()
-                       if (work / fname).exists()},
+        "benchmarks": {name: suite for name, pattern in BENCH_FILES.items()
+                       if (suite := _suite(sorted(work.glob(pattern)))) is not None},
         "e2e": _read_json(work / "e2e.json"),
     }
 

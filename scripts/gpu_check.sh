@@ -7,6 +7,8 @@
 #          kernel and eigensolver benchmarks
 #   part2  probe, build, projection benchmarks (synthetic and real weights), end-to-end batches
 #   all    every step (what the dry run runs by default)
+#   STEP…  probe, build and the named steps (accuracy, tests, bench-kernels, bench-cuda,
+#          bench-projection[-llama3-8b|-qwen2.5-7b|-qwen2.5-32b], bench-real, e2e): a rerun
 #
 # Runs with the machine's python3 (PYTHON overrides it), no virtual environment, nothing
 # downloaded. Each step has its own timeout and log, and the steps of one call share a budget
@@ -28,12 +30,22 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$here"
 mode=all
 dry=0
+named=()
+known=" accuracy tests bench-kernels bench-cuda bench-projection bench-projection-llama3-8b bench-projection-qwen2.5-7b
+bench-projection-qwen2.5-32b bench-real e2e "
 for arg in "$@"; do
   case "$arg" in
     all|part1|part2) mode=$arg ;;
     --dry-run) dry=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument '$arg' (expected all, part1, part2 or --dry-run)" >&2; exit 2 ;;
+    *)
+      if [[ "$known" == *[[:space:]]"$arg"[[:space:]]* ]]; then
+        mode=steps
+        named+=("$arg")
+      else
+        echo "gpu_check: unknown argument '$arg' (expected all, part1, part2, step names or --dry-run)" >&2
+        exit 2
+      fi ;;
   esac
 done
 : "${OUT:?gpu_check: set OUT to the folder the results go to}"
@@ -78,7 +90,7 @@ step() {
     record "$name" skipped "" 0 "" "dry run: needs a CUDA device"
     return
   fi
-  local override="GPU_CHECK_TIMEOUT_$(echo "$name" | tr 'a-z-' 'A-Z_')"
+  local override="GPU_CHECK_TIMEOUT_$(echo "$name" | tr 'a-z.-' 'A-Z__')"
   limit=${!override:-$limit}
   local left=$((budget - reserve - (SECONDS - start)))
   if [ "$left" -lt 20 ]; then
@@ -106,7 +118,7 @@ step() {
 build() {
   SPHERE_FAST_BUILD_CUDA=1 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
     CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_ARCHITECTURES=${GPU_CHECK_CUDA_ARCHITECTURES:-90a-real}" \
-    "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . &&
+    "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . &&
     "$PY" -c 'import sphere_fast._C as ext; print("imported", ext.__file__)'
 }
 
@@ -116,11 +128,14 @@ tests() {
   "$PY" -c 'import pytest_timeout' 2>/dev/null && options+=(--timeout 300)
   "$PY" -m pytest -q -p no:cacheprovider "${options[@]}" --junitxml="$work/tests.xml" \
     tests/test_cuda_ext.py tests/test_kernels_gram.py tests/test_kernels_energy.py tests/test_projection.py \
-    tests/test_gram_energy.py -k "not cpu"
+    tests/test_gram_energy.py -k "cuda or compile or shared_memory"
 }
 
-bench() {  # bench FILE JSON: one pytest-benchmark suite
-  "$PY" -m pytest -q -p no:cacheprovider "$1" --benchmark-json="$work/$2" --benchmark-columns=min,median,max,rounds
+bench() {  # bench FILE JSON [PYTEST ARGS]: one pytest-benchmark suite
+  local file=$1 json=$2
+  shift 2
+  "$PY" -m pytest -q -p no:cacheprovider "$file" --benchmark-json="$work/$json" \
+    --benchmark-columns=min,median,max,rounds "$@"
 }
 
 probe() {
@@ -131,10 +146,15 @@ probe() {
 export PY work
 export -f build tests bench probe  # steps run them in a child bash, under timeout
 
+# On a GPU the projection benchmark runs one model shape per step (a timeout loses one shape).
+if [ "$dry" = 1 ]; then projection=(bench-projection); else
+  projection=(bench-projection-llama3-8b bench-projection-qwen2.5-7b bench-projection-qwen2.5-32b)
+fi
 case $mode in
   part1) steps=(probe build accuracy tests bench-kernels bench-cuda) ;;
-  part2) steps=(probe build bench-projection e2e bench-real) ;;
-  all) steps=(probe build accuracy tests bench-kernels bench-cuda bench-projection bench-real e2e) ;;
+  part2) steps=(probe build "${projection[0]}" e2e "${projection[@]:1}" bench-real) ;;
+  all) steps=(probe build accuracy tests bench-kernels bench-cuda "${projection[@]}" bench-real e2e) ;;
+  steps) steps=(probe build "${named[@]}") ;;
 esac
 echo "[gpu_check] mode $mode, $([ "$dry" = 1 ] && echo 'DRY RUN (no CUDA device)' || echo GPU), budget ${budget}s, work $work"
 for s in "${steps[@]}"; do
@@ -146,6 +166,9 @@ for s in "${steps[@]}"; do
     bench-kernels) step bench-kernels 180 gpu bench bench/bench_kernels.py bench-kernels.json ;;
     bench-cuda) step bench-cuda 120 gpu bench bench/bench_cuda.py bench-cuda.json ;;
     bench-projection) step bench-projection 240 any bench bench/bench_projection.py bench-projection.json ;;
+    bench-projection-llama3-8b) step "$s" 120 gpu bench bench/bench_projection.py "$s.json" -k 4096x14336 ;;
+    bench-projection-qwen2.5-7b) step "$s" 120 gpu bench bench/bench_projection.py "$s.json" -k 3584x18944 ;;
+    bench-projection-qwen2.5-32b) step "$s" 180 gpu bench bench/bench_projection.py "$s.json" -k 5120x27648 ;;
     bench-real) step bench-real 90 any bench bench/bench_real_weights.py bench-real.json ;;
     e2e) step e2e 360 any "$PY" bench/bench_e2e.py --out "$work/e2e.json" --png "$work/e2e.png" "${tiny[@]}" ;;
   esac
@@ -164,7 +187,8 @@ print(f"{device}-gpu-check{'-dry-run' if sys.argv[2] == '1' else ''}-{date[:10]}
 EOF
 )
 prefix="$OUT/bench/results/$name"
-[ "$mode" != all ] && prefix="$prefix-$mode"
+[ "$mode" = steps ] && prefix="$prefix-$(IFS=+; echo "${named[*]}")"
+[ "$mode" = part1 ] || [ "$mode" = part2 ] && prefix="$prefix-$mode"
 report_args=(--gpu-check "$work" --out "$prefix" --mode "$mode")
 [ "$dry" = 1 ] && report_args+=(--dry-run)
 if timeout 60 "$PY" bench/report.py "${report_args[@]}" >"$work/logs/report.log" 2>&1; then
