@@ -18,7 +18,7 @@ SPHERE's apply) and the rest -- with the device synchronised at every timer boun
 targets of issue 12 (reported, not asserted): SPHERE's share of the batch with warm refit
 (<= 0.3 %; the paper: 3.3 %), and whether the refit batch beats the reference batch by at least the
 projection time saved. It then times AlphaEdit's own d x d work on one layer's C0: the null-space
-projector with ``torch.linalg.eigh`` (as the editing layer and the public code compute it) against
+projector with ``torch.linalg.eigh`` (as the editing layer computes it) against
 the package's eigensolver (the eigenpairs above the threshold, P = I - U U^T), and the per-batch
 solve (its d^3 product and ``torch.linalg.solve``); and it ranks the costs of a batch.
 

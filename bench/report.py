@@ -263,7 +263,7 @@ def e2e_markdown(result: dict) -> str:
     parts = [head, table, verdict]
     dd = result.get("alphaedit_dd")
     if dd:
-        rows = [["null-space projector, torch.linalg.eigh (editing layer / public code)", dd["nullspace_eigh"]["seconds"],
+        rows = [["null-space projector, torch.linalg.eigh (the editing layer's nullspace_projector)", dd["nullspace_eigh"]["seconds"],
                  f"null-space dim {dd['nullspace_eigh']['null_dim']} of {dd['d']}"]]
         pkg = dd.get("nullspace_package")
         if pkg:
