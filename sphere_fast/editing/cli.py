@@ -166,14 +166,14 @@ def _note(command: str):
     return lambda message: print(f"sphere-fast {command}: {message}", file=sys.stderr, flush=True)
 
 
-def resolve_model_arg(spec: str | Path, command: str = "edit") -> Path:
+def resolve_model_arg(spec: str | Path, command: str = "edit", flag: str = "--model") -> Path:
     """The Hugging Face directory for ``--model`` (fetched and converted once if needed), or a CLIError."""
     from .model_sources import ModelSourceError, resolve_model
 
     try:
         return resolve_model(spec, log=_note(command))
     except ModelSourceError as exc:
-        raise CLIError(command, f"--model {exc.spec!r}: {exc.reason}") from None
+        raise CLIError(command, f"{flag} {exc.spec!r}: {exc.reason}") from None
 
 
 def load_model(spec: str | Path, *, device=None, dtype: str = "float32", command: str = "edit"):
@@ -515,7 +515,7 @@ def cmd_models(args) -> int:
     from .model_sources import list_models, models_dir
 
     for spec in args.fetch:
-        path = resolve_model_arg(spec, "models")
+        path = resolve_model_arg(spec, "models", "--fetch")
         print(f"{spec}: {path}")
     rows = list_models()
     print(f"named models (--model NAME); converted models live in {models_dir()}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
@@ -231,12 +232,15 @@ def convert_gguf(gguf_file: str | Path, dest: str | Path, *, source: dict, log: 
     dest = Path(dest)
     if log:
         log(f"converting {gguf_file.name} to a Hugging Face directory in {dest} (once)")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelSourceError(gguf_file, "reading GGUF files needs the gguf package (pip install gguf, or "
+                                          "install sphere_fast with the editing extra)")
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelSourceError(gguf_file, f"transformers cannot read this GGUF file: {exc}") from exc
+    except Exception as exc:  # whatever the third-party reader raises on a file it cannot read
+        raise ModelSourceError(gguf_file, f"transformers cannot read this GGUF file: {type(exc).__name__}: {exc}") from exc
     t_read = time.perf_counter() - t0
     # The loaded model keeps a GGUF quantization config and refuses save_pretrained:
     # rebuild it from its config without that entry and move the weights over.
