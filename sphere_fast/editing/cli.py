@@ -142,6 +142,8 @@ def register(subparsers) -> None:
     )
     models.add_argument("--fetch", nargs="+", default=(), metavar="MODEL",
                         help="fetch and convert these models (named models or .gguf files) now")
+    models.add_argument("--verify", action="store_true",
+                        help="hash every cached file (default: files with their recorded size and time are trusted)")
     models.set_defaults(handler=cmd_models)
 
 
@@ -517,7 +519,7 @@ def cmd_models(args) -> int:
     for spec in args.fetch:
         path = resolve_model_arg(spec, "models", "--fetch")
         print(f"{spec}: {path}")
-    rows = list_models()
+    rows = list_models(full=args.verify)
     print(f"named models (--model NAME); converted models live in {models_dir()}")
     for row in rows:
         if not row["named"]:

@@ -16,8 +16,11 @@ A converted entry is written to a temporary folder and renamed into place. It
 holds ``config.json`` (without the GGUF quantization entry, which makes
 transformers refuse ``save_pretrained``), ``model.safetensors``, the tokenizer
 files and a marker, :data:`MARKER`, written last, that records the source and
-every file's size and SHA-256. An entry whose marker is missing or does not
-match its files (an interrupted or damaged conversion) is rebuilt.
+every file's size, modification time and SHA-256. An entry whose marker is
+missing or does not match its files (an interrupted or damaged conversion) is
+rebuilt. As in git's index, a file whose size and modification time are those
+recorded is taken to be unchanged; any other file is hashed (``full=True``
+hashes every file).
 
 :func:`save_model` writes a model and tokenizer the same way (an edited model
 for ``--save-model``). Errors are :class:`ModelSourceError`; the command line
@@ -122,8 +125,11 @@ def read_marker(entry: Path) -> dict | None:
     return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
 
 
-def entry_is_complete(entry: Path, source: dict | None = None) -> bool:
-    """Whether ``entry`` holds a finished conversion (of ``source``, when given) with intact files."""
+def entry_is_complete(entry: Path, source: dict | None = None, *, full: bool = False) -> bool:
+    """Whether ``entry`` holds a finished conversion (of ``source``, when given) with intact files.
+
+    Files whose size and modification time match the marker are trusted unless ``full``.
+    """
     marker = read_marker(entry)
     if marker is None or not isinstance(marker.get("files"), dict) or not marker["files"]:
         return False
@@ -132,20 +138,24 @@ def entry_is_complete(entry: Path, source: dict | None = None) -> bool:
     for name, recorded in marker["files"].items():
         path = entry / name
         try:
-            if not path.is_file() or path.stat().st_size != recorded["size"] or _cached_sha256(path) != recorded["sha256"]:
+            st = path.stat()
+            if not path.is_file() or st.st_size != recorded["size"]:
+                return False
+            unchanged = st.st_mtime_ns == recorded.get("mtime_ns")
+            if (full or not unchanged) and _cached_sha256(path) != recorded["sha256"]:
                 return False
         except (OSError, KeyError, TypeError):
             return False
     return True
 
 
-def cached_model(name: str) -> Path | None:
-    """The converted directory ``<cache>/models/<name>`` if it is complete, else None."""
+def cached_model(name: str, *, full: bool = False) -> Path | None:
+    """The converted directory ``<cache>/models/<name>`` if it is complete, else None (``full``: hash every file)."""
     if not name or Path(name).name != name or name.startswith("."):
         raise ValueError(f"name must be a cache entry name such as 'smollm2', got {name!r}")
     entry = models_dir() / name
     named = NAMED_MODELS.get(name)
-    return entry if entry_is_complete(entry, _named_source(named) if named else None) else None
+    return entry if entry_is_complete(entry, _named_source(named) if named else None, full=full) else None
 
 
 def _named_source(named: NamedModel) -> dict:
@@ -179,7 +189,8 @@ def _write_marker(folder: Path, source: dict, info: dict) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             rel = path.relative_to(folder).as_posix()
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            st = path.stat()
+            files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
     marker = {"format": MARKER_FORMAT, "source": source, "files": files, **info}
     (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
@@ -417,14 +428,14 @@ def load_model(spec: str | Path, *, device=None, dtype: str = "float32", log: Ca
     return model, tokenizer
 
 
-def list_models() -> list[dict]:
-    """The named models and every converted entry in the cache, with their state."""
+def list_models(*, full: bool = False) -> list[dict]:
+    """The named models and every converted entry in the cache, with their state (``full``: hash every file)."""
     rows = []
     for name, named in NAMED_MODELS.items():
         entry = models_dir() / name
         rows.append({"name": name, "named": True, "source": f"PyPI {named.requirement}: {named.member}",
                      "description": named.description, "path": str(entry),
-                     "cached": entry_is_complete(entry, _named_source(named)), "size": _folder_size(entry)})
+                     "cached": entry_is_complete(entry, _named_source(named), full=full), "size": _folder_size(entry)})
     if models_dir().is_dir():
         for entry in sorted(models_dir().iterdir()):
             if entry.name in NAMED_MODELS or entry.name.startswith(".") or not entry.is_dir():
@@ -432,7 +443,7 @@ def list_models() -> list[dict]:
             marker = read_marker(entry) or {}
             rows.append({"name": entry.name, "named": False,
                          "source": f"GGUF file {marker.get('converted_from', '?')}", "description": "",
-                         "path": str(entry), "cached": entry_is_complete(entry), "size": _folder_size(entry)})
+                         "path": str(entry), "cached": entry_is_complete(entry, full=full), "size": _folder_size(entry)})
     return rows
 
 
