@@ -173,6 +173,25 @@ def _garbled_marker(path):
     (path / MARKER).write_text("{not json")
 
 
+def test_an_installed_distribution_is_read_without_importing_or_downloading(tiny, named_tiny, cache, tmp_path,
+                                                                          monkeypatch):
+    site = tmp_path / "site"
+    info = site / f"{TINY_PACKAGE.replace('-', '_')}-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {TINY_PACKAGE}\nVersion: 0.0.1\n")
+    (site / TINY_MEMBER).parent.mkdir(parents=True)
+    shutil.copy(tiny["gguf"], site / TINY_MEMBER)
+    (site / TINY_MEMBER).parent.joinpath("__init__.py").write_text("raise RuntimeError('never imported')\n")
+    monkeypatch.syspath_prepend(str(site))
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("an installed copy needs no download")
+
+    monkeypatch.setattr(model_sources, "pip_download", no_pip)
+    _assert_is_the_tiny_model(resolve_model(TINY), tiny)
+    assert not (cache / "downloads").exists()
+
+
 @pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _no_marker, _missing_tokenizer, _garbled_marker])
 def test_corrupt_or_partial_entry_is_detected_and_rebuilt_offline(tiny, named_tiny, cache, monkeypatch, damage):
     path = resolve_model(TINY)
