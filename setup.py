@@ -124,7 +124,7 @@ setup(
     install_requires=["torch", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "editing": ["transformers", "accelerate", "safetensors", "tqdm", "tokenizers", "pyyaml", "matplotlib"],
+        "editing": ["transformers", "accelerate", "safetensors", "tqdm", "tokenizers", "pyyaml", "matplotlib", "gguf"],
         "test": ["pytest", "pytest-benchmark", "hypothesis"],
         "bench": ["pytest", "pytest-benchmark"],
     },

@@ -1,7 +1,8 @@
 """sphere-fast: SPHERE's projection benchmarked, and sequential editing with it.
 
 bench-projection   time the reference projection against sphere_fast on one layer
-edit, train-lm, demo   the editing layer (sphere_fast.editing.cli)
+edit, train-lm, demo, models   the editing layer (sphere_fast.editing.cli); --model takes
+                   a local Hugging Face directory, a .gguf file or a named model (smollm2)
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``sphere-fast edit`` end to end on a tiny saved model; resume; argument errors; train-lm wiring."""
+"""``sphere-fast edit`` end to end on a tiny saved model; resume; argument errors; --model as a GGUF file;
+--save-model; train-lm and demo wiring."""
 from __future__ import annotations
 
 import json
@@ -206,8 +207,8 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     from sphere_fast.editing.train_lm import PRESETS
 
     monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    result = run_demo(edits=4, batch_size=2, out=tmp_path / "demo", device="cpu", synthetic=True, progress=False,
-                      train_config=PRESETS["tiny"].replace(steps=3),
+    result = run_demo(model="train-lm", edits=4, batch_size=2, out=tmp_path / "demo", device="cpu", synthetic=True,
+                      progress=False, train_config=PRESETS["tiny"].replace(steps=3),
                       hparams_overrides={"v_num_grad_steps": 4, "mom2_n_samples": 60})
     printed = capsys.readouterr().out
     assert "AlphaEdit + SPHERE" in printed and "energy drift %" in printed and "unedited" in printed
@@ -220,3 +221,73 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["edits"] == 4
     for sub in ("alphaedit", "alphaedit_sphere"):
         assert [r["edits"] for r in read_csv(tmp_path / "demo" / sub / "edits.csv")] == [0, 2, 4]
+
+
+def _state(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def test_edit_a_gguf_model_and_save_the_edited_model(env, full_run, capsys):
+    """--model FILE.gguf converts once into the cache; --save-model writes a directory that differs from the
+    unedited model in the edited weights only, and equals the run from the original directory."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.gguf_fixtures import write_llama_gguf
+
+    root = env["root"]
+    write_llama_gguf(AutoModelForCausalLM.from_pretrained(env["model"]), AutoTokenizer.from_pretrained(env["model"]),
+                     root / "tiny.gguf")
+    out, saved = root / "gguf-run", root / "edited-model"
+    assert main(_args({**env, "model": str(root / "tiny.gguf")}, out, "--save-model", str(saved))) == 0
+    assert f"wrote the edited model to {saved}" in capsys.readouterr().out
+    converted = json.loads((out / "run.json").read_text())["model"]
+    assert converted.startswith(str(root / "cache" / "models" / "tiny-"))
+
+    before, after = _state(env["model"]), _state(saved)
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    # The same edits as from the original directory, bit for bit.
+    final = load_file(str(full_run / "checkpoints" / "batch-000002" / "weights.safetensors"))
+    for name, weight in final.items():
+        assert torch.equal(after[name + ".weight"], weight), name
+    tok = AutoTokenizer.from_pretrained(saved)
+    assert tok("The mother tongue of")["input_ids"] == AutoTokenizer.from_pretrained(env["model"])(
+        "The mother tongue of")["input_ids"]
+
+
+def test_save_model_refuses_a_non_empty_directory_before_editing(env, tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"--save-model: save directory '.*taken' exists and is not empty"):
+        main(_args(env, tmp_path / "o", "--save-model", str(tmp_path / "taken")))
+    assert not (tmp_path / "o").exists() and (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="exists and is not a directory"):
+        main(_args(env, tmp_path / "o", "--save-model", str(tmp_path / "file")))
+
+
+def test_demo_uses_smollm2_unless_told_otherwise(monkeypatch, tmp_path):
+    """The demo command's model choice: the named model by default, any --model form, or train-lm."""
+    from sphere_fast.editing import demo, model_sources
+
+    resolved, demo_calls = [], []
+    monkeypatch.setattr(model_sources, "resolve_model",
+                        lambda spec, log=None: resolved.append(str(spec)) or tmp_path / str(spec))
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: demo_calls.append(kwargs) or {})
+    assert main(["demo", "--device", "cpu", "--quiet", "--out", str(tmp_path / "d")]) == 0
+    assert resolved == ["smollm2"] and demo_calls[-1]["model"] == tmp_path / "smollm2"
+    assert demo_calls[-1]["save_model_dir"] is None
+    assert main(["demo", "--model", "some.gguf", "--save-model", str(tmp_path / "s"), "--out", str(tmp_path / "d")]) == 0
+    assert resolved[-1] == "some.gguf" and demo_calls[-1]["save_model_dir"] == tmp_path / "s"
+    assert main(["demo", "--model", "train-lm", "--out", str(tmp_path / "d")]) == 0
+    assert demo_calls[-1]["model"] == "train-lm" and len(resolved) == 2
+    monkeypatch.undo()
+    from sphere_fast.editing.train_lm import PRESETS
+
+    with pytest.raises(ValueError, match="train_config applies to model='train-lm' only"):
+        demo.run_demo(model="smollm2", train_config=PRESETS["tiny"], out=tmp_path / "d2")
+    assert not (tmp_path / "d2").exists()

@@ -1,4 +1,7 @@
-"""``sphere-fast edit``, ``train-lm`` and ``demo``: the editing layer on the command line.
+"""``sphere-fast edit``, ``train-lm``, ``demo`` and ``models``: the editing layer on the command line.
+
+``--model`` takes a local Hugging Face directory, a ``.gguf`` file or a named
+model (``smollm2``); see :mod:`.model_sources`.
 
 :func:`register` adds the subcommands to the top-level parser; the heavy
 imports (torch, transformers, the editor) happen inside the handlers.
@@ -11,6 +14,8 @@ imports (torch, transformers, the editor) happen inside the handlers.
     edits.png                     metrics and energy against the number of edits
     summary.json                  final metrics, energy drift, timings
     checkpoints/                  run_sequential's checkpoints (every --eval-every batches)
+
+and with ``--save-model DIR`` the edited model as a Hugging Face directory.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+MODEL_HELP = "local Hugging Face directory, .gguf file, or named model (see `sphere-fast models`)"
 RUN_KEYS = ("model", "data", "method", "sphere", "eta", "alpha", "edits", "batch_size", "hparams", "seed", "schema")
 
 
@@ -55,13 +61,13 @@ def _unit_interval(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    """Add ``edit``, ``train-lm`` and ``demo`` to an argparse subparsers object."""
+    """Add ``edit``, ``train-lm``, ``demo`` and ``models`` to an argparse subparsers object."""
     edit = subparsers.add_parser(
-        "edit", help="sequentially edit a local model with MEMIT/AlphaEdit (+ SPHERE) and record metrics",
-        description="Sequential knowledge editing of a local Hugging Face model directory, with evaluation, "
-                    "checkpoints, a CSV per batch and a plot.",
+        "edit", help="sequentially edit a model with MEMIT/AlphaEdit (+ SPHERE) and record metrics",
+        description="Sequential knowledge editing of a Hugging Face causal LM (a local directory, a .gguf file or "
+                    "a named model), with evaluation, checkpoints, a CSV per batch and a plot.",
     )
-    edit.add_argument("--model", required=True, help="local model directory (from_pretrained)")
+    edit.add_argument("--model", required=True, help=MODEL_HELP)
     edit.add_argument("--data", required=True, help="CounterFact / EasyEdit / ZsRE JSON file")
     edit.add_argument("--schema", default="auto", choices=("auto", "counterfact", "easyedit", "zsre"))
     edit.add_argument("--method", required=True, choices=("memit", "alphaedit"))
@@ -79,6 +85,8 @@ def register(subparsers) -> None:
                       help="evaluate and checkpoint every K batches (and after the last)")
     edit.add_argument("--out", required=True, help="output directory")
     edit.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    edit.add_argument("--save-model", default=None, metavar="DIR",
+                      help="write the edited model to DIR as a Hugging Face directory (DIR must be new or empty)")
     edit.add_argument("--keep-checkpoints", type=_positive_int, default=None, metavar="N",
                       help="keep only the newest N checkpoints (default: all; each holds d x d state per layer)")
     edit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -111,8 +119,13 @@ def register(subparsers) -> None:
     train.set_defaults(handler=cmd_train_lm)
 
     demo = subparsers.add_parser(
-        "demo", help="train/reuse the small model, edit CounterFact with AlphaEdit with and without SPHERE, compare",
+        "demo", help="edit CounterFact with AlphaEdit with and without SPHERE on a real model (smollm2), compare",
     )
+    demo.add_argument("--model", default=None,
+                      help=f"{MODEL_HELP}, or train-lm (the small WikiText-2 model of `sphere-fast train-lm`); "
+                           "default smollm2")
+    demo.add_argument("--save-model", default=None, metavar="DIR",
+                      help="write the AlphaEdit + SPHERE edited model to DIR as a Hugging Face directory")
     demo.add_argument("--edits", type=_positive_int, default=200)
     demo.add_argument("--batch-size", type=_positive_int, default=20)
     demo.add_argument("--out", default="out/demo", help="output directory (default ./out/demo)")
@@ -122,6 +135,16 @@ def register(subparsers) -> None:
     demo.add_argument("--hparams", default=None, help="YAML/JSON hparams file (default: sized to the model, L2 10)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=cmd_demo)
+
+    models = subparsers.add_parser(
+        "models", help="list the named models and the converted models in the cache",
+        description="List the named models (--model NAME) and what the cache holds; --fetch converts ahead of use.",
+    )
+    models.add_argument("--fetch", nargs="+", default=(), metavar="MODEL",
+                        help="fetch and convert these models (named models or .gguf files) now")
+    models.add_argument("--verify", action="store_true",
+                        help="hash every cached file (default: files with their recorded size and time are trusted)")
+    models.set_defaults(handler=cmd_models)
 
 
 # --------------------------------------------------------------------------- edit
@@ -141,31 +164,49 @@ def _device(name: str | None, command: str):
     return dev
 
 
-def check_model_dir(model_dir: str | Path, command: str = "edit") -> Path:
-    path = Path(model_dir)
-    if not path.exists():
-        raise CLIError(command, f"--model {str(path)!r}: directory not found")
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise CLIError(command, f"--model {str(path)!r}: not a Hugging Face model directory (no config.json)")
-    return path
+def _note(command: str):
+    return lambda message: print(f"sphere-fast {command}: {message}", file=sys.stderr, flush=True)
 
 
-def load_model(model_dir: str | Path, *, device=None, dtype: str = "float32", command: str = "edit"):
-    """``(model, tokenizer)`` from a local directory, with clear errors for a bad directory."""
-    path = check_model_dir(model_dir, command)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_model_arg(spec: str | Path, command: str = "edit", flag: str = "--model") -> Path:
+    """The Hugging Face directory for ``--model`` (fetched and converted once if needed), or a CLIError."""
+    from .model_sources import ModelSourceError, resolve_model
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as exc:
-        raise CLIError(command, f"--model {str(path)!r}: cannot load: {exc}") from None
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    model.to(device if device is not None else "cpu").eval()
-    return model, tokenizer
+        return resolve_model(spec, log=_note(command))
+    except ModelSourceError as exc:
+        raise CLIError(command, f"{flag} {exc.spec!r}: {exc.reason}") from None
+
+
+def load_model(spec: str | Path, *, device=None, dtype: str = "float32", command: str = "edit"):
+    """``(model, tokenizer)`` for ``--model``, with the model source's errors as CLIErrors."""
+    from .model_sources import ModelSourceError, load_model as load
+
+    try:
+        return load(spec, device=device, dtype=dtype, log=_note(command))
+    except ModelSourceError as exc:
+        raise CLIError(command, f"--model {exc.spec!r}: {exc.reason}") from None
+
+
+def _check_save_model(path: str | None, command: str) -> Path | None:
+    from .model_sources import check_save_dir
+
+    if path is None:
+        return None
+    try:
+        return check_save_dir(path)
+    except ValueError as exc:
+        raise CLIError(command, f"--save-model: {exc}") from None
+
+
+def save_edited_model(model, tokenizer, path: Path, source: dict, command: str) -> None:
+    from .model_sources import save_model
+
+    try:
+        save_model(model, tokenizer, path, source=source)
+    except ValueError as exc:
+        raise CLIError(command, f"--save-model: {exc}") from None
+    print(f"wrote the edited model to {path}")
 
 
 def run_edit(
@@ -341,7 +382,6 @@ def cmd_edit(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise CLIError(command, f"--data {str(data)!r}: file not found")
-    model_path = check_model_dir(args.model, command)
     if args.stats_corpus is not None and not Path(args.stats_corpus).exists():
         raise CLIError(command, f"--stats-corpus {args.stats_corpus!r}: file not found")
     out = Path(args.out)
@@ -349,6 +389,7 @@ def cmd_edit(args) -> int:
         raise CLIError(command, f"--out {str(out)!r} exists and is not a directory")
     if not args.resume and (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise CLIError(command, f"--out {str(out)!r} already holds checkpoints: pass --resume or choose another --out")
+    save_dir = _check_save_model(args.save_model, command)
 
     import warnings
 
@@ -372,6 +413,7 @@ def cmd_edit(args) -> int:
         except (FileNotFoundError, ValueError) as exc:
             raise CLIError(command, f"--hparams {args.hparams!r}: {exc}") from None
 
+    model_path = resolve_model_arg(args.model, command)
     settings = {"model": str(model_path.resolve()), "data": str(data.resolve()), "method": args.method,
                 "sphere": args.sphere, "eta": args.eta, "alpha": args.alpha, "edits": args.edits,
                 "batch_size": args.batch_size, "hparams": args.hparams, "seed": args.seed, "schema": args.schema,
@@ -405,6 +447,10 @@ def cmd_edit(args) -> int:
           f"edit time {summary['edit_seconds']:.1f} s, SPHERE share "
           + (f"{summary['sphere_share']:.1%}" if summary["sphere_share"] is not None else "-"))
     print(f"wrote {out / 'edits.csv'}, {out / 'edits.png'}, {out / 'summary.json'}, {out / 'metrics'}/")
+    if save_dir is not None:
+        save_edited_model(model, tokenizer, save_dir, {"kind": "edited", "base_model": settings["model"],
+                                                      "method": args.method, "sphere": args.sphere,
+                                                      "edits": args.edits, "data": settings["data"]}, command)
     return 0
 
 
@@ -449,11 +495,43 @@ def cmd_train_lm(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import DEFAULT_MODEL, TRAINED_MODEL, run_demo
 
-    device = _device(args.device, "demo")
+    command = "demo"
+    device = _device(args.device, command)
     if args.hparams is not None and not Path(args.hparams).exists():
-        raise CLIError("demo", f"--hparams {args.hparams!r}: file not found")
-    run_demo(edits=args.edits, batch_size=args.batch_size, out=args.out, device=device, seed=args.seed,
-             synthetic=args.synthetic, progress=not args.quiet, hparams_file=args.hparams)
+        raise CLIError(command, f"--hparams {args.hparams!r}: file not found")
+    save_dir = _check_save_model(args.save_model, command)
+    model = args.model or DEFAULT_MODEL
+    if model != TRAINED_MODEL:
+        model = resolve_model_arg(model, command)
+    run_demo(model=model, edits=args.edits, batch_size=args.batch_size, out=args.out, device=device, seed=args.seed,
+             synthetic=args.synthetic, progress=not args.quiet, hparams_file=args.hparams, save_model_dir=save_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------- models
+
+
+def cmd_models(args) -> int:
+    from .model_sources import list_models, models_dir
+
+    for spec in args.fetch:
+        path = resolve_model_arg(spec, "models", "--fetch")
+        print(f"{spec}: {path}")
+    rows = list_models(full=args.verify)
+    print(f"named models (--model NAME); converted models live in {models_dir()}")
+    for row in rows:
+        if not row["named"]:
+            continue
+        state = f"cached, {row['size'] / 2**20:.0f} MiB" if row["cached"] else "not cached (fetched and converted on first use)"
+        print(f"  {row['name']:<10} {row['description']}")
+        print(f"  {'':<10} from {row['source']}")
+        print(f"  {'':<10} {state}: {row['path']}")
+    others = [r for r in rows if not r["named"]]
+    if others:
+        print("converted GGUF files (--model FILE.gguf):")
+        for row in others:
+            state = f"{row['size'] / 2**20:.0f} MiB" if row["cached"] else "incomplete (rebuilt on next use)"
+            print(f"  {row['name']}  {row['source']}, {state}: {row['path']}")
     return 0
