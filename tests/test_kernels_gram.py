@@ -233,6 +233,23 @@ def test_zero_rows(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_identical_rows_are_normalised_identically(device, dtype, shape):
+    """A row's norm and scale do not depend on where the row sits (copies in three row blocks).
+
+    The Gram's entries of those rows may still differ by position: the dot may
+    round each output entry in its own order (the bound allows for it).
+    """
+    W = make_matrix(*shape, dtype, device, seed=7)
+    copies = [9, 20, shape[0] - 1]
+    W[copies] = W[2].clone()
+    norms, scale = ng.row_norms(W)
+    assert bool((norms[copies] == norms[2]).all()) and bool((scale[copies] == scale[2]).all())
+    check_against_oracle(W, ng.normalized_gram(W))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_tiny_rows_use_the_norm_eps(device, dtype, shape):
