@@ -30,7 +30,6 @@ block sizes, autotune lists per architecture), then the public function.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -157,7 +156,7 @@ def _tile_dot(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr, ACC_DTYPE: 
             acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=ACC_DTYPE)
         elif DOT == DOT_TF32X3:
             acc = tl.dot(a, b, acc, input_precision="tf32x3", out_dtype=ACC_DTYPE)
-        else:
+        else:  # DOT_NATIVE16
             acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
     return acc
 
@@ -312,7 +311,7 @@ def tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dot_mode(dtype: torch.dtype, precision: str, *, scaled_operands: bool) -> int:
+def dot_mode(dtype: torch.dtype, precision: str, *, scaled_operands: bool) -> tl.constexpr:
     """The DOT_* mode for W's dtype, the requested precision and whether tiles are scaled before the dot.
 
     Unscaled 16-bit tiles always go to the tensor cores as loaded (exact
@@ -344,7 +343,7 @@ def _cfg(block, block_k, warps, stages):
     return triton.Config({"BLOCK": block, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
 
-def cuda_configs(capability: tuple[int, int], dot: int, elem_bytes: int) -> list:
+def cuda_configs(capability: tuple[int, int], dot: tl.constexpr, elem_bytes: int) -> list:
     """Short autotune lists per architecture and operand family (tensor cores or FMA)."""
     tensor_cores = dot in (DOT_NATIVE16, DOT_TF32, DOT_TF32X3, DOT_BF16)
     bk = 64 if elem_bytes <= 2 else 32
@@ -359,7 +358,7 @@ def cuda_configs(capability: tuple[int, int], dot: int, elem_bytes: int) -> list
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, capability: tuple[int, int], dot: int, elem_bytes: int, reset: tuple[str, ...] = ()):
+def _tuned(kernel, capability: tuple[int, int], dot: tl.constexpr, elem_bytes: int, reset: tuple[str, ...] = ()):
     """``kernel`` wrapped in triton.autotune for this architecture (built on first use, never at import)."""
     return triton.autotune(
         configs=cuda_configs(capability, dot, elem_bytes),
@@ -368,7 +367,8 @@ def _tuned(kernel, capability: tuple[int, int], dot: int, elem_bytes: int, reset
     )(kernel)
 
 
-def launch_kernel(kernel, W: torch.Tensor, m: int, dot: int, args: tuple, kwargs: dict, reset: tuple[str, ...] = ()):
+def launch_kernel(kernel, W: torch.Tensor, m: int, dot: tl.constexpr, args: tuple, kwargs: dict,
+                  reset: tuple[str, ...] = ()):
     """Launch ``kernel`` over the upper triangle of tiles of an m x m result."""
     if interpreting():
         grid = (num_upper_tiles(m, INTERPRET_CONFIG["BLOCK"]),)

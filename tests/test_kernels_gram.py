@@ -18,7 +18,6 @@ scalings, the division by n and the oracle's own rounding).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
