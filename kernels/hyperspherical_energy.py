@@ -7,9 +7,10 @@ rows-side Gram tiles of :mod:`normalized_gram`, times n, whatever n vs d),
 
 (paper Eq. 6, Riesz s-kernel; ``2 - 2 cos_ij = ||a_hat_i - a_hat_j||^2`` for unit
 rows). Each program computes one upper-triangle tile (I <= J) of the cosines in
-fp32 (fp64 for fp64 W), turns it into kernel values in the epilogue, and writes
-the tile's sum, doubled for off-diagonal tiles (the (J, I) tile has the same
-values), to a buffer of per-tile partials that the host sums in fp64.
+fp32 (fp64 for fp64 W), turns the entries with a < b into kernel values in the
+epilogue, and writes their sum, doubled (the pair (b, a) has the same value), to
+a buffer of per-tile partials that the host sums in fp64. Both terms of a pair
+thus come from one cosine, as ``normalized_gram`` stores one value for (a, b) and (b, a).
 
 Layout: the ``@triton.jit`` kernel, the launcher, the public function.
 """
@@ -57,7 +58,7 @@ def _hyperspherical_energy_kernel(
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``partial[p] = c * sum_{a, b in tile p, a != b} (max(2 - 2 cos_ab, 0) + eps)^(-s/2)``, c = 1 or 2.
+    """``partial[p] = 2 * sum_{a < b in tile p} (max(2 - 2 cos_ab, 0) + eps)^(-s/2)``.
 
     ``cos_ab = s_a s_b sum_k W_ak W_bk``; padding rows and the diagonal a == b are masked out.
     """
@@ -76,11 +77,12 @@ def _hyperspherical_energy_kernel(
     cos = acc * (s_i[:, None] * s_j[None, :])
     dist2 = tl.maximum(2.0 - 2.0 * cos, 0.0)
     terms = tl.exp(tl.log(dist2 + eps) * neg_half_s)
-    valid = mask_i[:, None] & mask_j[None, :] & (offs_i[:, None] != offs_j[None, :])
+    # Pairs a < b only, each counted for (a, b) and (b, a) from one cosine, as the
+    # Gram kernel mirrors: in a diagonal tile the dot's (a, b) and (b, a) entries
+    # may round differently. Off-diagonal tiles (I < J) have a < b everywhere.
+    valid = mask_i[:, None] & mask_j[None, :] & (offs_i[:, None] < offs_j[None, :])
     terms = tl.where(valid, terms, 0.0)
-    total = tl.sum(tl.sum(terms, axis=1), axis=0)
-    # an off-diagonal tile stands for itself and its mirror
-    total = total * tl.where(tile_i == tile_j, 1.0, 2.0).to(ACC_DTYPE)
+    total = 2.0 * tl.sum(tl.sum(terms, axis=1), axis=0)
     tl.store(partial_ptr + pid, total, mask=pid < num_partials)
 
 

@@ -30,7 +30,6 @@ block sizes, autotune lists per architecture), then the public function.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -39,12 +38,14 @@ import triton.language as tl
 from sphere_fast.gram import NORM_EPS, NormalizedGram, gram_side, trace_from_norms
 from sphere_fast.ops import PRECISIONS
 
-# How a tile pair enters tl.dot (a constexpr of the kernels).
-DOT_NATIVE16 = 0  # fp16/bf16 tiles as loaded: products are exact in fp32, fp32 accumulation
-DOT_IEEE = 1  # fp32 (or fp64) operands, full-precision FMA dot
-DOT_TF32 = 2  # fp32 operands on tensor cores in TF32
-DOT_BF16 = 3  # operands rounded to bf16, tensor cores, fp32 accumulation
-DOT_TF32X3 = 4  # fp32 operands split into TF32 high + low parts: three tensor-core dots, ~fp32 accuracy
+# How a tile pair enters tl.dot (the kernels' DOT meta-parameter). tl.constexpr,
+# so that the kernels can compare against these names (Triton reads only
+# constexpr globals inside @triton.jit code).
+DOT_NATIVE16 = tl.constexpr(0)  # fp16/bf16 tiles as loaded: products are exact in fp32, fp32 accumulation
+DOT_IEEE = tl.constexpr(1)  # fp32 (or fp64) operands, full-precision FMA dot
+DOT_TF32 = tl.constexpr(2)  # fp32 operands on tensor cores in TF32
+DOT_BF16 = tl.constexpr(3)  # operands rounded to bf16, tensor cores, fp32 accumulation
+DOT_TF32X3 = tl.constexpr(4)  # fp32 operands split into TF32 high + low parts: three tensor-core dots, ~fp32 accuracy
 
 
 # ----------------------------------------------------------------------------
@@ -124,8 +125,11 @@ def _upper_tile(pid, num_tiles):
 
 
 @triton.jit
-def _tile_dot(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
-    """acc += a @ b in the input precision DOT (see the DOT_* constants).
+def _tile_dot(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """acc += a @ b in the input precision DOT (see the DOT_* constants), accumulated in ACC_DTYPE.
+
+    ``out_dtype`` is always passed: Triton 3.6 defaults it to fp32 and rejects an
+    fp64 accumulator otherwise.
 
     The Triton interpreter computes bf16 dots wrongly (and truncates fp32 ->
     bf16 casts), so there every 16-bit operand is widened to fp32 first and
@@ -135,24 +139,25 @@ def _tile_dot(a, b, acc, DOT: tl.constexpr, INTERPRET: tl.constexpr):
     as IEEE fp32).
     """
     if INTERPRET:
-        if DOT == 0:
+        if DOT == DOT_NATIVE16:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if DOT == 3:
+        if DOT == DOT_BF16:
             a = _round_to_bf16(a.to(tl.float32))
             b = _round_to_bf16(b.to(tl.float32))
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
     else:
-        if DOT == 1:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        elif DOT == 2:
-            acc = tl.dot(a, b, acc, input_precision="tf32")
-        elif DOT == 3:
-            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)  # fp32 -> bf16 rounds to nearest even
-        elif DOT == 4:
-            acc = tl.dot(a, b, acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(a, b, acc)
+        if DOT == DOT_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC_DTYPE)
+        elif DOT == DOT_TF32:
+            acc = tl.dot(a, b, acc, input_precision="tf32", out_dtype=ACC_DTYPE)
+        elif DOT == DOT_BF16:
+            # fp32 -> bf16 rounds to nearest even
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=ACC_DTYPE)
+        elif DOT == DOT_TF32X3:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3", out_dtype=ACC_DTYPE)
+        else:  # DOT_NATIVE16
+            acc = tl.dot(a, b, acc, out_dtype=ACC_DTYPE)
     return acc
 
 
@@ -203,7 +208,7 @@ def _gram_tile(
             s_k = tl.load(scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
             a = a.to(ACC_DTYPE) * s_k[None, :]
             bt = bt.to(ACC_DTYPE) * s_k[:, None]
-        acc = _tile_dot(a, bt, acc, DOT, INTERPRET)
+        acc = _tile_dot(a, bt, acc, DOT, INTERPRET, ACC_DTYPE)
         a_ptrs += BLOCK_K * stride_xk
         b_ptrs += BLOCK_K * stride_xk
     return acc
@@ -306,7 +311,7 @@ def tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dot_mode(dtype: torch.dtype, precision: str, *, scaled_operands: bool) -> int:
+def dot_mode(dtype: torch.dtype, precision: str, *, scaled_operands: bool) -> tl.constexpr:
     """The DOT_* mode for W's dtype, the requested precision and whether tiles are scaled before the dot.
 
     Unscaled 16-bit tiles always go to the tensor cores as loaded (exact
@@ -338,7 +343,7 @@ def _cfg(block, block_k, warps, stages):
     return triton.Config({"BLOCK": block, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
 
-def cuda_configs(capability: tuple[int, int], dot: int, elem_bytes: int) -> list:
+def cuda_configs(capability: tuple[int, int], dot: tl.constexpr, elem_bytes: int) -> list:
     """Short autotune lists per architecture and operand family (tensor cores or FMA)."""
     tensor_cores = dot in (DOT_NATIVE16, DOT_TF32, DOT_TF32X3, DOT_BF16)
     bk = 64 if elem_bytes <= 2 else 32
@@ -353,7 +358,7 @@ def cuda_configs(capability: tuple[int, int], dot: int, elem_bytes: int) -> list
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel, capability: tuple[int, int], dot: int, elem_bytes: int, reset: tuple[str, ...] = ()):
+def _tuned(kernel, capability: tuple[int, int], dot: tl.constexpr, elem_bytes: int, reset: tuple[str, ...] = ()):
     """``kernel`` wrapped in triton.autotune for this architecture (built on first use, never at import)."""
     return triton.autotune(
         configs=cuda_configs(capability, dot, elem_bytes),
@@ -362,7 +367,8 @@ def _tuned(kernel, capability: tuple[int, int], dot: int, elem_bytes: int, reset
     )(kernel)
 
 
-def launch_kernel(kernel, W: torch.Tensor, m: int, dot: int, args: tuple, kwargs: dict, reset: tuple[str, ...] = ()):
+def launch_kernel(kernel, W: torch.Tensor, m: int, dot: tl.constexpr, args: tuple, kwargs: dict,
+                  reset: tuple[str, ...] = ()):
     """Launch ``kernel`` over the upper triangle of tiles of an m x m result."""
     if interpreting():
         grid = (num_upper_tiles(m, INTERPRET_CONFIG["BLOCK"]),)

@@ -100,25 +100,48 @@ def test_energy_duplicate_rows(device, dtype, shape):
         check_energy(W, s, eps)
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cpu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def make_exact_matrix(n: int, d: int, dtype: torch.dtype, device: str, *, seed: int) -> torch.Tensor:
+    """Integers in [-4, 4], each row times its own power of two in [2^-6, 2^6].
+
+    Every product of two rows' entries is an integer of at most 16 times one
+    power of two common to the whole dot, so each partial sum is exact in fp32
+    (and fp16/bf16 hold the entries exactly): any correct kernel, whatever its
+    summation order, tiling or tensor-core path, gets the same dot products and
+    sums of squares, hence (correctly rounded sqrt and division) the same scales
+    and the same fp32 cosines ``acc * (s_a * s_b)``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    entries = torch.randint(-4, 5, (n, d), generator=g, dtype=torch.float64)
+    row_scale = 2.0 ** torch.randint(-6, 7, (n, 1), generator=g, dtype=torch.float64)
+    return (entries * row_scale).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(32, 123), (32, 37), (64, 64)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_energy_epilogue_from_the_kernels_cosines(device, dtype, shape):
-    """The epilogue, tightly: E from the Gram kernel's own cosines (same tiles, same arithmetic).
+    """The epilogue, tightly: E from the Gram kernel's cosines, on rows whose cosines are exact.
 
-    With n a power of two, ``n * G`` recovers the kernel's cosines exactly, so the
-    float64 sum of ``f(max(2 - 2 cos, 0))`` over them differs from the kernel's E
-    only by the fp32 exp/log and the in-tile sums (duplicates included). CPU
-    only: on a GPU the two kernels may be autotuned to different tiles, whose
-    cosines differ by rounding (``test_energy_cuda_multi_tile`` bounds that).
+    On ``make_exact_matrix`` rows the two kernels' cosines agree bit for bit
+    (whatever tiles either one is autotuned to), and with n a power of two
+    ``n * G`` recovers them exactly, so the float64 sum of ``f(max(2 - 2 cos, 0))``
+    over them differs from the kernel's E only by the fp32 exp/log and the sums.
+    That holds near duplicate rows too, where one ulp of cos near 1 moves a term
+    by ~10 % (eps = 1e-6): on rows of rounded dot products no such bound could
+    be tight there (``check_energy`` bounds those honestly wide).
     """
     from sphere_fast.kernels.normalized_gram import normalized_gram
 
     n, d = shape
-    W = make_matrix(n, d, dtype, device, seed=16)
+    W = make_exact_matrix(n, d, dtype, device, seed=16)
     W[9] = W[2]
+    W[20] = W[2]  # another tile of the interpreter's 16-row tiles
     W[11] = -3 * W[2]  # antipodal: cos = -1, distance 2
-    cos = normalized_gram(W).gram.double() * n
+    W[5] = 0  # cos = 0 with every row, distance sqrt(2)
+    cos = normalized_gram(W).gram.cpu().double() * n
+    # identical rows are normalised identically: one cosine for each of their pairs
+    assert float(cos[2, 9]) == float(cos[2, 2]) == float(cos[9, 9]) == float(cos[9, 20]) == float(cos[20, 20])
+    assert float(cos[2, 11]) == float(cos[9, 11]) == float(cos[20, 11])
     off = ~torch.eye(n, dtype=torch.bool)
     u = UNIT[dtype]
     for s, eps in S_EPS:

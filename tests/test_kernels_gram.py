@@ -18,7 +18,6 @@ scalings, the division by n and the oracle's own rounding).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -230,6 +229,23 @@ def test_zero_rows(device, dtype, shape):
         assert bool((out.gram[list(zero)] == 0).all()) and bool((out.gram[:, list(zero)] == 0).all())
     n = shape[0]
     assert out.trace == pytest.approx((n - len(zero)) / n, abs=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_identical_rows_are_normalised_identically(device, dtype, shape):
+    """A row's norm and scale do not depend on where the row sits (copies in three row blocks).
+
+    The Gram's entries of those rows may still differ by position: the dot may
+    round each output entry in its own order (the bound allows for it).
+    """
+    W = make_matrix(*shape, dtype, device, seed=7)
+    copies = [9, 20, shape[0] - 1]
+    W[copies] = W[2].clone()
+    norms, scale = ng.row_norms(W)
+    assert bool((norms[copies] == norms[2]).all()) and bool((scale[copies] == scale[2]).all())
+    check_against_oracle(W, ng.normalized_gram(W))
 
 
 @pytest.mark.parametrize("device", DEVICES)
