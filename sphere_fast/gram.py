@@ -53,7 +53,9 @@ def ieee_fp32_matmul():
     ``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision("high")``
     would otherwise put them on TF32 (10-bit operands, ~1e-3 relative) on a GPU,
     and "medium" on bf16 in oneDNN on a CPU, against the 1e-5 fp32 contract.
-    The caller's settings are restored on exit. Also a decorator.
+    The caller's settings are restored on exit. The switches are process-wide:
+    other threads' fp32 products in that window run in IEEE fp32 too. Also a
+    decorator.
     """
     matmul = [b.matmul for b in (torch.backends.cuda, torch.backends.mkldnn) if hasattr(b.matmul, "fp32_precision")]
     if not matmul:  # torch < 2.9: only the legacy switch
