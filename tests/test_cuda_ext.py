@@ -128,6 +128,41 @@ def test_tf32_products_cannot_certify_fp32_but_converge_above_the_switch():
     assert float(fp32_floor.max()) < DEFAULT_TOL[torch.float32] / 10  # fp32 products can
 
 
+# -- the fp16 split premise (CPU) --------------------------------------------------------
+
+SPLIT_SCALE = 2.0**12  # csrc/project.cu kSplitScale
+
+
+def split(U: torch.Tensor, dtype, scale: float):
+    """csrc/project.cu's _split_kernel: scale * U = hi + lo in a 16-bit dtype."""
+    u = scale * U.float()
+    hi = u.to(dtype)
+    lo = (u - hi.float()).to(dtype)
+    return hi, lo
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_scaled_split_keeps_unit_columns_to_fp32_level(dtype):
+    """Entries of unit columns are ~d^-1/2: unscaled, fp16's lo half (2^-11 of an entry)
+    falls into fp16's subnormals and keeps a few bits; scaled by 2^12 both halves are
+    normal numbers and hi + lo carries U to about 2^-22 (fp16) / 2^-16 (bf16)."""
+    d, r = 14336, 8
+    g = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0].float()
+    U[:4, 0] = torch.tensor([1e-3, 1e-4, 3e-5, 1e-6])  # small entries, as real bases have
+    bound = 2.0**-21 if dtype == torch.float16 else 2.0**-15
+
+    def error(scale):
+        hi, lo = split(U, dtype, scale)
+        back = (hi.double() + lo.double()) / scale
+        return float(torch.linalg.norm(back - U.double()) / torch.linalg.norm(U.double()))
+
+    assert error(SPLIT_SCALE) <= bound
+    assert bool(torch.isfinite(split(torch.ones(1, 1), dtype, SPLIT_SCALE)[0]).all())  # |u| <= 1 fits
+    if dtype == torch.float16:
+        assert error(1.0) > 4 * error(SPLIT_SCALE)  # what the scale is for
+
+
 # -- inputs ------------------------------------------------------------------------
 
 
