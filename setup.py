@@ -46,6 +46,19 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def find_cmake() -> str:
+    """cmake on PATH, else the one the `cmake` Python package (a build requirement) ships."""
+    found = shutil.which("cmake")
+    if found:
+        return found
+    try:
+        import cmake
+
+        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except (ImportError, AttributeError):
+        raise OSError("cmake not found: put it on PATH or pip install cmake") from None
+
+
 def cuda_headers_found(nvcc: str, roots: list[str]) -> bool:
     candidates = [os.path.join(r, "include") for r in roots]
     candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "include"))
@@ -107,8 +120,9 @@ class CMakeBuild(build_ext):
         build_args = ["--config", "Release"]
         if "CMAKE_BUILD_PARALLEL_LEVEL" not in os.environ:
             build_args += ["--parallel", str(os.cpu_count() or 2)]
-        subprocess.run(["cmake", ext.source_dir, *args], cwd=build_dir, check=True)
-        subprocess.run(["cmake", "--build", ".", *build_args], cwd=build_dir, check=True)
+        cmake = find_cmake()
+        subprocess.run([cmake, ext.source_dir, *args], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", *build_args], cwd=build_dir, check=True)
 
 
 setup(

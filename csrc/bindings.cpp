@@ -9,6 +9,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -54,17 +55,19 @@ P as_ptr(uintptr_t address) {
   }
 }
 
+// "auto" is planned in Python (sphere_fast.eigensolver.plan_auto) and arrives as one of these.
 EigMethod parse_method(const std::string& method) {
-  if (method == "auto") return EigMethod::kAuto;
   if (method == "dense") return EigMethod::kDense;
   if (method == "block") return EigMethod::kBlock;
-  throw py::value_error("method must be one of 'auto', 'dense', 'block'; got '" + method + "'");
+  throw py::value_error("method must be 'dense' or 'block' (auto is planned by sphere_fast._cuda); got '" + method +
+                        "'");
 }
 
 std::unique_ptr<EigResult> eigensolve(uintptr_t G, int m, int64_t ldg, int dtype, double trace, double eta,
                                       const std::string& method, uintptr_t init, int k0, int64_t init_s0,
                                       int64_t init_s1, double tol, int max_iter, bool tf32, uint64_t seed,
-                                      int oversample, uintptr_t stream) {
+                                      int oversample, int min_guards, double budget, int max_block,
+                                      const std::array<double, 3>& iteration_cost, uintptr_t stream) {
   EigOptions opt;
   opt.method = parse_method(method);
   opt.tol = tol;
@@ -72,6 +75,10 @@ std::unique_ptr<EigResult> eigensolve(uintptr_t G, int m, int64_t ldg, int dtype
   opt.tf32 = tf32;
   opt.seed = seed;
   opt.oversample = oversample;
+  opt.min_guards = min_guards;
+  opt.budget = budget;
+  opt.max_block = max_block;
+  for (int i = 0; i < 3; ++i) opt.iteration_cost[i] = iteration_cost[i];
   std::unique_ptr<EigResult> result;
   Status s;
   {
@@ -181,7 +188,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("eigensolve", &eigensolve, py::arg("G"), py::arg("m"), py::arg("ldg"), py::arg("dtype"), py::arg("trace"),
           py::arg("eta"), py::arg("method"), py::arg("init"), py::arg("k0"), py::arg("init_s0"), py::arg("init_s1"),
           py::arg("tol"), py::arg("max_iter"), py::arg("tf32"), py::arg("seed"), py::arg("oversample"),
-          py::arg("stream"),
+          py::arg("min_guards"), py::arg("budget"), py::arg("max_block"), py::arg("iteration_cost"), py::arg("stream"),
           "Top-r eigenpairs of the symmetric m x m matrix at G (see sphere_fast._cuda.top_eigenpairs).");
   mod.def("project", &project_py, py::arg("out"), py::arg("out_dtype"), py::arg("os0"), py::arg("os1"), py::arg("W"),
           py::arg("ws0"), py::arg("ws1"), py::arg("B"), py::arg("b_dtype"), py::arg("ldb"), py::arg("U"),

@@ -1,5 +1,10 @@
-// Status names, dtype names and the per-device handle cache.
+// Status names, dtype names, the per-thread handle cache and the memory pool set-up.
+#include <algorithm>
+#include <mutex>
 #include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
 
 #include "common.cuh"
 
@@ -60,23 +65,70 @@ const char* cusolver_status_name(cusolverStatus_t s) {
 
 namespace {
 
+// cuBLAS's recommended workspace on Hopper (4096 KiB x 8), ample on older GPUs.
+constexpr size_t kBlasWorkspaceBytes = size_t(32) << 20;
+
 struct DeviceHandles {
   cublasHandle_t blas = nullptr;
   cusolverDnHandle_t solver = nullptr;
   // cublasSetStream resets the handle to one default workspace, which GEMMs still
-  // running on another stream may be using: each stream gets its own (as in torch).
-  std::unordered_map<cudaStream_t, void*> blas_workspace;
+  // running on another stream may be using: each stream gets its own (as in
+  // torch), most recently used first, at most kMaxBlasWorkspaces of them.
+  std::vector<std::pair<cudaStream_t, void*>> workspaces;
 };
 
-// cuBLAS's recommended workspace on Hopper (4096 KiB x 8), ample on older GPUs.
-constexpr size_t kBlasWorkspaceBytes = size_t(32) << 20;
-
 // One set per thread and device: a handle is bound to a stream per call, so
-// threads must not share one. Never destroyed: handles must not be torn down
-// after the CUDA runtime has shut down at interpreter exit.
-std::unordered_map<int, DeviceHandles>& handle_table() {
-  thread_local auto* table = new std::unordered_map<int, DeviceHandles>();
-  return *table;
+// threads must not share one. Released when the thread exits; for the main
+// thread that happens in exit() before any atexit handler or static
+// destructor runs, so while the CUDA runtime is still up.
+class HandleTable {
+ public:
+  HandleTable() = default;
+  HandleTable(const HandleTable&) = delete;
+  HandleTable& operator=(const HandleTable&) = delete;
+  ~HandleTable() {
+    for (auto& entry : devices_) {
+      DeviceHandles& h = entry.second;
+      if (cudaSetDevice(entry.first) != cudaSuccess) continue;
+      // cublasDestroy synchronises the device: the workspaces are idle after it.
+      if (h.blas != nullptr) cublasDestroy(h.blas);
+      if (h.solver != nullptr) cusolverDnDestroy(h.solver);
+      for (auto& ws : h.workspaces) cudaFree(ws.second);
+    }
+  }
+  DeviceHandles& operator[](int device) { return devices_[device]; }
+
+ private:
+  std::unordered_map<int, DeviceHandles> devices_;
+};
+
+HandleTable& handle_table() {
+  thread_local HandleTable table;
+  return table;
+}
+
+// The workspace of `stream`, moved to the front; a new one evicts the least
+// recently used beyond kMaxBlasWorkspaces (after a device synchronisation, as
+// GEMMs queued on its stream may still read it).
+Status stream_workspace(DeviceHandles& h, cudaStream_t stream, void** out) {
+  auto& list = h.workspaces;
+  for (size_t i = 0; i < list.size(); ++i) {
+    if (list[i].first == stream) {
+      std::rotate(list.begin(), list.begin() + i, list.begin() + i + 1);
+      *out = list.front().second;
+      return Status::Ok();
+    }
+  }
+  if (list.size() >= static_cast<size_t>(kMaxBlasWorkspaces)) {
+    SF_CUDA(cudaDeviceSynchronize());
+    SF_CUDA(cudaFree(list.back().second));
+    list.pop_back();
+  }
+  void* workspace = nullptr;
+  SF_CUDA(cudaMalloc(&workspace, kBlasWorkspaceBytes));
+  list.insert(list.begin(), {stream, workspace});
+  *out = workspace;
+  return Status::Ok();
 }
 
 }  // namespace
@@ -90,8 +142,8 @@ Status blas_handle(cudaStream_t stream, cublasHandle_t* out) {
     SF_CUBLAS(cublasSetPointerMode(h.blas, CUBLAS_POINTER_MODE_HOST));
   }
   SF_CUBLAS(cublasSetStream(h.blas, stream));
-  void*& workspace = h.blas_workspace[stream];
-  if (workspace == nullptr) SF_CUDA(cudaMalloc(&workspace, kBlasWorkspaceBytes));
+  void* workspace = nullptr;
+  SF_RETURN_IF_ERROR(stream_workspace(h, stream, &workspace));
   SF_CUBLAS(cublasSetWorkspace(h.blas, workspace, kBlasWorkspaceBytes));
   *out = h.blas;
   return Status::Ok();
@@ -104,6 +156,25 @@ Status solver_handle(cudaStream_t stream, cusolverDnHandle_t* out) {
   if (h.solver == nullptr) SF_CUSOLVER(cusolverDnCreate(&h.solver));
   SF_CUSOLVER(cusolverDnSetStream(h.solver, stream));
   *out = h.solver;
+  return Status::Ok();
+}
+
+Status retain_pool_memory() {
+  static std::mutex mutex;
+  static std::unordered_set<int> done;
+  int device = 0;
+  SF_CUDA(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  if (done.count(device)) return Status::Ok();
+  cudaMemPool_t pool;
+  SF_CUDA(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t threshold = 0;
+  SF_CUDA(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  if (threshold < kPoolRetainBytes) {
+    threshold = kPoolRetainBytes;
+    SF_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  }
+  done.insert(device);
   return Status::Ok();
 }
 

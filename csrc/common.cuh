@@ -114,10 +114,21 @@ class DeviceBuffer {
   cudaStream_t stream_ = nullptr;
 };
 
-// cuBLAS and cuSOLVER handles for the current device, created once and bound
-// to `stream` on every request. Host pointer mode, default math mode.
+// cuBLAS and cuSOLVER handles for the current device and calling thread,
+// created once and bound to `stream` on every request (host pointer mode,
+// default math mode). Each thread's handles and cuBLAS workspaces are released
+// when the thread exits; a thread keeps workspaces for its kMaxBlasWorkspaces
+// most recently used streams.
+constexpr int kMaxBlasWorkspaces = 4;
 Status blas_handle(cudaStream_t stream, cublasHandle_t* out);
 Status solver_handle(cudaStream_t stream, cusolverDnHandle_t* out);
+
+// Once per device: let its default memory pool (where DeviceBuffer allocates)
+// keep up to kPoolRetainBytes of freed memory instead of returning it to the
+// driver at every synchronisation (the default threshold is 0). A threshold
+// someone else set higher is left alone.
+constexpr uint64_t kPoolRetainBytes = uint64_t(512) << 20;
+Status retain_pool_memory();
 
 inline unsigned int blocks_for(int64_t count, int threads, unsigned int cap = 65535u * 8u) {
   int64_t b = (count + threads - 1) / threads;

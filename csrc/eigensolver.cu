@@ -1,6 +1,8 @@
 // Top-r eigenpairs of a symmetric PSD Gram with known trace: the CUDA twin of
 // sphere_fast/eigensolver.py (same rank rule, block growth, guard vectors,
-// residual test, warm start and cost-budget fallback to a dense solve).
+// residual test, warm start and cost-budget fallback to a dense solve). The
+// auto rules (dense at once, or block within a budget) and the cost model come
+// from Python in EigOptions; iterations_to_converge mirrors the twin's.
 //
 // Precision plan for an fp32 G:
 //   * the bulk product Y = G X is the only O(m^2 k) step. It runs on TF32
@@ -42,11 +44,9 @@
 
 namespace sphere_fast {
 
-// Mirror sphere_fast.eigensolver.FULL_ENERGY_SLACK and AUTO_BLOCK_FRACTION. The
-// twin's cold-start effective-rank test (flat spectra go dense at once) runs in
-// sphere_fast/_cuda.py before the call, with torch's Frobenius norm.
+// Mirrors sphere_fast.eigensolver.FULL_ENERGY_SLACK and COLD_BLOCK.
 constexpr double kFullEnergySlack = 5e-7;
-constexpr int kAutoBlockFraction = 8;
+constexpr int kColdBlock = 32;
 // TF32 iterations hand over to fp32 once every wanted residual is below this
 // fraction of theta_1 (half a TF32 unit roundoff, 3 to 10x the TF32 residual
 // floor), or once they stall (fall by less than kTf32Stall per iteration).
@@ -241,10 +241,25 @@ int select_rank(const std::vector<double>& vals, double trace, double eta, bool 
   return count + 1;
 }
 
-// The GPU's own estimate (not the twin's 3 m^3): cuSOLVER syevd runs far below
-// GEMM throughput on tensor-core GPUs. Not yet calibrated on a GPU.
-double dense_cost(double m) { return 12.0 * m * m * m; }
-double iteration_cost(double m, double k) { return 2.0 * m * m * k + 8.0 * m * k * k + 12.0 * k * k * k; }
+// sphere_fast.eigensolver.iterations_to_converge: block iterations still needed
+// for the worst wanted residual to fall from `worst` to `tol` (relative to
+// theta_1). The rate per step is the larger of a power law fitted to the Ritz
+// values over the q indices below r, extrapolated to k + 1, and the measured
+// worst / previous (previous < 0: none; a step that did not shrink the
+// residual is not read as a rate).
+double iterations_to_converge(const std::vector<double>& theta, double worst, double previous, int r, int k,
+                              double tol) {
+  double rate = 0.0;
+  const int q = std::min(k + 1 - r, r - 1);
+  if (q >= 1 && theta[r - 1] > 0.0) {
+    const double decay = std::log(theta[r - 1 - q] / theta[r - 1]) / std::log(static_cast<double>(r) / (r - q));
+    rate = std::pow(static_cast<double>(r) / (k + 1), std::max(decay, 0.0));
+  }
+  if (previous > 0.0 && worst > 0.0 && worst < previous) rate = std::max(rate, worst / previous);
+  if (rate >= 1.0) return std::numeric_limits<double>::infinity();
+  if (rate <= 0.0 || worst <= tol) return 1.0;
+  return std::max(1.0, std::log(tol / worst) / std::log(rate));
+}
 
 template <typename T>
 constexpr int dtype_code() {
@@ -354,61 +369,63 @@ Status dense_solve(const T* G, int m, int64_t ldg, double trace, double eta, cud
 template <typename T>
 class BlockSolver {
  public:
-  BlockSolver(const T* G, int m, int64_t ldg, double trace, double eta, const EigOptions& opt, int max_block,
-              cudaStream_t stream)
-      : G_(G), m_(m), ldg_(ldg), trace_(trace), eta_(eta), opt_(opt), max_block_(max_block), stream_(stream) {}
+  BlockSolver(const T* G, int m, int64_t ldg, double trace, double eta, const EigOptions& opt, cudaStream_t stream)
+      : G_(G), m_(m), ldg_(ldg), trace_(trace), eta_(eta), opt_(opt), max_block_(opt.max_block), stream_(stream) {}
 
-  // *result stays empty when the cost budget (flops; <= 0: none) runs out or
-  // the block would outgrow max_block columns (<= 0: no cap).
-  Status run(const T* init, int k0, int64_t init_s0, int64_t init_s1, double budget,
-             std::unique_ptr<EigResult>* result) {
+  // *result stays empty when the cost budget (opt.budget; <= 0: none) runs out
+  // or the block would outgrow opt.max_block columns (<= 0: no cap).
+  Status run(const T* init, int k0, int64_t init_s0, int64_t init_s1, std::unique_ptr<EigResult>* result) {
+    const double budget = opt_.budget;
     SF_RETURN_IF_ERROR(detail::blas_handle(stream_, &blas_));
     SF_RETURN_IF_ERROR(detail::solver_handle(stream_, &solver_));
     SF_RETURN_IF_ERROR(flag_.allocate(sizeof(int), stream_));
     SF_RETURN_IF_ERROR(info_.allocate(sizeof(int), stream_));
     const int64_t m = m_;
-    int p;
+    // The block carries p guard vectors past the previous (or expected) rank;
+    // pairs are accepted once min_guards remain past the current r.
+    const int p = opt_.oversample;
+    const int min_guards = opt_.min_guards;
     bool tf32 = opt_.tf32 && std::is_same<T, float>::value;
+    double spent = 0.0;
     if (init != nullptr) {
-      p = opt_.oversample >= 0 ? opt_.oversample : std::max(16, k0 / 4);
       SF_RETURN_IF_ERROR(warm_start(init, k0, init_s0, init_s1, p));
       tf32 = false;  // a warm start is near the answer: TF32 steps would be discarded
+      spent = iteration_cost(k0);  // the set-up: G V, its residual directions
     } else {
-      k_ = std::min(m_, 32);
-      p = opt_.oversample >= 0 ? opt_.oversample : 8;
+      k_ = std::min(m_, kColdBlock);
       SF_RETURN_IF_ERROR(reserve(k_, &x_));
       SF_RETURN_IF_ERROR(random_columns(x_.as<double>(), m * k_));
     }
     SF_RETURN_IF_ERROR(orthonormalize(&x_, k_));
 
-    double spent = 0.0;
     double previous = -1.0;  // worst relative residual of the leading r pairs, last fp32 iteration
+    int previous_r = 0;      // r at that iteration
     double previous_tf32 = std::numeric_limits<double>::infinity();
     double last_energy = -1.0;  // sum of the Ritz values, last iteration (while r is unknown); < 0: none
     int steps_at_k = 0;
     std::vector<double> theta, res;
     for (int iteration = 1; iteration <= opt_.max_iter; ++iteration) {
       const int k = k_;
-      spent += iteration_cost(m_, k);
+      spent += iteration_cost(k);
       if (budget > 0.0 && spent > budget) return Status::Ok();  // let the caller go dense
       const bool this_tf32 = tf32;
       if (this_tf32) ++tf32_iterations_;
       SF_RETURN_IF_ERROR(rayleigh_ritz(this_tf32, &theta, &res));
       const int r = select_rank(theta, trace_, eta_, /*complete=*/k == m_);
-      if (r > 0 && (r + p <= k || k == m_)) {
+      if (r > 0 && (r + min_guards <= k || k == m_)) {
         double worst = 0.0;
         for (int j = 0; j < r; ++j) worst = std::max(worst, res[j] / theta[0]);
         if (!this_tf32) {
           if (worst <= opt_.tol) return accept(r, iteration, theta, res, result);
-          if (budget > 0.0 && previous > 0.0) {
-            // Give up early when the observed convergence rate cannot reach
-            // tol within the budget (flat spectra: a dense solve is cheaper).
-            const double rate = worst / previous;
-            const double needed = rate >= 1.0 ? std::numeric_limits<double>::infinity()
-                                              : std::log(opt_.tol / worst) / std::log(rate);
-            if (spent + needed * iteration_cost(m_, k) > budget) return Status::Ok();
+          if (budget > 0.0) {
+            // Give up as soon as the convergence rate says the block cannot
+            // reach tol within the budget (flat spectra: dense is cheaper).
+            const double last = previous_r == r ? previous : -1.0;
+            const double needed = iterations_to_converge(theta, worst, last, r, k, opt_.tol);
+            if (spent + needed * iteration_cost(k) > budget) return Status::Ok();
           }
           previous = worst;
+          previous_r = r;
         } else {
           // TF32 residuals bottom out near the TF32 rounding of G x: hand over
           // to fp32 there (the rate test above then sees fp32 rates only).
@@ -447,6 +464,13 @@ class BlockSolver {
   }
 
  private:
+  // The cost model of sphere_fast.eigensolver.iteration_cost, coefficients from the caller.
+  double iteration_cost(int k) const {
+    const double m = m_, kk = k;
+    return opt_.iteration_cost[0] * m * m * kk + opt_.iteration_cost[1] * m * kk * kk +
+           opt_.iteration_cost[2] * kk * kk * kk;
+  }
+
   // An m x k fp64 block (fresh contents when it has to grow).
   Status reserve(int k, DeviceBuffer* buf) { return buf->ensure(sizeof(double) * m_ * static_cast<int64_t>(k), stream_); }
 
@@ -729,24 +753,10 @@ Status solve(const T* G, int m, int64_t ldg, double trace, double eta, const T* 
     SF_RETURN_IF_ERROR(any_nonfinite<T>(init, m, k0, init_s0, init_s1, stream, &bad));
     if (bad) return Status::Error(StatusCode::kNonFinite, "init contains NaN or Inf");
   }
-  if (opt.method == EigMethod::kDense || (opt.method == EigMethod::kAuto && m <= 64)) {
-    return dense_solve<T>(G, m, ldg, trace, eta, stream, result);
-  }
-  double budget = 0.0;  // none
-  int max_block = 0;    // none
-  if (opt.method == EigMethod::kAuto) {
-    // auto: the block method wins only while its block is a small part of m
-    // (its per-iteration cost grows as k^3 and flat spectra converge slowly).
-    max_block = std::max(m / kAutoBlockFraction, 1);
-    if (init != nullptr) {
-      const int p = opt.oversample >= 0 ? opt.oversample : std::max(16, k0 / 4);
-      if (k0 + p > max_block) return dense_solve<T>(G, m, ldg, trace, eta, stream, result);
-    }
-    budget = (init == nullptr ? 0.5 : 1.0) * dense_cost(m);
-  }
+  if (opt.method == EigMethod::kDense) return dense_solve<T>(G, m, ldg, trace, eta, stream, result);
   {
-    BlockSolver<T> solver(G, m, ldg, trace, eta, opt, max_block, stream);
-    SF_RETURN_IF_ERROR(solver.run(init, k0, init_s0, init_s1, budget, result));
+    BlockSolver<T> solver(G, m, ldg, trace, eta, opt, stream);
+    SF_RETURN_IF_ERROR(solver.run(init, k0, init_s0, init_s1, result));
   }
   if (*result) return Status::Ok();
   return dense_solve<T>(G, m, ldg, trace, eta, stream, result);
@@ -810,9 +820,24 @@ Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace
     return invalid("tol must be finite and > 0, got " + std::to_string(options.tol));
   }
   if (options.max_iter < 1) return invalid("max_iter must be >= 1, got " + std::to_string(options.max_iter));
+  if (options.method != EigMethod::kDense && options.method != EigMethod::kBlock) {
+    return invalid("method must be dense or block (auto is planned by the caller)");
+  }
+  if (options.oversample < 0 || options.min_guards < 0 || options.min_guards > options.oversample) {
+    return invalid("oversample must be >= 0 and min_guards in [0, oversample], got " +
+                   std::to_string(options.oversample) + " and " + std::to_string(options.min_guards));
+  }
+  if (!std::isfinite(options.budget) || options.max_block < 0) {
+    return invalid("budget must be finite and max_block >= 0, got " + std::to_string(options.budget) + " and " +
+                   std::to_string(options.max_block));
+  }
+  for (double c : options.iteration_cost) {
+    if (!(std::isfinite(c) && c >= 0.0)) return invalid("iteration_cost coefficients must be finite and >= 0");
+  }
   if (init != nullptr && (k0 < 1 || k0 > m)) {
     return invalid("init must have between 1 and m = " + std::to_string(m) + " columns, got " + std::to_string(k0));
   }
+  SF_RETURN_IF_ERROR(detail::retain_pool_memory());
   if (dtype == kFloat64) {
     return solve<double>(static_cast<const double*>(G), m, ldg, trace, eta, static_cast<const double*>(init), k0,
                          init_s0, init_s1, options, stream, result);

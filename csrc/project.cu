@@ -5,8 +5,11 @@
 // Stage 1, T = B U (n x r), on cuBLAS: fp32 B uses a full-fp32 GEMM
 // (CUBLAS_COMPUTE_32F, no TF32: a TF32 product would cost ~1e-4 relative, the
 // fp32 contract is 1e-5); fp16/bf16 B is read in its own dtype on tensor cores
-// against U split into two halves of B's dtype, U = u_hi + u_lo (~2^-16
-// relative for bf16, ~2^-22 for fp16), accumulated in fp32; fp64 B uses DGEMM.
+// against U split into two halves of B's dtype, 2^12 U = u_hi + u_lo (~2^-16
+// relative for bf16, ~2^-22 for fp16), accumulated in fp32 and scaled back by
+// 2^-12 in the GEMMs' alpha; fp64 B uses DGEMM. The scale (a power of two,
+// exact) lifts fp16's u_lo, about 2^-11 of an entry of a unit column, out of
+// fp16's subnormal range, where it would keep only a few bits.
 // Stage 2, one kernel: a tiled fp32 (fp64 for fp64 B) GEMM of T and U^T whose
 // epilogue reads B and W in their dtypes and writes out once, so the in-place
 // update W += B - alpha (B U) U^T rounds W a single time.
@@ -59,7 +62,8 @@ template <typename Acc, typename BT, typename OutT>
 __global__ void __launch_bounds__(kThreadsX * kThreadsY)
     _project_kernel(
         // pointers
-        OutT* out, const OutT* W, const BT* __restrict__ B, const Acc* __restrict__ T, const Acc* __restrict__ U,
+        // out may be B itself (project(B, U, out=B)): neither is __restrict__.
+        OutT* out, const OutT* W, const BT* B, const Acc* __restrict__ T, const Acc* __restrict__ U,
         // sizes
         int64_t n, int64_t d, int64_t r,
         // strides (elements)
@@ -121,7 +125,12 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
   }
 }
 
-// U (fp32, d x r, row stride ldu) -> hi + lo in a 16-bit dtype, contiguous d x r.
+// Entries of orthonormal columns are at most 1 in magnitude: scaled by 2^12 they
+// stay far below fp16's largest finite value (65504), and u_lo, about 2^-11 of
+// the scaled entry, stays a normal fp16 number down to entries of 2^-15.
+constexpr float kSplitScale = 4096.0f;
+
+// kSplitScale * U (fp32, d x r, row stride ldu) -> hi + lo in a 16-bit dtype, contiguous d x r.
 template <typename H>
 __global__ void _split_kernel(const float* __restrict__ U, int64_t d, int64_t r, int64_t ldu, H* __restrict__ hi,
                               H* __restrict__ lo) {
@@ -129,7 +138,7 @@ __global__ void _split_kernel(const float* __restrict__ U, int64_t d, int64_t r,
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = e / r, k = e % r;
-    const float u = U[j * ldu + k];
+    const float u = kSplitScale * U[j * ldu + k];
     const H h = from_acc<H>(u);
     hi[e] = h;
     lo[e] = from_acc<H>(u - to_acc<float>(h));
@@ -198,10 +207,11 @@ Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
     half_type = CUDA_R_16BF;
   }
   SF_RETURN_IF_ERROR(detail::launch_status("_split_kernel"));
-  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &one, a.u_hi, half_type, r, a.B, half_type, ldb,
-                         &zero, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &one, a.u_lo, half_type, r, a.B, half_type, ldb,
-                         &one, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  const float unscale = 1.0f / kSplitScale;  // exact: a power of two
+  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &unscale, a.u_hi, half_type, r, a.B, half_type,
+                         ldb, &zero, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &unscale, a.u_lo, half_type, r, a.B, half_type,
+                         ldb, &one, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   return Status::Ok();
 }
 

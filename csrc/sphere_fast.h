@@ -51,15 +51,26 @@ struct Status {
 // whole trace is captured (FULL_ENERGY_SLACK), exactly as
 // sphere_fast.eigensolver.select_rank.
 
-enum class EigMethod : int { kAuto = 0, kDense = 1, kBlock = 2 };
+// "auto" is decided in Python (sphere_fast.eigensolver.plan_auto, shared with
+// the torch twin): it arrives here as kDense, or as kBlock with a budget and a
+// block cap beyond which the block method gives up and the call goes dense.
+enum class EigMethod : int { kDense = 1, kBlock = 2 };
 
 struct EigOptions {
-  EigMethod method = EigMethod::kAuto;
+  EigMethod method = EigMethod::kDense;
   double tol = 2e-6;        // accept when ||G u - theta u|| <= tol * theta_1
   int max_iter = 200;       // block iterations before kNotConverged
   bool tf32 = true;         // fp32 G: run the early block iterations on TF32 tensor cores
   uint64_t seed = 0;        // random start / growth columns
-  int oversample = -1;      // guard vectors p; -1: the torch twin's default
+  int oversample = 8;       // guard vectors p the block carries past the (previous) rank
+  int min_guards = 8;       // pairs are accepted once r + min_guards <= block size
+  // The plan of auto (all from sphere_fast.eigensolver): the block method gives
+  // up once its cost would pass `budget` (<= 0: no limit) or its block would
+  // pass `max_block` columns (<= 0: no cap). One iteration on k columns costs
+  // iteration_cost[0] m^2 k + iteration_cost[1] m k^2 + iteration_cost[2] k^3.
+  double budget = 0.0;
+  int max_block = 0;
+  double iteration_cost[3] = {0.0, 0.0, 0.0};
 };
 
 // The solution, owned in device memory (stream-ordered allocations that are
@@ -95,7 +106,9 @@ class EigResult {
 //    largest residual directions G V - V (V^T G V) as the torch twin does): m x k0 with element
 //    (i, j) at init[i * init_s0 + j * init_s1], same dtype as G.
 // Device memory for the iteration is taken with cudaMallocAsync on `stream`
-// and returned to the device's memory pool before the call returns.
+// and returned to the device's memory pool before the call returns; the pool
+// keeps up to detail::kPoolRetainBytes of it between calls instead of handing
+// it back to the driver at every synchronisation.
 Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace, double eta,
                       const void* init, int k0, int64_t init_s0, int64_t init_s1,
                       const EigOptions& options, cudaStream_t stream,
@@ -113,8 +126,9 @@ Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace
 //      (same pointer and strides: the in-place update W += ...).
 // T:   workspace n x r, dtype acc, contiguous.
 // u_hi, u_lo: workspace d x r in B's dtype (only for fp16/bf16 B; else nullptr):
-//      U = u_hi + u_lo to ~2^-16 relative, so B U runs on tensor cores with B
-//      read in its own dtype and still carries fp32-level accuracy.
+//      2^12 U = u_hi + u_lo (the scale keeps fp16's u_lo out of its subnormal
+//      range), so B U runs on tensor cores with B read in its own dtype and
+//      still carries fp32-level accuracy.
 struct ProjectArgs {
   void* out = nullptr;
   int out_dtype = kFloat32;

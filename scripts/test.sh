@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command: sets up the environment, then runs the whole suite on CPU.
 # Triton kernels run under TRITON_INTERPRET=1; CUDA tests skip with a reason
-# where no GPU is present; every csrc/ file is compiled with nvcc for sm_90a
-# (the CUDA headers come from pip wheels cached outside the repo, see
-# scripts/cuda_wheels.sh; SPHERE_FAST_SKIP_CSRC=1 skips fetching them).
+# where no GPU is present; the CUDA extension is built, linked and imported
+# for sm_90a (the CUDA headers and libraries come from pip wheels cached
+# outside the repo, see scripts/cuda_wheels.sh; SPHERE_FAST_SKIP_CSRC=1 skips
+# fetching them).
 #
 # Then the Triton kernel tests (interpreter and sm_90/sm_80 compile tests) run
 # a second time against the oldest supported Triton, the GPU machine's

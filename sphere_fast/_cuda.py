@@ -30,7 +30,15 @@ import os
 import torch
 
 from ._validation import real_number
-from .eigensolver import DEFAULT_TOL, METHODS, Eigenpairs, too_flat_for_block
+from .eigensolver import (
+    COLD_OVERSAMPLE,
+    DEFAULT_TOL,
+    ITERATION_COST,
+    METHODS,
+    Eigenpairs,
+    plan_auto,
+    warm_oversample,
+)
 
 EXTENSION_MODULE = "sphere_fast._C"
 BUILD_HINT = (
@@ -132,7 +140,8 @@ def top_eigenpairs(
     max_iter : block iterations before :class:`sphere_fast.ConvergenceError`.
     tf32 : for fp32 G, run the early block iterations' G @ X on TF32 tensor cores
         (accepted pairs always come from a full-fp32 iteration).
-    oversample : guard vectors p (default: the torch twin's, 8 cold, max(16, k0 // 4) warm).
+    oversample : guard vectors p (default: the torch twin's, 8 cold,
+        :func:`sphere_fast.eigensolver.warm_oversample` warm).
     seed : seed of the random start / growth columns.
     return_stats : also return a dict (iterations, tf32_iterations, residuals, ...).
     """
@@ -178,8 +187,12 @@ def top_eigenpairs(
             init = init.to(G.dtype)
         init_ptr, k0, s0, s1 = init.data_ptr(), init.shape[1], init.stride(0), init.stride(1)
 
-    if method == "auto" and init is None and m > 64 and too_flat_for_block(G, trace):
-        method = "dense"  # the twin's cold-start rule, here rather than in csrc/
+    # The twin's rules, decided here, not in csrc/: auto's plan, the guard vectors.
+    budget, max_block = 0.0, 0
+    if method == "auto":
+        plan = plan_auto(G, trace, init_columns=None if init is None else k0, oversample=oversample)
+        method, budget, max_block = plan.method, plan.budget or 0.0, plan.max_block or 0
+    p = warm_oversample(k0, oversample) if init is not None else (COLD_OVERSAMPLE if oversample is None else oversample)
 
     ext = load_extension()
     with torch.cuda.device(G.device):
@@ -187,7 +200,8 @@ def top_eigenpairs(
         res = _with_memory_retry(lambda: ext.eigensolve(
             G=G.data_ptr(), m=m, ldg=ldg, dtype=_DTYPE_CODES[G.dtype], trace=trace, eta=eta, method=method,
             init=init_ptr, k0=k0, init_s0=s0, init_s1=s1, tol=tol, max_iter=max_iter, tf32=bool(tf32),
-            seed=int(seed), oversample=-1 if oversample is None else oversample, stream=stream,
+            seed=int(seed), oversample=p, min_guards=min(p, COLD_OVERSAMPLE), budget=budget, max_block=max_block,
+            iteration_cost=ITERATION_COST, stream=stream,
         ))
         # Free the solver's device memory (cudaFreeAsync on `stream`) while G's device
         # is current, also on error: stream 0 names the current device's null stream.

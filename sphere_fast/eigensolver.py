@@ -12,9 +12,10 @@ r is the smallest count of leading eigenvalues whose sum passes ``eta * trace``
   for sequential editing) usually needs one or two iterations.
 
 ``auto`` runs the block method while its estimated cost stays below that of a
-dense solve and falls back to ``dense`` when it would not win (r a large
+dense solve and falls back to ``dense`` as soon as it would not win (r a large
 fraction of m, or slow convergence). The CUDA extension implements the same
-algorithm; this module is its oracle on CPU.
+algorithm and takes its auto rules from here (:func:`plan_auto`, the cost model
+and :func:`iterations_to_converge`); this module is its oracle on CPU.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import check_finite
+from .gram import ieee_fp32_matmul
 
 # Energy left above which the cut is not "at the end of the spectrum": beyond
 # this point the float64 cumulative sum is within 1e-6 * trace of any eta close
@@ -102,19 +104,72 @@ def dense_eigenpairs(G: torch.Tensor, trace: float, eta: float) -> Eigenpairs:
     return Eigenpairs(values[:r], vectors[:, :r].contiguous(), "dense", 0, G.shape[0])
 
 
-def _dense_cost(m: int) -> float:
-    # eigh of m x m (LAPACK syevd: tridiagonal reduction, divide and conquer,
-    # back-transformation) in units of the block method's flops; measured on
-    # a CPU at m = 2048 as about as long as 3 m^3 of block-method work.
-    return 3.0 * m**3
+# -- the auto rules: one cost model and plan for this module and the CUDA extension --
+
+# Costs in units of the block method's flops. A dense eigh of m x m (syevd:
+# tridiagonal reduction, divide and conquer, back-transformation) was measured
+# on a CPU at m = 2048 as about as long as 3 m^3 of block-method work.
+DENSE_COST = 3.0
+# One block iteration on k columns, a m^2 k + b m k^2 + c k^3: G @ X, the
+# CholeskyQR2 and Rayleigh-Ritz block Grams (fp64, counted twice), the k x k
+# fp64 eigh, the rotation of X and Y. The warm start's set-up (G V, its
+# residual directions, CholeskyQR of V) is counted as one iteration on V.
+ITERATION_COST = (2.0, 16.0, 30.0)
+# auto tries a warm start only while its set-up and first iteration cost at most
+# this share of a dense solve: when that step shows that the block method cannot
+# win, the refit goes dense and costs at most this much more than a cold fit.
+WARM_TRIAL_SHARE = 0.1
+COLD_BUDGET_SHARE = 0.5  # a cold block solve may spend half a dense solve
 
 
-def _iteration_cost(m: int, k: int) -> float:
-    # G @ X (fp32), CholeskyQR2 and Rayleigh-Ritz block Grams (fp64, counted
-    # twice), the k x k fp64 eigh, the rotation of X and Y.
-    return 2.0 * m * m * k + 16.0 * m * k * k + 30.0 * k**3
+def dense_cost(m: int) -> float:
+    return DENSE_COST * m**3
 
 
+def iteration_cost(m: int, k: int) -> float:
+    a, b, c = ITERATION_COST
+    return a * m * m * k + b * m * k * k + c * k**3
+
+
+COLD_BLOCK = 32  # columns of a cold start's first block
+COLD_OVERSAMPLE = 8  # guard vectors past r on a cold start
+
+
+def warm_oversample(k0: int, oversample: int | None = None) -> int:
+    """Guard vectors beside a warm start of k0 columns: max(16, k0 / 4), and at least
+    enough for a cold start's block (a few more wanted pairs after an edit then fit)."""
+    return oversample if oversample is not None else max(16, k0 // 4, COLD_BLOCK - k0)
+
+
+def iterations_to_converge(theta, worst: float, previous: float | None, r: int, k: int, tol: float) -> float:
+    """Block iterations still needed for the worst wanted residual to fall from ``worst`` to ``tol``.
+
+    Subspace iteration on k columns shrinks the residual of pair r by about
+    lambda_{k+1} / lambda_r per step. That rate is taken as the larger of a
+    power law lambda_i ~ i^-a fitted to the Ritz values ``theta`` (descending)
+    over the q indices below r and extrapolated to k + 1 (spectra that flatten
+    further down make this err fast), and of what the last step measured,
+    ``worst / previous`` (``previous``: the worst residual one step earlier at
+    the same r, else None; a step that did not shrink it is a transient, e.g.
+    fresh guard vectors, and is not read as a rate). The estimate exists after
+    a warm start's first step, so a spectrum too flat for the block method is
+    caught there. csrc/eigensolver.cu mirrors this.
+    """
+    rate = 0.0
+    q = min(k + 1 - r, r - 1)
+    if q >= 1 and theta[r - 1] > 0.0:
+        decay = math.log(float(theta[r - 1 - q]) / float(theta[r - 1])) / math.log(r / (r - q))
+        rate = (r / (k + 1)) ** max(decay, 0.0)
+    if previous is not None and 0.0 < worst < previous:
+        rate = max(rate, worst / previous)
+    if rate >= 1.0:
+        return math.inf
+    if rate <= 0.0 or worst <= tol:
+        return 1.0
+    return max(1.0, math.log(tol / worst) / math.log(rate))
+
+
+@ieee_fp32_matmul()
 def block_eigenpairs(
     G: torch.Tensor,
     trace: float,
@@ -149,7 +204,7 @@ def block_eigenpairs(
         # G V - V (V^T G V) points to (where the change moved the subspace),
         # topped up with random guard vectors.
         k0 = init.shape[1]
-        p = oversample if oversample is not None else max(16, k0 // 4)
+        p = warm_oversample(k0, oversample)
         V = orthonormalize(init.to(dtype))
         GV = G @ V
         R = GV - V @ (V.T @ GV)
@@ -158,33 +213,38 @@ def block_eigenpairs(
         guards = [R[:, keep], random_columns(topup)]
         X = torch.cat([V, *guards], dim=1)[:, :m]
     else:
-        k0 = min(m, 32)
+        k0 = min(m, COLD_BLOCK)
         X = random_columns(k0)
-        p = oversample if oversample is not None else 8
+        p = oversample if oversample is not None else COLD_OVERSAMPLE
     X = orthonormalize(X)
-    spent = 0.0
+    # The block carries p guard vectors past the previous (or expected) rank;
+    # pairs are accepted while at least min(p, 8) remain past the current r,
+    # so a warm start absorbs a rank that grew by a few without growing the block.
+    min_guards = min(p, COLD_OVERSAMPLE)
+    spent = 0.0 if init is None else iteration_cost(m, k0)  # the warm set-up
     previous = None  # worst relative residual of the leading r pairs, last iteration
+    previous_r = None
     last_energy = None  # sum of the Ritz values, last iteration (while r is unknown)
     steps_at_k = 0
     for iteration in range(1, max_iter + 1):
         k = X.shape[1]
-        spent += _iteration_cost(m, k)
+        spent += iteration_cost(m, k)
         if cost_budget is not None and spent > cost_budget:
             return None
         theta, X, Y, residual = rayleigh_ritz(G, X)
         r = select_rank(theta, trace, eta, complete=(k == m))
-        if r is not None and (r + p <= k or k == m):
+        if r is not None and (r + min_guards <= k or k == m):
             worst = float((residual[:r] / theta[0]).max())
             if worst <= tol:
                 return Eigenpairs(theta[:r].clone(), X[:, :r].contiguous(), "block", iteration, k)
-            if cost_budget is not None and previous is not None:
-                # Give up early when the observed convergence rate cannot reach
-                # tol within the budget (flat spectra: a dense solve is cheaper).
-                rate = worst / previous
-                needed = math.inf if rate >= 1.0 else math.log(tol / worst) / math.log(rate)
-                if spent + needed * _iteration_cost(m, k) > cost_budget:
+            if cost_budget is not None:
+                # Give up as soon as the convergence rate says the block cannot
+                # reach tol within the budget (flat spectra: dense is cheaper).
+                last = previous if previous_r == r else None
+                needed = iterations_to_converge(theta.tolist(), worst, last, r, k, tol)
+                if spent + needed * iteration_cost(m, k) > cost_budget:
                     return None
-            previous = worst
+            previous, previous_r = worst, r
             X = orthonormalize(Y)  # one subspace-iteration step
             continue
         previous = None
@@ -223,6 +283,40 @@ def too_flat_for_block(G: torch.Tensor, trace: float) -> bool:
     return trace**2 / float(torch.linalg.matrix_norm(G).double() ** 2) > auto_block_limit(G.shape[0])
 
 
+@dataclass(frozen=True)
+class AutoPlan:
+    """What ``method="auto"`` runs: ``dense`` at once, or ``block`` within ``budget``
+    flops and ``max_block`` columns, falling back to dense beyond either."""
+
+    method: str
+    budget: float | None = None
+    max_block: int | None = None
+
+
+def plan_auto(G: torch.Tensor, trace: float, *, init_columns: int | None = None,
+              oversample: int | None = None) -> AutoPlan:
+    """The auto rules, for the torch twin and the CUDA wrapper alike.
+
+    Dense for small m, for warm starts whose first step alone would cost more
+    than ``WARM_TRIAL_SHARE`` of a dense solve or whose block passes m / 8
+    columns, and for cold starts on flat spectra (:func:`too_flat_for_block`);
+    otherwise block, within a dense solve's cost (warm) or half of it (cold).
+    """
+    m = G.shape[0]
+    if m <= 64:
+        return AutoPlan("dense")
+    max_block = auto_block_limit(m)
+    if init_columns is not None:
+        k = init_columns + min(warm_oversample(init_columns, oversample), m - init_columns)
+        trial = iteration_cost(m, init_columns) + iteration_cost(m, k)
+        if k > max_block or trial > WARM_TRIAL_SHARE * dense_cost(m):
+            return AutoPlan("dense")
+        return AutoPlan("block", dense_cost(m), max_block)
+    if too_flat_for_block(G, trace):
+        return AutoPlan("dense")
+    return AutoPlan("block", COLD_BUDGET_SHARE * dense_cost(m), max_block)
+
+
 def top_eigenpairs(
     G: torch.Tensor,
     trace: float,
@@ -240,20 +334,14 @@ def top_eigenpairs(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     check_finite(G, "G")
-    m = G.shape[0]
-    if method == "dense" or (method == "auto" and m <= 64):
+    if method == "dense":
         return dense_eigenpairs(G, trace, eta)
     if method == "block":
         return block_eigenpairs(G, trace, eta, init=init, tol=tol, max_iter=max_iter)
-    # auto: the block method wins only while its block is a small part of m
-    # (its per-iteration cost grows as k^3 and flat spectra converge slowly).
-    max_block = auto_block_limit(m)
-    if init is not None and init.shape[1] + max(16, init.shape[1] // 4) > max_block:
+    plan = plan_auto(G, trace, init_columns=None if init is None else init.shape[1])
+    if plan.method == "dense":
         return dense_eigenpairs(G, trace, eta)
-    if init is None and too_flat_for_block(G, trace):
-        return dense_eigenpairs(G, trace, eta)
-    budget = (0.5 if init is None else 1.0) * _dense_cost(m)
     result = block_eigenpairs(
-        G, trace, eta, init=init, tol=tol, max_iter=max_iter, cost_budget=budget, max_block=max_block
+        G, trace, eta, init=init, tol=tol, max_iter=max_iter, cost_budget=plan.budget, max_block=plan.max_block
     )
     return dense_eigenpairs(G, trace, eta) if result is None else result

@@ -6,6 +6,7 @@ Rows are normalised as in the reference ``sparse_projection``:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -45,12 +46,43 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@contextlib.contextmanager
+def ieee_fp32_matmul():
+    """fp32 matrix products inside run in full IEEE fp32, whatever the caller set.
+
+    ``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision("high")``
+    would otherwise put them on TF32 (10-bit operands, ~1e-3 relative) on a GPU,
+    and "medium" on bf16 in oneDNN on a CPU, against the 1e-5 fp32 contract.
+    The caller's settings are restored on exit. The switches are process-wide:
+    other threads' fp32 products in that window run in IEEE fp32 too. Also a
+    decorator.
+    """
+    matmul = [b.matmul for b in (torch.backends.cuda, torch.backends.mkldnn) if hasattr(b.matmul, "fp32_precision")]
+    if not matmul:  # torch < 2.9: only the legacy switch
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
+    saved = [b.fp32_precision for b in matmul]
+    try:
+        for b in matmul:
+            b.fp32_precision = "ieee"
+        yield
+    finally:
+        for b, value in zip(matmul, saved):
+            b.fp32_precision = value
+
+
 def trace_from_norms(row_norms: torch.Tensor) -> float:
     """trace(G) = sum_i ||a_hat_i||^2 / n, known without any eigensolve."""
     norms = row_norms.double()
     return float(((norms / (norms + NORM_EPS)) ** 2).sum() / norms.numel())
 
 
+@ieee_fp32_matmul()
 def normalized_gram_reference(W: torch.Tensor, *, dtype: torch.dtype | None = None) -> NormalizedGram:
     """Torch twin of the fused Gram kernel (``dtype`` overrides the working precision)."""
     dtype = dtype or work_dtype(W.dtype)
@@ -76,6 +108,7 @@ def symmetric_product(X: torch.Tensor, block: int = 256) -> torch.Tensor:
     return torch.triu(G).add_(torch.triu(G, 1).T)
 
 
+@ieee_fp32_matmul()
 def hyperspherical_energy_reference(
     W: torch.Tensor, s: float = 2.0, eps: float = 1e-6, *, block_rows: int = 1024, dtype: torch.dtype | None = None
 ) -> torch.Tensor:

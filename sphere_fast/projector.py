@@ -16,7 +16,7 @@ import torch
 from . import _validation as val
 from .backends import resolve_backend
 from .eigensolver import Eigenpairs, orthonormalize, top_eigenpairs
-from .gram import NormalizedGram, work_dtype
+from .gram import NormalizedGram, ieee_fp32_matmul, work_dtype
 from .ops import normalized_gram
 
 
@@ -28,6 +28,7 @@ def _solve(gram: NormalizedGram, eta: float, *, backend: str, method: str, init:
     return top_eigenpairs(gram.gram, gram.trace, eta, method=method, init=init)
 
 
+@ieee_fp32_matmul()  # a caller's TF32 setting would cost ~1e-3 here, against the 1e-5 contract
 def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Tensor:
     """Eigenvectors of C (d x r) from those of the Gram on the smaller side."""
     if gram.side == "cols":
@@ -180,11 +181,13 @@ class SphereProjector:
                 W.copy_(update.add_(W.to(update.dtype)))  # 16-bit W: add in fp32, round once
         return W
 
+    @ieee_fp32_matmul()
     def _project_work(self, B: torch.Tensor) -> torch.Tensor:
         U = self.U
         Bw = B.to(U.dtype)
         return torch.addmm(Bw, Bw @ U, U.T, alpha=-self.alpha)
 
+    @ieee_fp32_matmul()
     def projection_matrix(self) -> torch.Tensor:
         """The dense d x d ``P = I - alpha U U^T`` (only when asked for)."""
         eye = torch.eye(self.d, dtype=self.U.dtype, device=self.U.device)

@@ -1,4 +1,9 @@
-"""Compile every file in csrc/ with nvcc for sm_90a: the CI check without a GPU.
+"""Build, link and import the CUDA extension for sm_90a: the CI check without a GPU.
+
+setup.py's CMake build of ``sphere_fast._C`` (configure, compile every source,
+link against cuBLAS / cuSOLVER / the CUDA runtime) runs for sm_90a only, and a
+fresh interpreter imports the result, which must not touch the GPU. Headers are
+also compiled as translation units of their own.
 
 Needs nvcc (skipped, with the reason, only when it is missing) and the cuBLAS /
 cuSOLVER headers, which come from the nvidia-* wheels and are found through the
@@ -8,13 +13,15 @@ CUDA build of torch, install the headers with
     pip install --no-deps nvidia-cublas==13.0.2.14 nvidia-cusolver==12.0.4.66
 
 (CUDA 13 wheels, ``nvidia/cu13/include``; the CUDA 12 ``-cu12`` wheels,
-``nvidia/{cublas,cusolver}/include``, work too). A machine without a CUDA
-toolkit can take nvcc from wheels as well (found in ``nvidia/*/bin``):
+``nvidia/{cublas,cusolver}/include``, work too). The import needs the
+libraries libcusolver.so loads (``nvidia-cusparse==12.6.3.3 nvidia-nvjitlink==13.0.88``).
+A machine without a CUDA toolkit can take nvcc from wheels as well (found in
+``nvidia/*/bin``):
 
     pip install --no-deps nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 \
-        nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 Sources (.cu, .cpp) are
-compiled as they are; headers (.h, .cuh) as CUDA translation units of their
-own, which also checks that each includes what it uses.
+        nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+
+scripts/cuda_wheels.sh installs all of these once, outside the repo.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -112,11 +120,49 @@ def test_csrc_has_the_extension_sources():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("path", csrc_files(), ids=lambda p: p.name)
-def test_compiles_for_sm90a(path: Path, include_flags, tmp_path):
+@pytest.mark.parametrize("path", [p for p in csrc_files() if p.suffix in HEADER_SUFFIXES], ids=lambda p: p.name)
+def test_header_compiles_on_its_own_for_sm90a(path: Path, include_flags, tmp_path):
+    """Each header as a CUDA translation unit of its own: it includes what it uses."""
     cmd = [NVCC, "-c", f"-arch={ARCH}", "-std=c++17", "--expt-relaxed-constexpr", "-O2", *include_flags]
-    if path.suffix in HEADER_SUFFIXES:
-        cmd += ["-x", "cu"]
-    cmd += [str(path), "-o", str(tmp_path / (path.name + ".o"))]
+    cmd += ["-x", "cu", str(path), "-o", str(tmp_path / (path.name + ".o"))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"nvcc failed on csrc/{path.name}:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+
+
+# Run in a fresh interpreter: import the built module by its path, then list what
+# the process has mapped. The CUDA driver (libcuda.so.1) is loaded by the runtime
+# on its first device call, so it must not be there after an import; libtorch
+# must never be there (the extension does not link it).
+IMPORT_CHECK = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("sphere_fast._C", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+mapped = {line.split()[-1].rsplit("/", 1)[-1] for line in open("/proc/self/maps") if "/" in line}
+print("driver" if any(name.startswith("libcuda.so") for name in mapped) else "no-driver")
+print("libtorch" if any(name.startswith("libtorch") for name in mapped) else "no-libtorch")
+print(sorted(name for name in dir(mod) if not name.startswith("__")))
+print(mod.runtime_version())
+"""
+
+
+@needs_nvcc
+def test_extension_builds_links_and_imports_for_sm90a(include_flags, tmp_path):
+    """setup.py's CMake build of sphere_fast._C (SPHERE_FAST_BUILD_CUDA=1), sm_90a only, then an import."""
+    env = dict(os.environ, SPHERE_FAST_BUILD_CUDA="1", CMAKE_ARGS=f"-DCMAKE_CUDA_ARCHITECTURES={ARCH[3:]}-real")
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+           "--build-temp", str(tmp_path / "build")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, f"the CMake build of sphere_fast._C failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+    built = sorted((tmp_path / "lib" / "sphere_fast").glob("_C*.so"))
+    assert len(built) == 1, f"expected one sphere_fast/_C*.so, got {built}\n{proc.stdout[-3000:]}"
+
+    proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK, str(built[0])], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, f"importing the built sphere_fast._C failed:\n{proc.stderr}"
+    driver, torch_lib, names, runtime = proc.stdout.strip().splitlines()
+    assert driver == "no-driver", "importing sphere_fast._C loaded the CUDA driver"
+    assert torch_lib == "no-libtorch"
+    for name in ("eigensolve", "project", "EigResult", "runtime_version", "mempool_used", "device_count"):
+        assert repr(name) in names, (name, names)
+    assert int(runtime) >= 12000  # the CUDA runtime it linked answers without a GPU

@@ -128,6 +128,41 @@ def test_tf32_products_cannot_certify_fp32_but_converge_above_the_switch():
     assert float(fp32_floor.max()) < DEFAULT_TOL[torch.float32] / 10  # fp32 products can
 
 
+# -- the fp16 split premise (CPU) --------------------------------------------------------
+
+SPLIT_SCALE = 2.0**12  # csrc/project.cu kSplitScale
+
+
+def split(U: torch.Tensor, dtype, scale: float):
+    """csrc/project.cu's _split_kernel: scale * U = hi + lo in a 16-bit dtype."""
+    u = scale * U.float()
+    hi = u.to(dtype)
+    lo = (u - hi.float()).to(dtype)
+    return hi, lo
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_scaled_split_keeps_unit_columns_to_fp32_level(dtype):
+    """Entries of unit columns are ~d^-1/2: unscaled, fp16's lo half (2^-11 of an entry)
+    falls into fp16's subnormals and keeps a few bits; scaled by 2^12 both halves are
+    normal numbers and hi + lo carries U to about 2^-22 (fp16) / 2^-16 (bf16)."""
+    d, r = 14336, 8
+    g = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0].float()
+    U[:4, 0] = torch.tensor([1e-3, 1e-4, 3e-5, 1e-6])  # small entries, as real bases have
+    bound = 2.0**-21 if dtype == torch.float16 else 2.0**-15
+
+    def error(scale):
+        hi, lo = split(U, dtype, scale)
+        back = (hi.double() + lo.double()) / scale
+        return float(torch.linalg.norm(back - U.double()) / torch.linalg.norm(U.double()))
+
+    assert error(SPLIT_SCALE) <= bound
+    assert bool(torch.isfinite(split(torch.ones(1, 1), dtype, SPLIT_SCALE)[0]).all())  # |u| <= 1 fits
+    if dtype == torch.float16:
+        assert error(1.0) > 4 * error(SPLIT_SCALE)  # what the scale is for
+
+
 # -- inputs ------------------------------------------------------------------------
 
 
@@ -322,16 +357,22 @@ def test_eigensolver_errors_raise_and_name_the_argument():
 @pytest.mark.parametrize("spectrum", ["steep", "gaussian"])
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
 def test_auto_picks_the_same_method_as_the_twin(spectrum, warm):
-    """The auto rules (block limit m/8, the cold effective-rank test) match sphere_fast.eigensolver."""
-    from sphere_fast.eigensolver import top_eigenpairs
+    """Both take auto's plan from sphere_fast.eigensolver.plan_auto and give up on the
+    block method by its iterations_to_converge: on clear cases they end on the same method."""
+    from sphere_fast.eigensolver import plan_auto, top_eigenpairs
     from sphere_fast.synthetic import synthetic_weight
 
     W = synthetic_weight(512, 1792, spectrum=spectrum, dtype=torch.float32, device="cpu")
     gram = normalized_gram_reference(W)
     init = top_eigenpairs(gram.gram, gram.trace, 0.5).vectors if warm else None
+    G = gram.gram.cuda()
+    plan = plan_auto(G, gram.trace, init_columns=None if init is None else init.shape[1])
+    assert plan == plan_auto(gram.gram, gram.trace, init_columns=None if init is None else init.shape[1])
+    assert plan.method == ("block" if spectrum == "steep" else "dense")
     twin = top_eigenpairs(gram.gram, gram.trace, 0.5, init=init)
-    ext = _cuda.top_eigenpairs(gram.gram.cuda(), gram.trace, 0.5, init=None if init is None else init.cuda())
-    assert ext.method == twin.method
+    twin_on_gpu = top_eigenpairs(G, gram.trace, 0.5, init=None if init is None else init.cuda())
+    ext = _cuda.top_eigenpairs(G, gram.trace, 0.5, init=None if init is None else init.cuda())
+    assert ext.method == twin.method == twin_on_gpu.method == plan.method
 
 
 # -- projection (GPU) ------------------------------------------------------------------
@@ -365,8 +406,11 @@ def test_project_matches_fp64(shape, dtype, u_dtype):
     B64, U64 = B.double(), U.double()
     ref = B64 - alpha * (B64 @ U64) @ U64.T
     assert _rel(out, ref) <= PROJECT_TOL[dtype]
-    # The torch path of the projector, in the working precision, agrees as well.
-    twin = (B.to(U.dtype) - alpha * (B.to(U.dtype) @ U) @ U.T).to(dtype)
+    # The torch twin agrees as well, computed in the promoted dtype (fp64 when
+    # either B or U is: an fp32 twin could not meet fp64's tolerance).
+    work = torch.promote_types(dtype, u_dtype)
+    Bw, Uw = B.to(work), U.to(work)
+    twin = (Bw - alpha * (Bw @ Uw) @ Uw.T).to(dtype)
     assert _rel(out, twin.double()) <= 2 * PROJECT_TOL[dtype]
 
 

@@ -5,15 +5,25 @@ orthogonality, never by eigenvector entries.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
+import sphere_fast.eigensolver as eigensolver
 from sphere_fast.eigensolver import (
+    WARM_TRIAL_SHARE,
+    AutoPlan,
     ConvergenceError,
     block_eigenpairs,
+    dense_cost,
     dense_eigenpairs,
+    iteration_cost,
+    iterations_to_converge,
+    plan_auto,
     select_rank,
     top_eigenpairs,
+    warm_oversample,
 )
 
 
@@ -128,3 +138,88 @@ def test_non_finite_input_raises():
 def test_bad_method_raises():
     with pytest.raises(ValueError, match="method"):
         top_eigenpairs(torch.eye(3), 3.0, 0.5, method="lanczos")
+
+
+# -- the auto rules (shared with the CUDA extension) -------------------------------------
+
+
+def test_plan_auto_rules():
+    steep, _ = psd_with_spectrum(power_law(1024, 2.0), seed=8, dtype=torch.float32)
+    flat, _ = psd_with_spectrum(torch.linspace(1.0, 0.9, 1024), seed=9, dtype=torch.float32)
+    small, _ = psd_with_spectrum(power_law(64, 2.0), seed=10, dtype=torch.float32)
+    trace = lambda G: float(G.double().trace())  # noqa: E731
+    m = 1024
+    assert plan_auto(small, trace(small)) == AutoPlan("dense")
+    assert plan_auto(flat, trace(flat)) == AutoPlan("dense")  # effective rank >> m / 8
+    assert plan_auto(steep, trace(steep)) == AutoPlan("block", 0.5 * dense_cost(m), m // 8)
+    admitted = []
+    for k0 in (1, 8, 24, 40, 64, 100, 127, 200, 512):
+        plan = plan_auto(steep, trace(steep), init_columns=k0)
+        k = k0 + warm_oversample(k0)
+        if plan.method == "block":
+            admitted.append(k0)
+            assert plan == AutoPlan("block", dense_cost(m), m // 8)
+            # A warm start that gives up after its first step costs at most this share more than dense.
+            assert iteration_cost(m, k0) + iteration_cost(m, k) <= WARM_TRIAL_SHARE * dense_cost(m)
+            assert k <= m // 8
+    assert admitted[:2] == [1, 8] and 200 not in admitted
+
+
+def test_iterations_to_converge_reads_the_rate_from_ritz_values_and_residuals():
+    r, k, tol = 10, 30, 1e-8
+    theta = power_law(40, 2.0).tolist()  # lambda_i = i^-2: the rate of pair r is (r / (k + 1))^2
+    rate = (r / (k + 1)) ** 2
+    assert iterations_to_converge(theta, 1e-3, None, r, k, tol) == pytest.approx(math.log(1e-5) / math.log(rate))
+    # A measured step slower than the spectrum says wins; one that did not shrink the residual is ignored.
+    assert iterations_to_converge(theta, 1e-3, 2e-3, r, k, tol) == pytest.approx(math.log(1e-5) / math.log(0.5))
+    assert iterations_to_converge(theta, 1e-3, 5e-4, r, k, tol) == pytest.approx(math.log(1e-5) / math.log(rate))
+    assert iterations_to_converge([1.0] * 40, 1e-3, None, r, k, tol) == math.inf  # flat at the cut
+    assert iterations_to_converge(theta, 1e-9, None, r, k, tol) == 1.0
+    assert iterations_to_converge(theta[:1], 1e-3, None, 1, k, tol) == 1.0  # r = 1: nothing to fit
+
+
+def _count_block_steps(monkeypatch):
+    steps = []
+    rayleigh_ritz = eigensolver.rayleigh_ritz
+
+    def counted(G, X):
+        steps.append(X.shape[1])
+        return rayleigh_ritz(G, X)
+
+    monkeypatch.setattr(eigensolver, "rayleigh_ritz", counted)
+    return steps
+
+
+def _edited(G, size, seed):
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(G.shape[0], 4, generator=g, dtype=torch.float64)
+    G2 = G.double() + size * (E @ E.T) / G.shape[0]
+    return G2.to(G.dtype), torch.linalg.eigvalsh(G2)
+
+
+def test_warm_start_gives_up_after_its_first_step_when_the_cut_is_flat(monkeypatch):
+    """A few large eigenvalues, then a shelf that the cut falls into: subspace
+    iteration there converges at about 0.99 per step, so the refit goes dense
+    after one block step instead of spending a dense solve's budget first."""
+    eigs = torch.cat([torch.tensor([100.0, 80.0, 60.0, 50.0]), torch.linspace(20.0, 18.0, 56), torch.full((964,), 0.01)])
+    G, _ = psd_with_spectrum(eigs, seed=11, dtype=torch.float32)
+    first = dense_eigenpairs(G, float(eigs.sum()), 0.5)
+    G2, eigs2 = _edited(G, 0.5, seed=12)
+    assert plan_auto(G2, float(eigs2.sum()), init_columns=first.vectors.shape[1]).method == "block"
+    steps = _count_block_steps(monkeypatch)
+    pairs = top_eigenpairs(G2, float(eigs2.sum()), 0.5, init=first.vectors)
+    assert pairs.method == "dense" and len(steps) == 1
+    assert_eigenpairs(G2, pairs, eigs2, 0.5, 2e-6)
+
+
+def test_warm_start_on_a_steep_spectrum_stays_block_and_beats_a_cold_start(monkeypatch):
+    G, eigs = psd_with_spectrum(power_law(600, 1.5), seed=13, dtype=torch.float32)
+    first = top_eigenpairs(G, float(eigs.sum()), 0.5)
+    G2, eigs2 = _edited(G, 1e-3, seed=14)
+    steps = _count_block_steps(monkeypatch)
+    warm = top_eigenpairs(G2, float(eigs2.sum()), 0.5, init=first.vectors)
+    warm_steps = len(steps)
+    cold = top_eigenpairs(G2, float(eigs2.sum()), 0.5)
+    assert warm.method == cold.method == "block"
+    assert warm_steps < len(steps) - warm_steps  # fewer block steps than the cold solve took
+    assert_eigenpairs(G2, warm, eigs2, 0.5, 2e-6)
