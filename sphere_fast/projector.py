@@ -50,7 +50,7 @@ class SphereProjector:
     ``trace``, ``eta``, ``alpha``, ``method`` (the eigensolver path taken).
     """
 
-    def __init__(self, U, eigenvalues, *, trace, eta, alpha, side, basis, backend, method, shape):
+    def __init__(self, U, eigenvalues, *, trace, eta, alpha, side, basis, backend, method, shape, precision="fp32"):
         self.U = U
         self.eigenvalues = eigenvalues
         self.trace = trace
@@ -59,6 +59,7 @@ class SphereProjector:
         self.method = method
         self.backend = backend
         self.shape = shape
+        self.precision = precision  # the Gram's input precision, kept by refit
         self._side = side
         self._basis = basis  # eigenvectors on the Gram side: the warm start for refit
 
@@ -108,23 +109,52 @@ class SphereProjector:
             backend=backend,
             method=pairs.method,
             shape=tuple(W.shape),
+            precision=precision,
         )
 
     def refit(self, W_new: torch.Tensor, *, method: str = "auto") -> "SphereProjector":
         """Recompute for a changed weight of the same shape, warm-started from the current basis.
 
-        The result meets the same accuracy contract as a cold :meth:`fit`;
-        the warm start only makes it faster. Updates this projector and returns it.
+        The result meets the same accuracy contract as a cold :meth:`fit` with the
+        same ``precision``; the warm start only makes it faster. Updates this
+        projector and returns it.
         """
         val.check_matrix(W_new, "W_new")
         if tuple(W_new.shape) != self.shape:
             raise ValueError(f"W_new must have the fitted shape {self.shape}, got {tuple(W_new.shape)}")
         init = self._basis.to(device=W_new.device, dtype=work_dtype(W_new.dtype))
         fresh = self._fit(
-            W_new, self.eta, self.alpha, backend=self.backend, method=method, precision="fp32", init=init
+            W_new, self.eta, self.alpha, backend=self.backend, method=method, precision=self.precision, init=init
         )
         self.__dict__.update(fresh.__dict__)
         return self
+
+    # -- saving -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Tensors (on CPU) and plain values that :meth:`from_state_dict` restores, warm start included."""
+        return {
+            "U": self.U.detach().cpu().clone(), "eigenvalues": self.eigenvalues.detach().cpu().clone(),
+            "basis": self._basis.detach().cpu().clone(), "trace": float(self.trace), "eta": self.eta,
+            "alpha": self.alpha, "side": self._side, "backend": self.backend, "method": self.method,
+            "shape": list(self.shape), "precision": self.precision,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device: torch.device | str | None = None) -> "SphereProjector":
+        """A projector from :meth:`state_dict`, its tensors on ``device`` (default: as saved).
+
+        States saved before ``precision`` was recorded were fitted in fp32.
+        """
+        missing = [k for k in ("U", "eigenvalues", "basis", "trace", "eta", "alpha", "side", "backend", "method",
+                               "shape") if k not in state]
+        if missing:
+            raise ValueError(f"state is not a SphereProjector.state_dict(): missing {missing}")
+        return cls(
+            state["U"].to(device).clone(), state["eigenvalues"].clone(), trace=state["trace"], eta=state["eta"],
+            alpha=state["alpha"], side=state["side"], basis=state["basis"].to(device).clone(),
+            backend=state["backend"], method=state["method"], shape=tuple(state["shape"]),
+            precision=state.get("precision", "fp32"),
+        )
 
     # -- properties ---------------------------------------------------------------
     @property

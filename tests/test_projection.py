@@ -288,6 +288,36 @@ def test_refit_rejects_a_different_shape():
         P.refit(torch.randn(21, 30))
 
 
+def test_state_dict_round_trip_restores_projection_and_warm_start():
+    g = torch.Generator().manual_seed(31)
+    W = make_weight("steep", 64, 150, seed=32).float()
+    P = SphereProjector.fit(W, 0.5, 0.4)
+    state = P.state_dict()
+    Q = SphereProjector.from_state_dict(state)
+    B = torch.randn(7, 150, generator=g)
+    assert (Q.rank, Q.eta, Q.alpha, Q.trace, Q.shape, Q.precision) == (P.rank, P.eta, P.alpha, P.trace, P.shape, "fp32")
+    assert torch.equal(Q.apply(B), P.apply(B))
+    W2 = W + 0.01 * W.std() * torch.randn(64, 150, generator=g)
+    assert torch.equal(Q.refit(W2).U, P.refit(W2).U)  # the warm start came back too
+    legacy = {k: v for k, v in state.items() if k != "precision"}  # checkpoints from before precision was kept
+    assert SphereProjector.from_state_dict(legacy).precision == "fp32"
+    with pytest.raises(ValueError, match="missing \\['basis'\\]"):
+        SphereProjector.from_state_dict({k: v for k, v in state.items() if k != "basis"})
+
+
+def test_refit_keeps_the_fitted_precision(monkeypatch):
+    import sphere_fast.projector as projector_module
+
+    seen = []
+    real = projector_module.normalized_gram
+    monkeypatch.setattr(projector_module, "normalized_gram",
+                        lambda W, *, backend, precision: seen.append(precision) or real(W, backend=backend))
+    W = make_weight("steep", 48, 100, seed=33).float()
+    P = SphereProjector.fit(W, 0.5, 0.5, precision="tf32x3")
+    P.refit(W * 1.01)
+    assert seen == ["tf32x3", "tf32x3"] and P.precision == "tf32x3"
+
+
 # -- bad input: clear errors naming the argument, nothing changed -------------------------
 
 BAD_CASES = [

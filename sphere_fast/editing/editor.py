@@ -295,12 +295,7 @@ class Editor:
                 entry["cache_c"] = self._cache_c[name].detach().cpu().clone()
             proj = self._projectors.get(name)
             if proj is not None:
-                entry["projector"] = {
-                    "U": proj.U.detach().cpu().clone(), "eigenvalues": proj.eigenvalues.detach().cpu().clone(),
-                    "basis": proj._basis.detach().cpu().clone(), "trace": float(proj.trace), "eta": proj.eta,
-                    "alpha": proj.alpha, "side": proj._side, "backend": proj.backend, "method": proj.method,
-                    "shape": list(proj.shape),
-                }
+                entry["projector"] = proj.state_dict()
             layers[name] = entry
         return {
             "format": STATE_FORMAT,
@@ -358,12 +353,7 @@ class Editor:
             if "cache_c" in entry:
                 self._cache_c[name] = entry["cache_c"].to(dev).clone()
             if "projector" in entry:
-                p = entry["projector"]
-                self._projectors[name] = SphereProjector(
-                    p["U"].to(dev).clone(), p["eigenvalues"].clone(), trace=p["trace"], eta=p["eta"], alpha=p["alpha"],
-                    side=p["side"], basis=p["basis"].to(dev).clone(), backend=p["backend"], method=p["method"],
-                    shape=tuple(p["shape"]),
-                )
+                self._projectors[name] = SphereProjector.from_state_dict(entry["projector"], dev)
         self.batches_done = int(state["batches_done"])
         if "rng" in state and "torch" in state["rng"]:
             torch.set_rng_state(state["rng"]["torch"])
