@@ -358,9 +358,9 @@ def test_alphaedit_update_lies_in_the_null_space():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gptj"])
-def test_replayed_lower_layers_match_the_full_forward(arch):
-    """compute_targets skips the layers below the edited one; the skipped forward equals the real one."""
-    from sphere_fast.editing.model_utils import get_module, replay_lower_layers, trace
+def test_stand_ins_for_lower_layers_match_the_full_forward(arch):
+    """compute_targets replaces the layers up to the edited one by stand-ins that return its recorded output."""
+    from sphere_fast.editing.model_utils import get_module, hidden_of, stand_in_lower_layers, trace
 
     tok = tiny_tokenizer(bos=True)
     model = tiny_model(arch, tok)
@@ -379,29 +379,36 @@ def test_replayed_lower_layers_match_the_full_forward(arch):
         return h + 0.25 if module_name == name else None
 
     with torch.no_grad():
+        recorded = []
+        hook = get_module(model, name).register_forward_hook(lambda m, a, out: recorded.append(out))
         with trace(model, [name], edit=bump):
             expected = forward()
+        hook.remove()
         originals = [get_module(model, tmp.format(i)) for i in range(model.config.num_hidden_layers)]
         calls = []
         hook = originals[0].register_forward_hook(lambda *a: calls.append(1))
-        with replay_lower_layers(model, tmp, last, forward) as replayed:
-            assert replayed and len(calls) == 1  # the recording run only
+        with stand_in_lower_layers(model, tmp, last, recorded[0], hidden_of(recorded[0])) as stand_in:
+            assert stand_in is not None
             with trace(model, [name], edit=bump):
                 got = forward()
-            assert len(calls) == 1  # layer 0 was not run again
+            assert calls == []  # layer 0 did not run
+            stand_in.hidden = torch.zeros_like(stand_in.hidden)  # what the stand-in returns can change
+            with trace(model, [name], edit=bump):
+                other = forward()
         hook.remove()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(other, expected)
     assert [get_module(model, tmp.format(i)) for i in range(len(originals))] == originals
     with pytest.raises(RuntimeError, match="inside"):
-        with replay_lower_layers(model, tmp, last, forward):
+        with stand_in_lower_layers(model, tmp, last, recorded[0], hidden_of(recorded[0])):
             raise RuntimeError("inside")
     assert [get_module(model, tmp.format(i)) for i in range(len(originals))] == originals
 
 
-def test_replay_skips_nothing_for_layers_outside_a_module_list():
-    from sphere_fast.editing.model_utils import replay_lower_layers
+def test_no_stand_ins_for_layers_outside_a_module_list():
+    from sphere_fast.editing.model_utils import stand_in_lower_layers
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 3))
-    ran = []
-    with replay_lower_layers(model, "{}", 0, lambda: ran.append(1)) as replayed:
-        assert replayed is False and ran == []
+    with stand_in_lower_layers(model, "{}", 0, None, None) as stand_in:
+        assert stand_in is None
+    assert isinstance(model[0], torch.nn.Linear)

@@ -196,32 +196,6 @@ def stand_in_lower_layers(model: nn.Module, layer_tmp: str, last: int, template,
             container[i] = layer
 
 
-@contextlib.contextmanager
-def replay_lower_layers(model: nn.Module, layer_tmp: str, last: int, forward: Callable[[], object]):
-    """Run ``forward()`` once, then skip layers ``0..last`` in later forwards on the same inputs.
-
-    While the block is open, those layers are replaced in their ``ModuleList``
-    by stand-ins that replay the output of layer ``last`` recorded during the
-    first run, so a loop that only perturbs that output pays for the layers
-    above it alone. Yields True, or False (and skips nothing) when the layers
-    are not items of one ``ModuleList``.
-    """
-    found = _layer_list(model, layer_tmp, last)
-    if found is None:
-        yield False
-        return
-    container, indices = found
-    recorded = []
-    handle = container[indices[-1]].register_forward_hook(lambda mod, args, out: recorded.append(out))
-    try:
-        with torch.no_grad():
-            forward()
-    finally:
-        handle.remove()
-    with stand_in_lower_layers(model, layer_tmp, last, recorded[-1], hidden_of(recorded[-1])):
-        yield True
-
-
 def num_layers(model: nn.Module) -> int:
     return int(model.config.num_hidden_layers)
 
