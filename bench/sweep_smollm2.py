@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                             reference=reference, base_weights=base_weights, stats_corpus=stats_corpus)
         rows.append({"label": label, "method": method, "sphere": sphere, "hparams": hp.to_dict(), **result})
         print(f"  -> {result['after']} in {result['edit_seconds']} s", flush=True)
-        stem = _write(args.kind, meta, rows)
+        stem = _write("edit" if args.kind == "report" else "sweep", meta, rows)
     print(f"wrote {stem}.json/.md")
     return 0
 
