@@ -391,7 +391,10 @@ class _Steps:
                                       self.lookups[self.kl_index].to(self.reference_final.device)]
 
         def close(a, b):
-            return bool((a.detach().float().to(b.device) - b.float()).norm() <= 1e-3 * b.float().norm() + 1e-6)
+            # Other shapes round differently: fp32 within ~1e-6, 16-bit types within ~1e-2; a wrong
+            # position or mask is off by order one.
+            tol = 1e-3 if b.dtype in (torch.float32, torch.float64) else 5e-2
+            return bool((a.detach().float().to(b.device) - b.float()).norm() <= tol * b.float().norm() + 1e-6)
 
         agree = close(labels, ref) and close(kl, ref_kl)
         self.reference = self.reference_final = None  # needed once
