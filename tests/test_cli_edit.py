@@ -219,6 +219,13 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert runs["AlphaEdit"]["energy_drift"] != runs["AlphaEdit + SPHERE"]["energy_drift"]
     assert (tmp_path / "demo" / "demo.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["edits"] == 4
+    assert (tmp_path / "demo" / "demo_examples.png").read_bytes()[:4] == b"\x89PNG"
+    # Three facts, each with its rewrite prompt, a paraphrase and a neighbour, continued by all three models.
+    examples = result["continuations"]
+    assert [row["kind"] for row in examples] == ["rewrite", "paraphrase", "neighbour"] * 3
+    assert all(set(row) >= {"unedited", "AlphaEdit", "AlphaEdit + SPHERE"} for row in examples)
+    assert "Greedy continuations" in printed and examples[0]["prompt"] in printed
+    assert result["hparams_source"] == "default_hparams"
     for sub in ("alphaedit", "alphaedit_sphere"):
         assert [r["edits"] for r in read_csv(tmp_path / "demo" / sub / "edits.csv")] == [0, 2, 4]
 

@@ -126,13 +126,16 @@ def register(subparsers) -> None:
                            "default smollm2")
     demo.add_argument("--save-model", default=None, metavar="DIR",
                       help="write the AlphaEdit + SPHERE edited model to DIR as a Hugging Face directory")
-    demo.add_argument("--edits", type=_positive_int, default=200)
-    demo.add_argument("--batch-size", type=_positive_int, default=20)
+    demo.add_argument("--edits", type=_positive_int, default=None,
+                      help="edit-split requests to edit (default 20 on a CPU, 200 on a GPU)")
+    demo.add_argument("--batch-size", type=_positive_int, default=None, help="edits per batch (default 20)")
     demo.add_argument("--out", default="out/demo", help="output directory (default ./out/demo)")
     demo.add_argument("--device", default=None)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--synthetic", action="store_true", help="use synthetic requests even if CounterFact is present")
-    demo.add_argument("--hparams", default=None, help="YAML/JSON hparams file (default: sized to the model, L2 10)")
+    demo.add_argument("--hparams", default=None,
+                      help="YAML/JSON hparams file (default: the shipped AlphaEdit file for smollm2, else sized to "
+                           "the model with L2 10)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=cmd_demo)
 

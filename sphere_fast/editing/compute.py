@@ -11,9 +11,16 @@
   becomes likely, with a KL term on "{subject} is a" prompts, weight decay
   ||delta|| / ||h||^2 and the norm clamp ||delta|| <= clamp_norm_factor ||h||.
 Batches are right-padded; prompts are token ids, never re-tokenised after
-concatenation with the target. The optimisation runs the layers up to the
-edited one once (``model_utils.replay_lower_layers``) and applies the LM head
-only where the loss reads it; the result is the same as re-running the model.
+concatenation with the target.
+
+Work that cannot change the result is skipped, so results are those of
+re-running the whole model at every step, to rounding: keys and layer outputs
+stop the forward after the last module they read; the optimisation records the
+edited layer's output once and replaces the layers up to it by stand-ins, feeds
+each prompt only from its lookup token on (the positions before it do not
+depend on delta; their keys and values come from a cache recorded once),
+applies the LM head only where the loss reads it, cuts KL prompts after their
+lookup token, and drops a request from the batch once it has stopped.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .hparams import EditHparams
-from .model_utils import get_module, model_device, pad_token_id, replay_lower_layers, right_pad, trace
+from .model_utils import get_module, model_device, pad_token_id, right_pad, stand_in_lower_layers, trace
 from .requests import EditRequest
 
 TEMPLATE_PREFIXES = ("The", "Therefore", "Because", "I", "You")
@@ -121,22 +128,15 @@ def context_templates(model, tok, *, seed: int = 0, length: int = 10, n_per_pref
     return [["{}"], out]
 
 
-def _forward_at(model, name: str, seqs: list[list[int]], idxs: list[int], pad_id: int, *, inputs: bool):
+def _forward_at(model, names: Sequence[str], seqs: list[list[int]], idxs: list[int], pad_id: int, *,
+                inputs: bool) -> dict[str, torch.Tensor]:
+    """Input (or output) of every named module at one position per sequence; the forward stops after the last one."""
     ids, mask = right_pad(seqs, pad_id, model_device(model))
-    with trace(model, [name], inputs=inputs, outputs=not inputs) as rec:
-        model(input_ids=ids, attention_mask=mask)
-    reps = rec[name]["input" if inputs else "output"]
-    rows = torch.arange(len(seqs), device=reps.device)
-    return reps[rows, torch.tensor(idxs, device=reps.device)]
-
-
-def _forward_multi(model, names: Sequence[str], seqs, idxs, pad_id: int) -> dict[str, torch.Tensor]:
-    ids, mask = right_pad(seqs, pad_id, model_device(model))
-    with trace(model, names, inputs=True, outputs=False) as rec:
-        model(input_ids=ids, attention_mask=mask)
+    with trace(model, names, inputs=inputs, outputs=not inputs, stop=True) as rec:
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
     out = {}
     for name in names:
-        reps = rec[name]["input"]
+        reps = rec[name]["input" if inputs else "output"]
         rows = torch.arange(len(seqs), device=reps.device)
         out[name] = reps[rows, torch.tensor(idxs, device=reps.device)]
     return out
@@ -154,7 +154,7 @@ def compute_keys(model, tok, requests: Sequence[EditRequest], hp: EditHparams, m
             seqs.append(ids)
             idxs.append(idx)
     pad_id = pad_token_id(tok)
-    parts = [_forward_multi(model, module_names, seqs[i:i + chunk], idxs[i:i + chunk], pad_id)
+    parts = [_forward_at(model, module_names, seqs[i:i + chunk], idxs[i:i + chunk], pad_id, inputs=True)
              for i in range(0, len(seqs), chunk)]
     sizes = [len(g) for g in templates]
     out = {}
@@ -173,7 +173,7 @@ def layer_outputs(model, tok, requests: Sequence[EditRequest], hp: EditHparams, 
     """Output of ``layer_module_tmp`` at the lookup token of each bare prompt: ``[n, hidden]`` float32."""
     seqs, idxs = zip(*(lookup_index(tok, r.prompt, r.subject, hp.fact_token) for r in requests))
     name = hp.layer_module_tmp.format(layer)
-    return _forward_at(model, name, list(seqs), list(idxs), pad_token_id(tok), inputs=False).float()
+    return _forward_at(model, [name], list(seqs), list(idxs), pad_token_id(tok), inputs=False)[name].float()
 
 
 @dataclass
@@ -186,13 +186,16 @@ class TargetResult:
 
 
 def compute_targets(model, tok, requests: Sequence[EditRequest], hp: EditHparams, templates: list[list[str]],
-                    *, group: int = 8) -> list[TargetResult]:
+                    *, group: int = 20) -> list[TargetResult]:
     """Target values for every request, ``group`` requests per forward pass.
 
     Each request keeps its own delta, loss, early stop and norm clamp, exactly
     as when optimised alone (the public compute_z): rows of a batch do not
-    interact, Adam is element-wise, and rows that have stopped are held fixed.
+    interact, Adam is element-wise, and a request that has stopped leaves the
+    batch (its delta is held fixed).
     """
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive integer, got {group!r}")
     out: list[TargetResult] = []
     for start in range(0, len(requests), group):
         out.extend(_compute_group(model, tok, list(requests[start:start + group]), hp, templates))
@@ -204,121 +207,267 @@ def compute_target(model, tok, request: EditRequest, hp: EditHparams, templates:
     return _compute_group(model, tok, [request], hp, templates)[0]
 
 
-def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, templates) -> list[TargetResult]:
-    layer = hp.layers[-1]
-    loss_layer = max(hp.v_loss_layer, layer)
-    n = len(requests)
-    seqs, lookups, owner = [], [], []
-    label_rows = []  # (row, first label position, target ids)
-    kl_seqs, kl_lookups, kl_owner = [], [], []
-    first_row = []
+@dataclass
+class _Row:
+    """One prompt of the optimisation: a rewriting prompt (context + prompt + target but its last
+    token, read at the target tokens) or a KL prompt (cut after its lookup token, the one read)."""
+    ids: list[int]
+    lookup: int  # where delta is added
+    owner: int  # index of the request
+    target: list[int]  # rewriting prompts: the target ids, predicted from position label_start on; [] for KL prompts
+    label_start: int = -1
+
+
+def _target_rows(tok, requests: list[EditRequest], hp: EditHparams, templates) -> tuple[list[_Row], list[_Row]]:
+    rewriting, kl = [], []
     for r, req in enumerate(requests):
         tgt = target_ids(tok, req.target_new)
-        first_row.append(len(seqs))
         for group in templates:
             for ctx in group:
                 ids, idx = lookup_index(tok, ctx.replace("{}", req.prompt, 1), req.subject, hp.fact_token)
-                label_rows.append((len(seqs), len(ids) - 1, tgt))
-                seqs.append(ids + tgt[:-1])
-                lookups.append(idx)
-                owner.append(r)
+                rewriting.append(_Row(ids + tgt[:-1], idx, r, tgt, len(ids) - 1))
         for tmpl in KL_PROMPTS:
             ids, idx = lookup_index(tok, tmpl, req.subject, hp.fact_token)
-            kl_seqs.append(ids)
-            kl_lookups.append(idx)
-            kl_owner.append(r)
-    n_rw = len(seqs)
-    device = model_device(model)
-    input_ids, mask = right_pad(seqs + kl_seqs, pad_token_id(tok), device)
-    # Flat (row, position, token) of every target token: the loss reads logits there only.
-    lab_row, lab_pos, lab_tok = [], [], []
-    tgt_len = torch.zeros(n_rw)
-    for row, pos, tgt in label_rows:
-        lab_row += [row] * len(tgt)
-        lab_pos += range(pos, pos + len(tgt))
-        lab_tok += tgt
-        tgt_len[row] = len(tgt)
-    all_lookups = lookups + kl_lookups
-    all_owner = owner + kl_owner
+            kl.append(_Row(ids[:idx + 1], idx, r, []))
+    return rewriting, kl
 
+
+def _cache_argument(body) -> str | None:
+    """The keyword under which ``body.forward`` takes a key/value cache, if any."""
+    import inspect
+
+    params = inspect.signature(body.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+class _Steps:
+    """Runs the rows of one group from the edited layer up, for the requests still optimised.
+
+    Layer ``layer``'s output h (where delta is added) is recorded once, in a
+    forward of the whole rows without gradients. Positions before a row's
+    lookup token do not depend on delta (the model is causal), so when the
+    model returns a key/value cache (a transformers ``DynamicCache``) a step
+    feeds each row only from its lookup token on ("window"), attending to the
+    keys and values recorded for the positions before; otherwise it feeds the
+    whole row. Layers up to ``layer`` are replaced by stand-ins that return h
+    (``model_utils.stand_in_lower_layers``) where they sit in a ``ModuleList``.
+    The first step checks the window against the recorded forward (delta is
+    zero then) and falls back to whole rows if they disagree.
+    """
+
+    def __init__(self, model, tok, rows: list[_Row], layer_name: str, loss_name: str):
+        self.model, self.rows = model, rows
+        self.layer_name, self.loss_name = layer_name, loss_name
+        self.body = model.base_model
+        self.has_body = self.body is not model
+        device = model_device(model)
+        ids, mask = right_pad([row.ids for row in rows], pad_token_id(tok), device)
+        self.ids, self.width = ids, ids.shape[1]
+        self.lengths = torch.tensor([len(row.ids) for row in rows])
+        self.lookups = torch.tensor([row.lookup for row in rows])
+        cache_arg = _cache_argument(self.body) if self.has_body else None
+        templates = []
+        hook = get_module(model, layer_name).register_forward_hook(lambda mod, args, out: templates.append(out))
+        try:
+            with torch.no_grad(), trace(model, [layer_name, loss_name]) as rec:
+                kwargs = {"use_cache": True} if cache_arg else {"use_cache": False}
+                out = (self.body if self.has_body else model)(input_ids=ids, attention_mask=mask, **kwargs)
+        finally:
+            hook.remove()
+        self.h = rec[layer_name]["output"].detach()
+        self.template = templates[-1]
+        # What the first step must reproduce: loss-layer outputs at the label positions, final states at KL lookups.
+        self.reference = rec[loss_name]["output"].detach()
+        self.reference_final = (out.last_hidden_state if self.has_body else out.logits).detach()
+        self.kv = self._recorded_cache(out, cache_arg)
+        self.cache_arg = cache_arg
+        self.windowed = self.kv is not None
+        self.stand_in = None
+        self.select({row.owner for row in rows})
+
+    def _recorded_cache(self, out, cache_arg):
+        if cache_arg is None:
+            return None
+        try:
+            from transformers import DynamicCache
+        except ImportError:  # pragma: no cover - transformers always ships it
+            return None
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if type(cache) is not DynamicCache:
+            return None
+        kv = [(entry[0], entry[1]) for entry in cache]
+        # A sliding-window layer keeps fewer positions than the rows hold: feed whole rows instead.
+        if not kv or any(k is None or k.shape[-2] != self.width or v.shape[-2] != self.width for k, v in kv):
+            return None
+        window = getattr(self.model.config, "sliding_window", None)
+        if isinstance(window, int) and window < self.width:
+            return None
+        return kv
+
+    def select(self, requests) -> None:
+        """Run only the rows of ``requests`` (indices) from now on (rewriting rows first, as in ``rows``)."""
+        wanted = set(requests)
+        sel = [i for i, row in enumerate(self.rows) if row.owner in wanted]
+        self.requests = wanted
+        self.sel = sel
+        idx = torch.tensor(sel)
+        starts = self.lookups[idx] if self.windowed else torch.zeros(len(sel), dtype=torch.long)
+        lengths = self.lengths[idx]
+        span = int((lengths - starts).max())
+        cols = torch.arange(span)
+        valid = cols[None, :] < (lengths - starts)[:, None]
+        at = (starts[:, None] + cols[None, :]).clamp(max=self.width - 1)  # positions; padding slots repeat the last
+        dev = self.ids.device
+        self.pos = at.to(dev)
+        self.input_ids = self.ids[idx.to(dev)].gather(1, at.to(dev))
+        h = self.h[idx.to(self.h.device)]
+        self.window_h = h[torch.arange(len(sel), device=h.device)[:, None], at.to(h.device)]
+        if self.windowed:
+            past = torch.arange(self.width)[None, :] < starts[:, None]
+            self.mask = torch.cat([past, valid], 1).long().to(dev)
+            self.sel_kv = [(k[idx.to(k.device)], v[idx.to(v.device)]) for k, v in self.kv]
+        else:
+            self.mask = valid.long().to(dev)
+        self.starts = starts
+        # Where delta goes and where the loss reads, in window coordinates.
+        self.edit_rows = torch.arange(len(sel))
+        self.edit_cols = self.lookups[idx] - starts
+        self.owner = torch.tensor([self.rows[i].owner for i in sel])
+        lab_row, lab_pos, lab_tok, kl_row = [], [], [], []
+        for k, i in enumerate(sel):
+            row = self.rows[i]
+            if row.target:
+                first = row.label_start - int(starts[k])
+                lab_row += [k] * len(row.target)
+                lab_pos += range(first, first + len(row.target))
+                lab_tok += row.target
+            else:
+                kl_row.append(k)
+        self.n_rewriting = len(sel) - len(kl_row)
+        self.target_len = torch.tensor([float(len(self.rows[i].target)) for i in sel[:self.n_rewriting]])
+        self.lab_row, self.lab_pos, self.lab_tok = torch.tensor(lab_row), torch.tensor(lab_pos), torch.tensor(lab_tok)
+        self.kl_row = torch.tensor(kl_row, dtype=torch.long)
+        self.kl_index = torch.tensor([sel[k] for k in kl_row], dtype=torch.long)  # into all rows
+        if self.stand_in is not None:
+            self.stand_in.hidden = self.window_h
+
+    def forward(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss-layer output at every label position, final state at every KL lookup) with ``delta`` added."""
+        rows_at = {}
+
+        def edit(name, h):
+            if name != self.layer_name:
+                return None
+            dev = h.device
+            if dev not in rows_at:
+                rows_at[dev] = (self.edit_rows.to(dev), self.edit_cols.to(dev), self.owner.to(dev))
+            rows, cols, owner = rows_at[dev]
+            h = h.clone()
+            h[rows, cols] = h[rows, cols] + delta[owner.to(delta.device)].to(dev, h.dtype)
+            return h
+
+        kwargs = {"input_ids": self.input_ids, "attention_mask": self.mask, "position_ids": self.pos}
+        if self.windowed:
+            from transformers import DynamicCache
+
+            kwargs[self.cache_arg] = DynamicCache(self.sel_kv)
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        with trace(self.model, [self.layer_name, self.loss_name], edit=edit) as rec:
+            out = (self.body if self.has_body else self.model)(**kwargs)
+        final = out.last_hidden_state if self.has_body else out.logits
+        loss_h = rec[self.loss_name]["output"]
+        labels = loss_h[self.lab_row.to(loss_h.device), self.lab_pos.to(loss_h.device)]
+        kl = final[self.kl_row.to(final.device), self.edit_cols[self.kl_row].to(final.device)]
+        return labels, kl
+
+    def agrees(self, labels: torch.Tensor, kl: torch.Tensor) -> bool:
+        """Whether a delta-free step matches the recorded forward at the positions the loss reads."""
+        sel = torch.tensor(self.sel)
+        ref = self.reference[sel[self.lab_row].to(self.reference.device),
+                             (self.lab_pos + self.starts[self.lab_row]).to(self.reference.device)]
+        ref_kl = self.reference_final[self.kl_index.to(self.reference_final.device),
+                                      self.lookups[self.kl_index].to(self.reference_final.device)]
+
+        def close(a, b):
+            # Other shapes round differently: fp32 within ~1e-6, 16-bit types within ~1e-2; a wrong
+            # position or mask is off by order one.
+            tol = 1e-3 if b.dtype in (torch.float32, torch.float64) else 5e-2
+            return bool((a.detach().float().to(b.device) - b.float()).norm() <= tol * b.float().norm() + 1e-6)
+
+        agree = close(labels, ref) and close(kl, ref_kl)
+        self.reference = self.reference_final = None  # needed once
+        return agree
+
+    def whole_rows(self) -> None:
+        """Give up the window: feed whole rows from now on."""
+        self.windowed = False
+        self.kv = self.sel_kv = None
+        self.select(self.requests)
+
+
+def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, templates) -> list[TargetResult]:
+    layer = hp.layers[-1]
     layer_name = hp.layer_module_tmp.format(layer)
-    loss_name = hp.layer_module_tmp.format(loss_layer)
+    loss_name = hp.layer_module_tmp.format(max(hp.v_loss_layer, layer))
     ln_f = get_module(model, hp.ln_f_module)
     lm_head = get_module(model, hp.lm_head_module)
-    layer_device = next(get_module(model, layer_name).parameters()).device
-    delta = torch.zeros(n, model.config.hidden_size, device=layer_device, dtype=torch.float32, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    state: dict = {}
-    rows_dev = torch.arange(len(all_lookups), device=layer_device)
-    cols_dev = torch.tensor(all_lookups, device=layer_device)
-    owner_dev = torch.tensor(all_owner, device=layer_device)
-
-    def edit(name, h):
-        if name != layer_name:
-            return None
-        if "init" not in state:
-            state["init"] = h[torch.tensor(first_row, device=h.device),
-                              torch.tensor([lookups[i] for i in first_row], device=h.device)].detach().float().clone()
-        h = h.clone()
-        h[rows_dev, cols_dev] = h[rows_dev, cols_dev] + delta[owner_dev].to(h.dtype)
-        return h
-
-    # Per-request averaging matrices: NLL is the mean over a request's rewriting
-    # prompts, KL the batch mean over its KL prompts.
-    own_rw = torch.zeros(n, n_rw)
-    own_rw[torch.tensor(owner), torch.arange(n_rw)] = 1.0
-    own_rw /= own_rw.sum(1, keepdim=True)
-    own_kl = torch.zeros(n, len(kl_seqs))
-    own_kl[torch.tensor(kl_owner), torch.arange(len(kl_seqs))] = 1.0
-    own_kl /= own_kl.sum(1, keepdim=True)
-
-    # The body without the LM head: logits are needed at a few positions only.
-    body = model.base_model
-    with_head = body is model
-
-    def forward() -> torch.Tensor:
-        """Final hidden states (after the final norm), or logits for a model without a separate body."""
-        if with_head:
-            return model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-        return body(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+    n = len(requests)
+    rewriting, kl_rows = _target_rows(tok, requests, hp, templates)
+    rows = rewriting + kl_rows
+    rw_count = torch.bincount(torch.tensor([row.owner for row in rewriting]), minlength=n).float()
+    kl_count = torch.bincount(torch.tensor([row.owner for row in kl_rows]), minlength=n).float()
+    first_row = [next(i for i, row in enumerate(rows) if row.owner == r) for r in range(n)]
 
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    active = [True] * n
-    nll_first = [float("nan")] * n
-    nll_last = [float("nan")] * n
-    steps = [0] * n
     try:
-        # Layers up to the edited one see the same inputs every step: run them once.
-        with replay_lower_layers(model, hp.layer_module_tmp, layer, forward):
+        runner = _Steps(model, tok, rows, layer_name, loss_name)
+        h0 = runner.h
+        init = h0[torch.tensor(first_row, device=h0.device),
+                  torch.tensor([rows[i].lookup for i in first_row], device=h0.device)].float().clone()
+        layer_device = h0.device
+        init = init.to(layer_device)
+        delta = torch.zeros(n, model.config.hidden_size, device=layer_device, dtype=torch.float32, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        active = [True] * n
+        nll_first = [float("nan")] * n
+        nll_last = [float("nan")] * n
+        steps = [0] * n
+        kl_init = None
+        with stand_in_lower_layers(model, hp.layer_module_tmp, layer, runner.template,
+                                   runner.window_h) as stand_in:
+            runner.stand_in = stand_in
             for it in range(hp.v_num_grad_steps):
                 opt.zero_grad()
-                with trace(model, [layer_name, loss_name], edit=edit) as rec:
-                    final = forward()
-                out_h = rec[loss_name]["output"]
-                if it == 0:  # gather indices, on the devices that read them (layers may sit on several)
-                    idx = {"kl": (torch.arange(n_rw, n_rw + len(kl_seqs), device=final.device),
-                                  torch.tensor(kl_lookups, device=final.device)),
-                           "at": (torch.tensor(lab_row, device=out_h.device),
-                                  torch.tensor(lab_pos, device=out_h.device))}
-                kl_final = final[idx["kl"]]
-                kl_logp = torch.log_softmax((kl_final if with_head else lm_head(kl_final)).float(), -1)
-                if "kl_init" not in state:
-                    state["kl_init"] = kl_logp.detach().clone()
-                logp = torch.log_softmax(lm_head(ln_f(out_h[idx["at"]])).float(), -1)
+                labels, kl_final = runner.forward(delta)
+                if it == 0 and runner.windowed and not runner.agrees(labels, kl_final):
+                    import warnings
+
+                    warnings.warn(f"{type(model).__name__}: the cached-prefix forward does not reproduce the model's "
+                                  "own; optimising target values on whole prompts (slower, same result)", stacklevel=3)
+                    runner.whole_rows()
+                    labels, kl_final = runner.forward(delta)
+                logp = torch.log_softmax(lm_head(ln_f(labels)).float(), -1)
                 dev = logp.device
-                if it == 0:
-                    idx["tok"] = torch.tensor(lab_tok, device=dev).unsqueeze(1)
-                    idx["row"] = torch.tensor(lab_row, device=dev)
-                picked = logp.gather(1, idx["tok"]).squeeze(1)
-                nll_rows = torch.zeros(n_rw, device=dev).index_add(0, idx["row"], -picked) / tgt_len.to(dev)
-                nll = own_rw.to(dev) @ nll_rows
-                kl_rows_loss = F.kl_div(state["kl_init"], kl_logp, log_target=True, reduction="none").sum(1)
-                kl = hp.kl_factor * (own_kl.to(dev) @ kl_rows_loss.to(dev))
-                init = state["init"]
+                picked = logp.gather(1, runner.lab_tok.to(dev).unsqueeze(1)).squeeze(1)
+                # NLL: mean over each rewriting prompt's target tokens, then over the request's prompts.
+                nll_rows = torch.zeros(runner.n_rewriting, device=dev).index_add(0, runner.lab_row.to(dev), -picked)
+                nll_rows = nll_rows / runner.target_len.to(dev)
+                nll = torch.zeros(n, device=dev).index_add(0, runner.owner[:runner.n_rewriting].to(dev),
+                                                             nll_rows) / rw_count.to(dev)
+                kl_logp = torch.log_softmax((lm_head(kl_final) if runner.has_body else kl_final).float(), -1)
+                if kl_init is None:
+                    kl_init = kl_logp.detach().clone()  # step 0 runs every KL row, in row order
+                kl_ref = kl_init[(runner.kl_index - len(rewriting)).to(kl_init.device)].to(kl_logp.device)
+                kl_each = F.kl_div(kl_ref, kl_logp, log_target=True, reduction="none").sum(1)
+                kl_owner = runner.owner[runner.kl_row].to(kl_each.device)
+                kl = hp.kl_factor * (torch.zeros(n, device=kl_each.device).index_add(0, kl_owner, kl_each)
+                                     / kl_count.to(kl_each.device))
                 decay = hp.v_weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2)
-                loss = nll + kl + decay.to(dev)
+                loss = nll + kl.to(dev) + decay.to(dev)
                 values = loss.detach().cpu().tolist()
                 nll_values = nll.detach().cpu().tolist()
                 step_mask = []
@@ -349,9 +498,11 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
                     for r in range(n):
                         if step_mask[r]:
                             steps[r] = it + 1
+                if not all(step_mask[r] for r in runner.requests):
+                    runner.select([r for r in range(n) if step_mask[r]])
     finally:
         for p, req_grad in zip(model.parameters(), requires):
             p.requires_grad_(req_grad)
-    z = (state["init"] + delta.detach()).float()
-    return [TargetResult(z=z[r], init=state["init"][r], nll_before=nll_first[r], nll_after=nll_last[r],
+    z = (init + delta.detach()).float()
+    return [TargetResult(z=z[r], init=init[r], nll_before=nll_first[r], nll_after=nll_last[r],
                          steps=steps[r]) for r in range(n)]

@@ -4,23 +4,30 @@
    fetched and converted once, see :mod:`.model_sources`); any local Hugging Face
    directory or ``.gguf`` file; or ``train-lm``, the small Llama model of
    :mod:`.train_lm` (trained, or reused from the cache).
-2. Take the first ``edits`` CounterFact requests from the data folder
-   (EasyEdit's flat file; synthetic requests about invented subjects when the
-   folder is absent or ``synthetic=True``).
+2. Take the first ``edits`` requests of CounterFact's edit split from the data
+   folder (EasyEdit's flat file; synthetic requests about invented subjects when
+   the folder is absent or ``synthetic=True``). Defaults are sized by device
+   (:data:`CPU_SIZES`: about ten minutes on two CPU cores the first time,
+   conversion and key statistics included; :data:`GPU_SIZES`).
 3. Edit them sequentially in batches of ``batch_size`` with AlphaEdit, once
    without SPHERE and once with it (eta 0.5, alpha 0.5), each from a fresh copy
-   of the unedited model, with the hyperparameters
+   of the unedited model, with the model's shipped settings
+   (:data:`SHIPPED_HPARAMS`), else the hyperparameters
    :func:`~sphere_fast.editing.hparams.default_hparams` derives for the model
-   and :data:`DEMO_OVERRIDES` (or a ``hparams`` file).
+   with :data:`DEMO_OVERRIDES` (or a ``hparams`` file).
 4. Print a table (the unedited model, then both runs): efficacy,
    generalization, specificity, locality (agreement with the unedited
    model's top-1 on the neighbourhood prompts), the mean relative change of the
    edited layers' hyperspherical energy, edit time and SPHERE's share of it;
-   write ``demo.png``, ``demo.json`` and each run's own files (see
+   then, for the first :data:`EXAMPLES` edited facts, the greedy continuation of
+   the rewrite prompt, a paraphrase and a neighbourhood prompt by the unedited
+   model and by each edited one.
+5. Write ``demo.png`` (metrics against edits), ``demo_examples.png`` (the
+   table and the continuations), ``demo.json`` and each run's own files (see
    :mod:`.cli`) under ``out``; with ``save_model_dir``, the AlphaEdit + SPHERE
    edited model as a Hugging Face directory.
 
-The numbers are whatever this model and data give; nothing is tuned for them.
+The numbers are whatever this model and data give.
 """
 from __future__ import annotations
 
@@ -31,22 +38,21 @@ from pathlib import Path
 RUNS = (("AlphaEdit", False), ("AlphaEdit + SPHERE", True))
 DEFAULT_MODEL = "smollm2"
 TRAINED_MODEL = "train-lm"  # the small WikiText-2 model of sphere_fast.editing.train_lm
-
-# The small-model defaults (L2 = 0.01) suit randomly initialised tiny models, whose
-# keys are tiny (EDITING-NOTES.md). The trained demo model's key second moments
-# reach ~20, as in real LLMs; there L2 = 0.01 gives updates of norm ~100 that wreck
-# unrelated predictions (locality 0.10 after 200 edits, efficacy no better), while
-# the paper's L2 = 10 (its Llama3-8B setting) edits with updates of norm ~20. Measured on
-# 40 requests of the 6-layer "cpu" model: efficacy 0.10 -> 0.16 / 0.18,
-# locality 0.62 / 0.77 for L2 = 0.01 / 10.
+# Shipped settings per named model (chosen by bench/sweep_smollm2.py); other models get
+# default_hparams sized to the model, with DEMO_OVERRIDES.
+SHIPPED_HPARAMS = {"smollm2": "AlphaEdit/smollm2-135m"}
+# Tiny random models want L2 = 0.01 (EDITING-NOTES.md); trained models have key second
+# moments like real LLMs, where the paper's L2 = 10 keeps updates moderate.
 DEMO_OVERRIDES = {"L2": 10.0}
+EXAMPLES = 3  # edited facts whose continuations are printed
+CONTINUATION_TOKENS = 8
 
 
 def run_demo(
     *,
     model: str | Path = DEFAULT_MODEL,
-    edits: int = 200,
-    batch_size: int = 20,
+    edits: int | None = None,
+    batch_size: int | None = None,
     out: str | Path = "out/demo",
     device=None,
     seed: int = 0,
@@ -63,8 +69,12 @@ def run_demo(
     ``model`` is a named model, a local directory, a ``.gguf`` file or
     :data:`TRAINED_MODEL`, for which ``train_config`` replaces the device's
     default :class:`~.train_lm.TrainConfig`;
-    ``hparams_file`` (YAML/JSON or shipped name) replaces the model-sized defaults
-    and :data:`DEMO_OVERRIDES`; ``hparams_overrides`` then replaces single keys.
+    ``hparams_file`` (YAML/JSON or shipped name) replaces the model's shipped
+    settings (:data:`SHIPPED_HPARAMS`) or the model-sized defaults with
+    :data:`DEMO_OVERRIDES`; ``hparams_overrides`` then replaces single keys.
+    ``edits`` and ``batch_size`` default to :data:`CPU_SIZES` or :data:`GPU_SIZES`
+    by device; on a CPU the C0 corpus is the hparams' ``mom2_n_samples`` lines,
+    on a GPU at least ``GPU_SIZES["stats_lines"]``.
     """
     import torch
 
@@ -78,6 +88,12 @@ def run_demo(
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)
+    sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
+    edits = sizes["edits"] if edits is None else edits
+    batch_size = sizes["batch_size"] if batch_size is None else batch_size
+    for name, value in (("edits", edits), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if save_model_dir is not None:
         save_model_dir = check_save_dir(save_model_dir)
     if train_config is not None and str(model) != TRAINED_MODEL:
@@ -94,7 +110,6 @@ def run_demo(
     config = base.config
     shape = f"{config.hidden_size} hidden x {config.num_hidden_layers} layers, vocab {config.vocab_size}"
     model_info.update(path=str(model_dir), shape=shape, parameters=sum(p.numel() for p in base.parameters()))
-    del base
     log(f"demo: model {model_dir} ({shape}, {model_info['parameters']:,} parameters)")
     source = paths.counterfact_path()
     if synthetic or not source.exists():
@@ -109,6 +124,11 @@ def run_demo(
 
     n_batches = -(-len(requests) // batch_size)
     eval_every = max(1, n_batches // 4)
+    shipped = _shipped_hparams(model, model_dir)
+    examples = requests[:EXAMPLES]
+    prompts = [p for req in examples for p in _example_prompts(req)]
+    continuations = {"unedited": _continue(base.to(device), tokenizer, prompts)}
+    del base
     summaries, rows = {}, {}
     for label, sphere in RUNS:
         run_dir = out / ("alphaedit_sphere" if sphere else "alphaedit")
@@ -116,10 +136,12 @@ def run_demo(
             shutil.rmtree(run_dir)
         edited, tokenizer = load_model(model_dir, device=device)
         torch.manual_seed(seed)
-        if hparams_file is not None:
-            hparams = load_hparams(hparams_file)
+        if hparams_file is not None or shipped is not None:
+            hparams = load_hparams(hparams_file if hparams_file is not None else shipped)
         else:
             hparams = default_hparams(edited, "alphaedit").replace(**DEMO_OVERRIDES)
+        if device.type == "cuda" and hparams.mom2_n_samples < sizes["stats_lines"]:
+            hparams = hparams.replace(mom2_n_samples=sizes["stats_lines"])
         if hparams_overrides:
             hparams = hparams.replace(**hparams_overrides)
         summaries[label] = run_edit(
@@ -128,6 +150,7 @@ def run_demo(
             run_info={"model_dir": str(model_dir), "data": data_name}, title=label, log=log,
         )
         rows[label] = read_csv(run_dir / "edits.csv")
+        continuations[label] = _continue(edited, tokenizer, prompts)
         if sphere and save_model_dir is not None:
             save_model(edited, tokenizer, save_model_dir,
                        source={"kind": "edited", "base_model": str(model_dir), "method": "alphaedit", "sphere": True,
@@ -149,6 +172,7 @@ def run_demo(
                ("specificity", "specificity", ".3f"), ("locality", "locality", ".3f"),
                ("drift", "energy drift %", "+.3f"), ("seconds", "edit s", ".1f"), ("share", "SPHERE share %", ".2f")]
     table = format_table(table_rows, columns)
+    example_rows = _example_rows(examples, continuations)
     plot_comparison(rows, out / "demo.png",
                     title=f"{len(requests)} edits, batches of {batch_size}, {Path(model_dir).name} ({shape})")
     result = {
@@ -159,10 +183,15 @@ def run_demo(
         "batch_size": batch_size,
         "device": str(device),
         "table": table_rows,
+        "hparams_source": str(hparams_file) if hparams_file is not None else (shipped or "default_hparams"),
+        "continuations": example_rows,
         "runs": {k: {kk: v[kk] for kk in ("before", "after", "energy_drift", "edit_seconds", "sphere_seconds",
                                            "sphere_share", "hparams")} for k, v in summaries.items()},
         "wall_seconds": time.perf_counter() - t0,
     }
+    plot_examples(table_rows, example_rows, out / "demo_examples.png",
+                  title=f"{Path(model_dir).name}: {len(requests)} edits; greedy continuations of {len(examples)} of them")
+    result["wall_seconds"] = time.perf_counter() - t0
     write_json(out / "demo.json", result)
     log("")
     log(f"{len(requests)} edits ({data_name}), AlphaEdit, batches of {batch_size}; top-1 token accuracy on the "
@@ -170,9 +199,92 @@ def run_demo(
     log("energy drift = mean over edited layers of E_final / E_initial - 1 (hyperspherical energy, s = 2);")
     log("SPHERE share = projection time / edit time (key statistics excluded).")
     log(table)
-    log(f"\nwrote {out / 'demo.png'}, {out / 'demo.json'} and per-run files in {out}/alphaedit*/ "
+    log(f"\nGreedy continuations ({CONTINUATION_TOKENS} tokens) of {len(examples)} edited facts: the rewrite prompt, a "
+        "paraphrase and a neighbourhood prompt (whose answer should not change).")
+    log(format_examples(example_rows))
+    log(f"\nwrote {out / 'demo.png'}, {out / 'demo_examples.png'}, {out / 'demo.json'} and per-run files in {out}/alphaedit*/ "
         f"({result['wall_seconds']:.0f} s)")
     return result
+
+
+CPU_SIZES = {"edits": 20, "batch_size": 20}
+GPU_SIZES = {"edits": 200, "batch_size": 20, "stats_lines": 100000}
+
+
+def _shipped_hparams(model, model_dir: Path) -> str | None:
+    """The shipped settings of a named model, given by name or as its converted cache directory."""
+    from .model_sources import models_dir
+
+    for name, shipped in SHIPPED_HPARAMS.items():
+        if str(model) == name or Path(model_dir).resolve() == (models_dir() / name).resolve():
+            return shipped
+    return None
+
+
+def _example_prompts(request) -> list[str]:
+    """The rewrite prompt, the first paraphrase and the first neighbourhood prompt (those that exist)."""
+    prompts = [request.text]
+    prompts += list(request.rephrase_prompts[:1]) + list(request.neighborhood_prompts[:1])
+    return prompts
+
+
+def _continue(model, tokenizer, prompts: list[str]) -> list[str]:
+    from .metrics import generate
+
+    texts = generate(model, tokenizer, prompts, max_new_tokens=CONTINUATION_TOKENS)
+    return [text[len(prompt):] if text.startswith(prompt) else text for prompt, text in zip(prompts, texts)]
+
+
+def _example_rows(examples, continuations: dict[str, list[str]]) -> list[dict]:
+    """One row per (fact, prompt): the prompt, the answer wanted, and each model's continuation."""
+    rows, position = [], 0
+    for request in examples:
+        kinds = ["rewrite"] + ["paraphrase"] * bool(request.rephrase_prompts) + ["neighbour"] * bool(
+            request.neighborhood_prompts)
+        for kind, prompt in zip(kinds, _example_prompts(request)):
+            wanted = request.neighborhood_targets[0] if kind == "neighbour" else request.target_new
+            rows.append({"fact": f"{request.subject}: {request.target_true} -> {request.target_new}", "kind": kind,
+                         "prompt": prompt, "wanted": wanted,
+                         **{label: texts[position] for label, texts in continuations.items()}})
+            position += 1
+    return rows
+
+
+def format_examples(rows: list[dict]) -> str:
+    """The continuations as indented text blocks, one per prompt."""
+    lines, fact = [], None
+    for row in rows:
+        if row["fact"] != fact:
+            fact = row["fact"]
+            lines.append(f"\n* {fact}")
+        lines.append(f"  {row['kind']} (wanted: {row['wanted']!r}): {row['prompt']!r}")
+        for label, text in row.items():
+            if label not in ("fact", "kind", "prompt", "wanted"):
+                lines.append(f"    {label:<20} ...{text!r}")
+    return "\n".join(lines)
+
+
+def plot_examples(table_rows: list[dict], example_rows: list[dict], path: Path, *, title: str) -> None:
+    """What the demo prints, as a PNG: the metrics table as bars, the continuations as text."""
+    from .report import _figure, _save_png
+
+    metrics = ("efficacy", "generalization", "specificity", "locality")
+    plt, fig, (ax_bar, ax_text) = _figure(2)
+    fig.set_size_inches(17, 7)
+    width = 0.8 / max(1, len(table_rows))
+    for i, row in enumerate(table_rows):
+        values = [row.get(m) if row.get(m) is not None else 0.0 for m in metrics]
+        ax_bar.bar([j + i * width for j in range(len(metrics))], values, width, label=row["run"])
+    ax_bar.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics, fontsize=8)
+    ax_bar.set_ylim(0, 1.05)
+    ax_bar.set_ylabel("top-1 token accuracy")
+    ax_bar.legend(fontsize=8)
+    ax_bar.grid(axis="y", alpha=0.3)
+    ax_text.axis("off")
+    ax_text.text(0, 1, format_examples(example_rows).strip("\n"), va="top", ha="left", family="monospace",
+                 fontsize=6.5, transform=ax_text.transAxes, wrap=False)
+    fig.suptitle(title, fontsize=10)
+    _save_png(plt, fig, path)
 
 
 def _trained_model(train_config, device, progress: bool, log) -> tuple[Path, dict]:

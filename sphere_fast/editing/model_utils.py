@@ -65,16 +65,37 @@ def _replace_hidden(output, hidden):
     return hidden
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward once everything needed has been recorded."""
+
+
 @contextlib.contextmanager
 def trace(model: nn.Module, names: Iterable[str], *, inputs: bool = False, outputs: bool = True,
-          edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None):
+          edit: Callable[[str, torch.Tensor], torch.Tensor] | None = None, stop: bool = False):
     """Record inputs/outputs of the named modules during forwards in the block.
 
     Yields a dict ``name -> {"input": tensor, "output": tensor}`` (hidden states
     only). ``edit(name, hidden)`` may return a replacement output hidden state.
+    ``stop=True`` ends the forward as soon as every named module has been
+    recorded (inputs only: before the last module runs), so the layers and the
+    LM head after it are never computed; the model call in the block then
+    returns nothing and the block ends there.
     """
     records: dict[str, dict] = {}
+    pending = set(names)
     handles = []
+
+    def done(name):
+        pending.discard(name)
+        if stop and not pending:
+            raise _StopForward
+
+    def make_pre_hook(name):
+        def hook(module, args, kwargs):
+            records.setdefault(name, {})["input"] = args[0] if args else next(iter(kwargs.values()))
+            done(name)
+
+        return hook
 
     def make_hook(name):
         def hook(module, args, kwargs, output):
@@ -89,32 +110,41 @@ def trace(model: nn.Module, names: Iterable[str], *, inputs: bool = False, outpu
                     hidden = new
             if outputs:
                 rec["output"] = hidden
+            done(name)
             return output
 
         return hook
 
     try:
         for name in dict.fromkeys(names):
-            handles.append(get_module(model, name).register_forward_hook(make_hook(name), with_kwargs=True))
+            module = get_module(model, name)
+            if inputs and not outputs and edit is None:
+                handles.append(module.register_forward_pre_hook(make_pre_hook(name), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
         yield records
+    except _StopForward:
+        pass
     finally:
         for h in handles:
             h.remove()
 
 
 class _StandIn(nn.Module):
-    """Replays a decoder layer's recorded output instead of computing it.
+    """Stands for a decoder layer whose output is known.
 
     ``passthrough`` layers return their incoming hidden states (their output is
-    never used: a later stand-in replays the real value); the last one returns
-    the recorded output. Other attributes (e.g. ``attention_type``) come from
+    never used: a later stand-in returns the real value); the last one returns
+    ``hidden`` (settable between forwards) in the structure of the layer's real
+    output ``template``. Other attributes (e.g. ``attention_type``) come from
     the original layer, which decoder loops may read.
     """
 
-    def __init__(self, original: nn.Module, recorded, passthrough: bool):
+    def __init__(self, original: nn.Module, template, hidden: torch.Tensor | None, passthrough: bool):
         super().__init__()
         self.__dict__["_original"] = original  # not a submodule: no second copy of its parameters
-        self.__dict__["_recorded"] = recorded
+        self.__dict__["_template"] = template
+        self.__dict__["hidden"] = hidden
         self.passthrough = passthrough
 
     def __getattr__(self, name):
@@ -124,46 +154,46 @@ class _StandIn(nn.Module):
             return getattr(self.__dict__["_original"], name)
 
     def forward(self, *args, **kwargs):
-        recorded = self.__dict__["_recorded"]
         if self.passthrough:
-            return _replace_hidden(recorded, args[0] if args else kwargs["hidden_states"])
-        return recorded
+            hidden = args[0] if args else kwargs["hidden_states"]
+        else:
+            hidden = self.__dict__["hidden"]
+        return _replace_hidden(self.__dict__["_template"], hidden)
 
 
-@contextlib.contextmanager
-def replay_lower_layers(model: nn.Module, layer_tmp: str, last: int, forward: Callable[[], object]):
-    """Run ``forward()`` once, then skip layers ``0..last`` in later forwards on the same inputs.
-
-    While the block is open, those layers are replaced in their ``ModuleList``
-    by stand-ins that replay the outputs recorded during the first run, so a
-    loop that only perturbs layer ``last``'s output (the target-value
-    optimisation) pays for the layers above it alone. Yields True, or False
-    (and skips nothing) when the layers are not items of one ``ModuleList``.
-    """
+def _layer_list(model: nn.Module, layer_tmp: str, last: int):
+    """The ``ModuleList`` holding layers ``0..last`` and their indices in it, or None when they are not in one."""
     names = [layer_tmp.format(i) for i in range(last + 1)]
     parents = {name.rpartition(".")[0] for name in names}
     indices = [name.rpartition(".")[2] for name in names]
     container = get_module(model, parents.pop()) if len(parents) == 1 else None
     if not isinstance(container, nn.ModuleList) or not all(i.isdigit() for i in indices):
-        yield False
+        return None
+    return container, [int(i) for i in indices]
+
+
+@contextlib.contextmanager
+def stand_in_lower_layers(model: nn.Module, layer_tmp: str, last: int, template, hidden: torch.Tensor | None = None):
+    """Replace layers ``0..last`` by stand-ins while the block is open: the lower ones pass their
+    input through, layer ``last`` returns ``hidden`` (in the structure of its recorded output
+    ``template``). Yields layer ``last``'s stand-in (set its ``hidden`` between forwards), or None
+    (and replaces nothing) when the layers are not items of one ``ModuleList``.
+    """
+    found = _layer_list(model, layer_tmp, last)
+    if found is None:
+        yield None
         return
-    originals = [container[int(i)] for i in indices]
-    recorded: dict[int, object] = {}
-    handles = [layer.register_forward_hook(lambda mod, args, out, k=k: recorded.__setitem__(k, out))
-               for k, layer in enumerate(originals)]
+    container, indices = found
+    originals = [container[i] for i in indices]
+    stand_ins = [_StandIn(layer, template, hidden if k == last else None, passthrough=k < last)
+                 for k, layer in enumerate(originals)]
     try:
-        with torch.no_grad():
-            forward()
+        for i, stand_in in zip(indices, stand_ins):
+            container[i] = stand_in
+        yield stand_ins[-1]
     finally:
-        for h in handles:
-            h.remove()
-    try:
-        for k, i in enumerate(indices):
-            container[int(i)] = _StandIn(originals[k], recorded[k], passthrough=k < last)
-        yield True
-    finally:
-        for k, i in enumerate(indices):
-            container[int(i)] = originals[k]
+        for i, layer in zip(indices, originals):
+            container[i] = layer
 
 
 def num_layers(model: nn.Module) -> int:

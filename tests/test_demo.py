@@ -1,0 +1,65 @@
+"""The demo's pieces that need no model: shipped settings per named model, sizes, example rows, their plot."""
+from __future__ import annotations
+
+import pytest
+
+from sphere_fast.editing import demo
+from sphere_fast.editing.hparams import load_hparams
+from sphere_fast.editing.requests import EditRequest
+
+
+def _request(subject: str, rephrase=True, neighbour=True) -> EditRequest:
+    return EditRequest(
+        prompt="The mother tongue of {} is", subject=subject, target_new="English", target_true="French",
+        rephrase_prompts=(f"{subject} speaks",) if rephrase else (),
+        neighborhood_prompts=("The mother tongue of Jean Gabin is",) if neighbour else (),
+        neighborhood_targets=("French",) if neighbour else (),
+    )
+
+
+def test_smollm2_gets_its_shipped_settings_by_name_or_cache_directory(monkeypatch, tmp_path):
+    from sphere_fast.editing import model_sources
+
+    monkeypatch.setattr(model_sources, "models_dir", lambda: tmp_path / "models")
+    assert demo._shipped_hparams("smollm2", tmp_path / "elsewhere") == "AlphaEdit/smollm2-135m"
+    assert demo._shipped_hparams(tmp_path / "models" / "smollm2", tmp_path / "models" / "smollm2") == (
+        "AlphaEdit/smollm2-135m")
+    assert demo._shipped_hparams("some/dir", tmp_path / "some" / "dir") is None
+    # The shipped files exist, load, and agree except for what SPHERE adds.
+    alpha, sphere, memit = (load_hparams(f"{m}/smollm2-135m") for m in ("AlphaEdit", "SPHERE", "MEMIT"))
+    assert (sphere.cumulative_ratio, sphere.suppression_strength) == (0.5, 0.5)
+    assert alpha.cumulative_ratio is None
+    strip = lambda hp: {k: v for k, v in hp.to_dict().items()  # noqa: E731
+                        if k not in ("alg_name", "cumulative_ratio", "suppression_strength", "P_loc")}
+    assert strip(alpha) == strip(sphere) == strip(memit)
+    assert alpha.v_loss_layer == 29 and alpha.layers[-1] < 30
+
+
+def test_example_rows_follow_each_fact_and_skip_missing_prompts():
+    requests = [_request("Danielle Darrieux"), _request("Toko Yasuda", rephrase=False)]
+    prompts = [p for r in requests for p in demo._example_prompts(r)]
+    assert len(prompts) == 5
+    continuations = {"unedited": [f"u{i}" for i in range(5)], "AlphaEdit": [f"a{i}" for i in range(5)]}
+    rows = demo._example_rows(requests, continuations)
+    assert [(r["kind"], r["unedited"], r["AlphaEdit"]) for r in rows] == [
+        ("rewrite", "u0", "a0"), ("paraphrase", "u1", "a1"), ("neighbour", "u2", "a2"),
+        ("rewrite", "u3", "a3"), ("neighbour", "u4", "a4")]
+    assert rows[2]["wanted"] == "French" and rows[0]["wanted"] == "English"
+    assert rows[0]["fact"] == "Danielle Darrieux: French -> English"
+    text = demo.format_examples(rows)
+    assert text.count("* ") == 2 and "...'a4'" in text and "paraphrase (wanted: 'English')" in text
+
+
+def test_plot_examples_writes_a_png(tmp_path):
+    rows = demo._example_rows([_request("Danielle Darrieux")], {"unedited": ["a", "b", "c"]})
+    table = [{"run": "unedited", "efficacy": 0.1, "generalization": 0.0, "specificity": 0.2, "locality": None}]
+    demo.plot_examples(table, rows, tmp_path / "x.png", title="t")
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("name,value", [("edits", 0), ("batch_size", -1), ("edits", 2.5)])
+def test_bad_sizes_are_refused_before_anything_runs(tmp_path, name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        demo.run_demo(model="nonexistent-dir", out=tmp_path / "d", device="cpu", **{name: value})
+    assert not (tmp_path / "d").exists()
+
