@@ -1,4 +1,6 @@
 """The shared finiteness check: a fast reduction with an exact fallback."""
+import warnings
+
 import pytest
 import torch
 
@@ -36,3 +38,12 @@ def test_strided_input():
     x = x.clone()
     x[3, 5] = float("nan")
     assert not all_finite(x.T)
+
+
+def test_a_parameter_is_checked_without_autograd_or_warnings():
+    W = torch.nn.Parameter(torch.randn(4, 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert all_finite(W)
+        W.data[1, 2] = float("nan")
+        assert not all_finite(W)
