@@ -202,6 +202,8 @@ def _markdown(doc: dict) -> str:
         row(f"batch: {part} s", lambda r, part=part: r["batch"]["seconds"][part], "{:.2f}".format)
     row("z residual before → after", lambda r: (r["batch"]["z_residual_before"], r["batch"]["z_residual_after"]),
         lambda v: f"{v[0]:.3f} → {v[1]:.3f}")
+    if doc.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in doc["notes"]]
     finals = [runs[label]["batch"]["target_nll_after"] for label in labels if "batch" in runs[label]]
     if len(finals) >= 2 and len({len(f) for f in finals}) == 1:
         spread = max(max(values) - min(values) for values in zip(*finals))

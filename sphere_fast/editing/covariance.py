@@ -53,7 +53,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.f
 
 
 def read_corpus(path: str | Path, n_samples: int) -> list[str]:
-    """Up to ``n_samples`` texts, raw: non-blank lines of a .txt file (newline kept) or ``text`` fields of a .jsonl file."""
+    """Up to ``n_samples`` raw texts: non-blank lines of a .txt file (newline kept) or .jsonl ``text`` fields."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"stats_corpus {str(path)!r} does not exist")
@@ -66,7 +66,8 @@ def read_corpus(path: str | Path, n_samples: int) -> list[str]:
                 try:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"stats_corpus {str(path)!r} line {lineno}: expected JSON with a 'text' field") from None
+                    raise ValueError(f"stats_corpus {str(path)!r} line {lineno}: expected JSON with a 'text' field"
+                                     ) from None
                 if not isinstance(text, str):
                     raise ValueError(f"stats_corpus {str(path)!r} line {lineno}: 'text' must be a string")
             else:
