@@ -9,7 +9,6 @@ eigenvector u = A_hat^T v / sqrt(n lambda) of C. P is never formed unless
 """
 from __future__ import annotations
 
-
 import torch
 
 from . import _validation as val
