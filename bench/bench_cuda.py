@@ -20,12 +20,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import PeakMemory, sync
+from benchutil import PeakMemory, cuda_extension_skip_reason, sync
 from sphere_fast.ops import normalized_gram
 from sphere_fast.synthetic import low_rank_change, synthetic_weight
-from tests.test_cuda_ext import extension_status
 
-_SKIP = extension_status()
+_SKIP = cuda_extension_skip_reason()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 ETA = 0.5

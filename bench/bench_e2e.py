@@ -303,14 +303,9 @@ def alphaedit_dd_work(editor, hp, device, n_requests: int) -> dict:
         C = C0.to(dt)
 
         def package():
-            if device.type == "cuda":
-                from sphere_fast import _cuda
+            from sphere_fast.backends import implementation
 
-                pairs = _cuda.top_eigenpairs(C, trace, eta)
-            else:
-                from sphere_fast.eigensolver import top_eigenpairs
-
-                pairs = top_eigenpairs(C, trace, eta)
+            pairs = implementation("eigensolver", "auto", device)(C, trace, eta)
             U = pairs.vectors.to(dt)
             P = torch.eye(d, dtype=dt, device=device).addmm_(U, U.T, alpha=-1.0)
             return P.float(), pairs  # float32, as nullspace_projector returns it

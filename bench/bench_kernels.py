@@ -6,10 +6,11 @@
   ``hyperspherical_energy`` at the down_proj shapes [4096 x 14336] (Llama3-8B)
   and [5120 x 27648] (Qwen2.5-32B), bf16 and fp32 weights, each precision
   that applies (bf16 weights: tensor cores, exact products; fp32 weights:
-  IEEE fp32 and TF32), beside torch's unfused equivalent (``W / norms`` then
-  one matmul, in the same precision). The baselines are the torch twins of the
-  tests (tests/test_kernels_gram.py, tests/test_kernels_energy.py), imported,
-  so tests and benchmarks cannot drift apart.
+  IEEE fp32 and TF32), beside torch's unfused equivalent in the same
+  precision: for the Gram ``W / norms`` then one matmul (:func:`unfused_gram`,
+  which follows torch's TF32 switch, as the package's torch twin deliberately
+  does not); for the energy the package's torch twin
+  (``sphere_fast.gram.hyperspherical_energy_reference``) in one block of rows.
 
 extra_info per benchmark: kind ("gram" / "energy"), case (the impl), model, dtype, precision, the FLOPs of the Gram as a full GEMM (``2 n^2 d``;
 the kernels execute about half of it, one triangle) and the TFLOP/s that
@@ -18,8 +19,12 @@ device's dense peak for the precision used with the fraction reached.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+
+from sphere_fast.gram import NORM_EPS, hyperspherical_energy_reference, ieee_fp32_matmul
 
 
 def _why_skip() -> str | None:
@@ -42,8 +47,6 @@ pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 if _SKIP is None:
     from sphere_fast.kernels.hyperspherical_energy import hyperspherical_energy
     from sphere_fast.kernels.normalized_gram import normalized_gram
-    from tests.test_kernels_energy import torch_hyperspherical_energy
-    from tests.test_kernels_gram import torch_normalized_gram
 
 MODELS = {"llama3-8b": (4096, 14336), "qwen2.5-32b": (5120, 27648)}
 # (weight dtype, kernel precision): bf16 weights feed the tensor cores as loaded
@@ -109,11 +112,38 @@ def run(benchmark, fn, *, n: int, d: int, out_bytes: int, elem: int, math: str, 
     )
 
 
-def _allow_tf32(precision: str):
-    """torch's matmul precision matching the kernel's (restored by the caller)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-    return old
+def unfused_gram(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's unfused Gram in ``dtype``: ``A_hat = W / (||w_i|| + 1e-8)``, then one matmul on the smaller side."""
+    n, d = W.shape
+    A = W.to(dtype)
+    norms = torch.linalg.vector_norm(A, dim=1)
+    A_hat = A / (norms + NORM_EPS).unsqueeze(1)
+    G = (A_hat @ A_hat.T) if n <= d else (A_hat.T @ A_hat)
+    return G / n, norms
+
+
+@contextlib.contextmanager
+def torch_matmul_precision(precision: str):
+    """torch's fp32 matmul precision matching the kernel's: TF32 for "tf32", else IEEE fp32 (restored on exit)."""
+    if precision != "tf32":
+        with ieee_fp32_matmul():
+            yield
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        saved = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = saved
+    else:  # torch < 2.9
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
 
 
 @pytest.mark.parametrize("dtype,precision", CASES, ids=[f"{a}-{b}" for a, b in CASES])
@@ -127,13 +157,10 @@ def test_gram(benchmark, impl, model, dtype, precision):
         fn = lambda: normalized_gram(W, precision=precision)  # noqa: E731
     else:
         compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-        fn = lambda: torch_normalized_gram(W, compute)  # noqa: E731
-    old = _allow_tf32(precision)
-    try:
+        fn = lambda: unfused_gram(W, compute)  # noqa: E731
+    with torch_matmul_precision(precision):
         run(benchmark, fn, n=n, d=d, out_bytes=4 * n * n, elem=W.element_size(),
             math=math_used(dtype, precision), impl=impl, kind="gram", model=model, dtype=dtype, precision=precision)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -147,11 +174,8 @@ def test_energy(benchmark, impl, model, dtype):
         fn = lambda: hyperspherical_energy(W, s=ENERGY_S, eps=ENERGY_EPS)  # noqa: E731
     else:
         compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-        fn = lambda: torch_hyperspherical_energy(W, ENERGY_S, ENERGY_EPS, compute)  # noqa: E731
-    old = _allow_tf32("fp32")
-    try:
+        fn = lambda: hyperspherical_energy_reference(W, ENERGY_S, ENERGY_EPS, block_rows=n, dtype=compute)  # noqa: E731
+    with torch_matmul_precision("fp32"):
         run(benchmark, fn, n=n, d=d, out_bytes=8, elem=W.element_size(),
             math=math_used(dtype, "fp32"), impl=impl, rounds=5, kind="energy", model=model, dtype=dtype,
             precision="fp32")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old

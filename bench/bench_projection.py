@@ -28,7 +28,7 @@ import torch
 from benchutil import PeakMemory, shape_set, sync
 from sphere_fast import SphereProjector, sparse_projection
 from sphere_fast.synthetic import low_rank_change, synthetic_weight
-from tests.reference import sparse_projection_reference
+from sphere_fast.reference import sparse_projection_reference
 
 SHAPES = {
     "tiny": [("cpu", (64, 224))],

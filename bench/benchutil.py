@@ -38,6 +38,16 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cuda_extension_skip_reason() -> str | None:
+    """Why the CUDA extension's benchmarks cannot run here, or None when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device on this machine"
+    from sphere_fast.backends import backend_status
+
+    ok, why = backend_status("cuda", torch.device("cuda"))
+    return None if ok else why
+
+
 def _extension_pool(device: torch.device):
     """The CUDA extension's memory-pool counter, when the extension is loaded (else None)."""
     if device.type != "cuda":

@@ -1,7 +1,8 @@
 """Benchmarks run with pytest-benchmark: python -m pytest bench/ --benchmark-json=OUT.json
 
-Puts bench/ and the repository root on sys.path (for ``benchutil`` and ``tests.*``) and, without
-a GPU, sets TRITON_INTERPRET before any kernel module is imported.
+Puts bench/ and the repository root on sys.path (for ``benchutil``) and, without a GPU, sets
+TRITON_INTERPRET before any kernel module is imported. Benchmarks import nothing from tests/:
+what both need lives in the package (sphere_fast.reference, sphere_fast.accuracy, sphere_fast.synthetic).
 """
 from __future__ import annotations
 

@@ -1,22 +1,22 @@
-"""The accuracy contract (DESIGN.md section 4) at a real shape, against float64: the GPU check's step 2.
+"""The accuracy contract (docs/design.md, "Accuracy contract") at a real shape, against float64: the GPU check's step 2.
 
 For W of shape [4096 x 14336] (Llama3-8B's down_proj; ``--shape`` changes it, ``--tiny`` is the
 dry run's [64 x 224] on CPU) in three cases -- fp32 with a flat 'decaying' spectrum (the dense
 eigensolver runs), fp32 with a 'steep' one (the block method runs) and bf16 'decaying' -- it checks:
 
 * Gram: the Triton kernel against the float64 Gram, entrywise within
-  ``tests/test_kernels_gram.gram_tolerance``, and exactly symmetric;
+  ``sphere_fast.accuracy.gram_tolerance``, and exactly symmetric;
 * eigensolver (the CUDA extension; its torch twin without one), cold on W and warm on
   W1 = W + a realistic per-batch change (rank 100, 3 % of ||W||_F) from the cold basis: the rank
   (or an ambiguous cut), eigenvalues (Weyl: the solver's bound plus ||G - G64||_F), residuals and
-  orthogonality (``tests/test_cuda_ext.solver_bound``), captured energy, and the largest principal
+  orthogonality (``sphere_fast.accuracy.solver_bound``), captured energy, and the largest principal
   angle to the float64 subspace (Davis-Kahan: the float64 residual over the gap to lambda_{r+1});
 * projection: ``SphereProjector.fit(W)`` and ``refit(W1)`` + ``apply`` of a Gaussian B against the
   float64 projection, within the contract's bound (1e-5 at a relative gap >= 1e-4, else 1e-6 / gap;
   the output's rounding for bf16), U^T U = I, captured energy and ||B_proj|| <= ||B||;
-* energy: the Triton kernel inside ``tests/test_kernels_energy.energy_interval``.
+* energy: the Triton kernel inside ``sphere_fast.accuracy.energy_interval``.
 
-The float64 reference solves the small-side Gram and lifts its eigenvectors (DESIGN.md section 2):
+The float64 reference solves the small-side Gram and lifts its eigenvectors (docs/design.md, "The math"):
 the same numbers as the reference algorithm's d x d solve, without a 14336^2 float64 eigh.
 
     python bench/gpu_accuracy.py --out accuracy.json [--shape N D] [--tiny]
@@ -42,13 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchutil  # noqa: E402,F401  (puts the repository root on sys.path)
 
 from sphere_fast import SphereProjector, hyperspherical_energy, normalized_gram  # noqa: E402
+from sphere_fast.accuracy import (  # noqa: E402
+    ORTHO_TOL,
+    TOL_GAPPED,
+    TOL_OVER_GAP,
+    energy_interval,
+    gram_tolerance,
+    solver_bound,
+)
 from sphere_fast.backends import backend_status  # noqa: E402
 from sphere_fast.eigensolver import DEFAULT_TOL, top_eigenpairs  # noqa: E402
 from sphere_fast.gram import NormalizedGram, hyperspherical_energy_reference, normalized_gram_reference  # noqa: E402
 from sphere_fast.synthetic import low_rank_change, synthetic_weight  # noqa: E402
-from tests.reference import Oracle  # noqa: E402
-from tests.test_cuda_ext import solver_bound  # noqa: E402
-from tests.test_projection import ORTHO_TOL, TOL_GAPPED, TOL_OVER_GAP  # noqa: E402
+from sphere_fast.reference import Oracle, oracle as dxd_oracle  # noqa: E402
 
 ETA, ALPHA = 0.5, 0.5
 ENERGY_S, ENERGY_EPS = 2.0, 1e-6
@@ -166,9 +172,6 @@ def check_projection(checks: Checks, label: str, proj: SphereProjector, B: torch
 
 def check_case(dtype_name: str, spectrum: str, shape: tuple[int, int], device: torch.device,
                gram_backend: str, eigen_backend: str) -> dict:
-    from tests.test_kernels_energy import energy_interval
-    from tests.test_kernels_gram import gram_tolerance
-
     t_start = time.perf_counter()
     dtype = getattr(torch, dtype_name)
     checks = Checks()
@@ -217,9 +220,7 @@ def check_case(dtype_name: str, spectrum: str, shape: tuple[int, int], device: t
 
 
 def oracle_self_check(device: torch.device) -> dict:
-    """At a small shape: the small-side float64 reference equals the d x d one (tests/reference.oracle)."""
-    from tests.reference import oracle as dxd_oracle
-
+    """At a small shape: the small-side float64 reference equals the d x d one (sphere_fast.reference.oracle)."""
     W = synthetic_weight(48, 160, spectrum="decaying", dtype=torch.float64, device=device)
     B = torch.randn(7, 160, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     small, _, _ = float64_reference(W, ETA)

@@ -155,32 +155,18 @@ py::tuple mempool_used(int device, bool reset) {
   return py::make_tuple(current, high);
 }
 
-int device_count() {
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-  return n;
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
   mod.doc() =
       "sphere_fast._C: CUDA eigensolver and fused projection (raw pointers and streams; "
       "use the wrappers in sphere_fast._cuda)";
-  mod.attr("FLOAT32") = static_cast<int>(kFloat32);
-  mod.attr("FLOAT64") = static_cast<int>(kFloat64);
-  mod.attr("FLOAT16") = static_cast<int>(kFloat16);
-  mod.attr("BFLOAT16") = static_cast<int>(kBFloat16);
-
   py::class_<EigResult>(mod, "EigResult", "Eigenpairs held in device memory until copied out.")
-      .def_readonly("m", &EigResult::m)
       .def_readonly("rank", &EigResult::rank)
-      .def_readonly("dtype", &EigResult::dtype)
       .def_property_readonly("method", [](const EigResult& r) { return r.dense ? "dense" : "block"; })
       .def_readonly("iterations", &EigResult::iterations)
       .def_readonly("tf32_iterations", &EigResult::tf32_iterations)
       .def_readonly("block_size", &EigResult::block_size)
-      .def_readonly("values", &EigResult::values)
       .def_readonly("residuals", &EigResult::residuals)
       .def("copy_out", &eig_copy_out, py::arg("values"), py::arg("vectors"), py::arg("ld"), py::arg("stream"),
            "Write values (float64, rank) and the vectors (row-major m x rank, row stride ld) to device pointers.");
@@ -195,9 +181,7 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("ldu"), py::arg("n"), py::arg("d"), py::arg("r"), py::arg("alpha"), py::arg("T"), py::arg("u_hi"),
           py::arg("u_lo"), py::arg("stream"),
           "out = [W +] B - alpha (B U) U^T (see sphere_fast._cuda.project / project_add_).");
-  mod.def("acc_dtype", &project_acc_dtype, py::arg("b_dtype"), "dtype code of the accumulator for B's dtype code.");
   mod.def("runtime_version", &runtime_version, "CUDA runtime version the extension runs with (0 if unavailable).");
   mod.def("mempool_used", &mempool_used, py::arg("device"), py::arg("reset") = false,
           "(current, peak) bytes used from the device's default cudaMallocAsync pool; reset clears the peak.");
-  mod.def("device_count", &device_count, "Visible CUDA devices (0 if none or no driver).");
 }

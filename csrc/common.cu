@@ -20,16 +20,6 @@ const char* dtype_name(int code) {
   }
 }
 
-int dtype_size(int code) {
-  switch (code) {
-    case kFloat32: return 4;
-    case kFloat64: return 8;
-    case kFloat16: return 2;
-    case kBFloat16: return 2;
-    default: return 0;
-  }
-}
-
 namespace detail {
 
 const char* cublas_status_name(cublasStatus_t s) {

@@ -4,28 +4,23 @@
 // auto rules (dense at once, or block within a budget) and the cost model come
 // from Python in EigOptions; iterations_to_converge mirrors the twin's.
 //
-// Precision plan for an fp32 G:
-//   * the bulk product Y = G X is the only O(m^2 k) step. It runs on TF32
-//     tensor cores (cublasGemmEx, CUBLAS_COMPUTE_32F_FAST_TF32) while the block
-//     is still being grown and converged; everything else is float64: the block
-//     X and G X are kept in fp64, the projected matrix X^T G X, the CholeskyQR2
-//     Grams X^T X, the Ritz rotation and the residuals ||G u - theta u||.
-//   * TF32 rounds each input to 11 significant bits (u = 2^-11 ~ 4.9e-4). On
-//     Grams of decaying-spectrum weights (m = 1024, 2048; TF32 rounding
-//     simulated bit-exactly on the CPU, see tests/test_cuda_ext.py) the
-//     residual ||G x - theta x|| / theta_1 that a TF32 product reports for the
-//     *exact* eigenvectors is 2e-5 to 9e-5 (flatter spectra: higher): 10 to 45
-//     times the fp32 acceptance test tol = 2e-6. TF32 products therefore can
-//     never certify the fp32 contract. Above that floor they converge exactly
-//     like fp32 ones (the same residual sequence to three digits), so the block
-//     runs on TF32 until its wanted residuals drop below kTf32Switch * theta_1
-//     = 2^-12 (3 to 10x the floor) or stop falling (kTf32Stall), and then on
-//     full-fp32 GEMMs (CUBLAS_COMPUTE_32F). A pair is
+// Precision plan for an fp32 G (docs/design.md, "Precisions"):
+//   * the bulk product Y = G X is the only O(m^2 k) step. While the block is
+//     still being grown and converged it runs on TF32 tensor cores
+//     (cublasGemmEx, CUBLAS_COMPUTE_32F_FAST_TF32); everything else is
+//     float64: the block X and G X, the projected matrix X^T G X, the
+//     CholeskyQR2 Grams X^T X, the Ritz rotation and the residuals
+//     ||G u - theta u||.
+//   * TF32 rounds each input to 11 significant bits, so a TF32 product
+//     reports residuals above the fp32 tolerance even for the exact
+//     eigenvectors: it can never certify the fp32 contract (the premise
+//     tests/csrc/test_cuda_ext.py checks). Above that floor TF32 iterations
+//     converge like fp32 ones, so the block runs on TF32 until its wanted
+//     residuals drop below kTf32Switch * theta_1 or stop falling
+//     (kTf32Stall), then on full-fp32 GEMMs (CUBLAS_COMPUTE_32F). A pair is
 //     accepted only on an iteration whose G X was computed in fp32, so the
-//     reported residuals are true fp32 residuals. In the simulation 21 of 29
-//     iterations (a flat spectrum, r = 139) ran on TF32 with no extra
-//     iteration. Warm starts (already close to the answer) run in fp32 from the
-//     first iteration.
+//     reported residuals are true fp32 residuals. Warm starts (already close
+//     to the answer) run in fp32 from the first iteration.
 // For an fp64 G every product is fp64 (cublasDgemm).
 //
 // Workspace: cudaMallocAsync / cudaFreeAsync on the caller's stream (the
@@ -48,8 +43,9 @@ namespace sphere_fast {
 constexpr double kFullEnergySlack = 5e-7;
 constexpr int kColdBlock = 32;
 // TF32 iterations hand over to fp32 once every wanted residual is below this
-// fraction of theta_1 (half a TF32 unit roundoff, 3 to 10x the TF32 residual
-// floor), or once they stall (fall by less than kTf32Stall per iteration).
+// fraction of theta_1 (half a TF32 unit roundoff: still above the residual
+// floor of TF32 products, so they are not asked for what they cannot reach),
+// or once they stall (fall by less than kTf32Stall per iteration).
 constexpr double kTf32Switch = 0.5 * 4.8828125e-4;
 constexpr double kTf32Stall = 0.8;
 

@@ -49,7 +49,6 @@ template <typename Acc> __device__ __forceinline__ Acc to_acc(__nv_bfloat16 x) {
 template <typename Out> __device__ __forceinline__ Out from_acc(float v);
 template <typename Out> __device__ __forceinline__ Out from_acc(double v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ float from_acc<float>(double v) { return static_cast<float>(v); }
@@ -218,8 +217,6 @@ Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
 bool is_float_code(int c) { return c == kFloat32 || c == kFloat64 || c == kFloat16 || c == kBFloat16; }
 
 }  // namespace
-
-int project_acc_dtype(int b_dtype) { return b_dtype == kFloat64 ? kFloat64 : kFloat32; }
 
 Status project(const ProjectArgs& a, cudaStream_t stream) {
   auto invalid = [](const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); };

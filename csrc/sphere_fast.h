@@ -24,7 +24,6 @@ namespace sphere_fast {
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 const char* dtype_name(int code);
-int dtype_size(int code);
 
 enum class StatusCode : int {
   kOk = 0,
@@ -147,7 +146,6 @@ struct ProjectArgs {
   void* u_lo = nullptr;
 };
 
-int project_acc_dtype(int b_dtype);
 Status project(const ProjectArgs& args, cudaStream_t stream);
 
 }  // namespace sphere_fast

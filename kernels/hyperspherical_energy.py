@@ -20,19 +20,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .normalized_gram import (
-    INTERPRET_CONFIG,
-    _gram_tile,
-    _upper_tile,
-    acc_dtype,
-    check_input,
-    cuda_configs,
+from sphere_fast._validation import check_matrix, check_positive
+from sphere_fast.gram import work_dtype
+
+from .normalized_gram import row_norms
+from .tiles import (
+    check_device,
     dot_mode,
-    interpreting,
+    gram_tile,
     launch_kernel,
     num_upper_tiles,
-    row_norms,
+    smallest_block,
     tl_dtype,
+    upper_tile,
 )
 
 
@@ -63,9 +63,9 @@ def _hyperspherical_energy_kernel(
     ``cos_ab = s_a s_b sum_k W_ak W_bk``; padding rows and the diagonal a == b are masked out.
     """
     pid = tl.program_id(0).to(tl.int64)
-    tile_i, tile_j = _upper_tile(pid, tl.cdiv(m, BLOCK))
-    acc = _gram_tile(w_ptr, scale_ptr, tile_i, tile_j, m, K, stride_wn, stride_wd,
-                     SCALE_K, DOT, INTERPRET, ACC_DTYPE, BLOCK, BLOCK_K)
+    tile_i, tile_j = upper_tile(pid, tl.cdiv(m, BLOCK))
+    acc = gram_tile(w_ptr, scale_ptr, tile_i, tile_j, m, K, stride_wn, stride_wd,
+                    SCALE_K, DOT, INTERPRET, ACC_DTYPE, BLOCK, BLOCK_K)
     offs_i = tile_i * BLOCK + tl.arange(0, BLOCK)
     offs_j = tile_j * BLOCK + tl.arange(0, BLOCK)
     mask_i = offs_i < m
@@ -102,24 +102,17 @@ def hyperspherical_energy(W: torch.Tensor, *, s: float, eps: float) -> torch.Ten
     0-d float64 tensor on W's device: per-tile partial sums (fp32, or fp64 for
     fp64 W) added up in float64.
     """
-    check_input(W, "W")
-    for name, value in (("s", s), ("eps", eps)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        if not (value > 0.0 and value < float("inf")):
-            raise ValueError(f"{name} must be finite and > 0, got {value}")
+    check_matrix(W, "W", finite=False)
+    check_device(W, "W")
+    s = check_positive(s, "s")
+    eps = check_positive(eps, "eps")
     n, d = W.shape
-    work = acc_dtype(W.dtype)
+    work = work_dtype(W.dtype)
     _, scale = row_norms(W)
-    params = torch.tensor([-0.5 * float(s), float(eps)], dtype=work, device=W.device)
+    params = torch.tensor([-0.5 * s, eps], dtype=work, device=W.device)
     dot = dot_mode(W.dtype, "fp32", scaled_operands=False)
-    if interpreting():
-        smallest_block = INTERPRET_CONFIG["BLOCK"]
-    else:
-        cap = torch.cuda.get_device_capability(W.device)
-        smallest_block = min(c.kwargs["BLOCK"] for c in cuda_configs(cap, dot, W.element_size()))
     # sized for the smallest tile of any config; unused entries stay zero
-    partials = torch.zeros(num_upper_tiles(n, smallest_block), dtype=work, device=W.device)
+    partials = torch.zeros(num_upper_tiles(n, smallest_block(W, dot)), dtype=work, device=W.device)
     launch_kernel(
         _hyperspherical_energy_kernel,
         W,

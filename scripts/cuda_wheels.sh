@@ -2,7 +2,7 @@
 # Make the CUDA headers and libraries that the csrc/ compile, link and import
 # check needs available on a machine without a CUDA build of torch (and, where
 # no nvcc is found, the nvcc toolchain), and print the folder to put on
-# PYTHONPATH (its `nvidia` namespace package is where tests/test_csrc_compile.py
+# PYTHONPATH (its `nvidia` namespace package is where tests/csrc/test_csrc_compile.py
 # and setup.py look).
 #
 # The wheels go to $SPHERE_FAST_CUDA_WHEELS (default ~/.cache/sphere_fast/cuda-wheels),

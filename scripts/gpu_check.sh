@@ -127,7 +127,7 @@ tests() {
   "$PY" -c 'import xdist' 2>/dev/null && options+=(-n "${GPU_CHECK_TEST_WORKERS:-8}")  # Triton compiles in parallel
   "$PY" -c 'import pytest_timeout' 2>/dev/null && options+=(--timeout 300)
   "$PY" -m pytest -q -p no:cacheprovider "${options[@]}" --junitxml="$work/tests.xml" \
-    tests/test_cuda_ext.py tests/test_kernels_gram.py tests/test_kernels_energy.py tests/test_projection.py \
+    tests/csrc/test_cuda_ext.py tests/kernels tests/test_projection.py \
     tests/test_gram_energy.py -k "cuda or compile or shared_memory"
 }
 

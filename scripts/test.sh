@@ -42,7 +42,7 @@ if [ "${SPHERE_FAST_SKIP_OLDEST_TRITON:-0}" != "1" ]; then
   if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then blas=(OPENBLAS_CORETYPE=Haswell); fi
   echo "[test] Triton kernel tests again with $(PYTHONPATH="$folder${PYTHONPATH:+:$PYTHONPATH}" triton_version) ${blas[*]:-}"
   kernel_status=0
-  env ${blas[@]+"${blas[@]}"} PYTHONPATH="$folder${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests/test_kernels_gram.py tests/test_kernels_energy.py \
+  env ${blas[@]+"${blas[@]}"} PYTHONPATH="$folder${PYTHONPATH:+:$PYTHONPATH}" python -m pytest tests/kernels \
     -W "ignore:Conversion of an array with ndim > 0:DeprecationWarning" "$@" || kernel_status=$?
   # 5: the arguments selected no kernel test
   if [ "$kernel_status" != 0 ] && [ "$kernel_status" != 5 ] && [ "$status" = 0 ]; then

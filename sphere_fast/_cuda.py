@@ -24,12 +24,11 @@ import functools
 import glob
 import importlib
 import importlib.machinery
-import math
 import os
 
 import torch
 
-from ._validation import real_number
+from . import _validation as val
 from .eigensolver import (
     COLD_OVERSAMPLE,
     DEFAULT_TOL,
@@ -39,6 +38,7 @@ from .eigensolver import (
     plan_auto,
     warm_oversample,
 )
+from .gram import work_dtype
 
 EXTENSION_MODULE = "sphere_fast._C"
 BUILD_HINT = (
@@ -81,15 +81,9 @@ def load_extension():
 
 
 def _check_cuda_matrix(x, name: str, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-    if x.device.type != "cuda":
-        raise ValueError(f"{name} must be a CUDA tensor, got a tensor on {x.device}")
-    if x.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {allowed}, got {x.dtype}")
+    """A 2-D CUDA tensor of one of ``dtypes``; sizes and values are checked where they are used."""
+    val.check_matrix(x, name, finite=False, dtypes=dtypes, empty_ok=True)
+    val.check_cuda(x, name)
     return x
 
 
@@ -149,17 +143,10 @@ def top_eigenpairs(
     m = G.shape[0]
     if G.shape[1] != m:
         raise ValueError(f"G must be square, got shape {tuple(G.shape)}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    trace = real_number(trace, "trace")
-    if trace <= 0.0:
-        raise ValueError(f"trace must be > 0, got {trace}")
-    eta = real_number(eta, "eta")
-    if not 0.0 < eta <= 1.0:
-        raise ValueError(f"eta must be in (0, 1], got {eta}")
-    tol = DEFAULT_TOL[G.dtype] if tol is None else real_number(tol, "tol")
-    if tol <= 0.0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    val.check_choice(method, "method", METHODS)
+    trace = val.check_positive(trace, "trace")
+    eta = val.check_eta(eta)
+    tol = DEFAULT_TOL[G.dtype] if tol is None else val.check_positive(tol, "tol")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
     if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
@@ -178,7 +165,7 @@ def top_eigenpairs(
 
     init_ptr, k0, s0, s1 = 0, 0, 0, 0
     if init is not None:
-        _check_cuda_matrix(init, "init", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        _check_cuda_matrix(init, "init", val.FLOAT_DTYPES)
         if init.device != G.device:
             raise ValueError(f"init must be on G's device {G.device}, got {init.device}")
         if init.shape[0] != m or not 1 <= init.shape[1] <= m:
@@ -249,7 +236,7 @@ def _with_memory_retry(call):
 def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U: torch.Tensor, alpha: float):
     n, d = B.shape
     r = U.shape[1]
-    acc = torch.float64 if B.dtype == torch.float64 else torch.float32
+    acc = work_dtype(B.dtype)
     if out.untyped_storage().data_ptr() == B.untyped_storage().data_ptr() and (
         out.data_ptr() != B.data_ptr() or out.stride() != B.stride()
     ):
@@ -276,7 +263,7 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
 
 
 def _check_project_args(B, U, alpha) -> float:
-    _check_cuda_matrix(B, "B", tuple(_DTYPE_CODES))
+    _check_cuda_matrix(B, "B", val.FLOAT_DTYPES)
     _check_cuda_matrix(U, "U", (torch.float32, torch.float64))
     if U.device != B.device:
         raise ValueError(f"U must be on B's device {B.device}, got {U.device}")
@@ -284,7 +271,7 @@ def _check_project_args(B, U, alpha) -> float:
         raise ValueError(f"U must have {B.shape[1]} rows (as many as B has columns), got shape {tuple(U.shape)}")
     if B.numel() == 0:
         raise ValueError(f"B must not be empty, got shape {tuple(B.shape)}")
-    return real_number(alpha, "alpha")
+    return val.real_number(alpha, "alpha")
 
 
 def project(B: torch.Tensor, U: torch.Tensor, alpha: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -317,7 +304,7 @@ def project_add_(W: torch.Tensor, B: torch.Tensor, U: torch.Tensor, alpha: float
     before W is touched.
     """
     alpha = _check_project_args(B, U, alpha)
-    _check_cuda_matrix(W, "W", tuple(_DTYPE_CODES))
+    _check_cuda_matrix(W, "W", val.FLOAT_DTYPES)
     if W.shape != B.shape:
         raise ValueError(f"W and B must have the same shape, got W {tuple(W.shape)} and B {tuple(B.shape)}")
     if W.device != B.device:

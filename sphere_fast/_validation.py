@@ -1,4 +1,4 @@
-"""Argument checks shared by the public API.
+"""Argument checks shared by the public API, the Triton launchers and the CUDA wrappers.
 
 Every check names the argument, what was expected and what came in, and runs
 before any work or any write, so bad input changes nothing.
@@ -9,30 +9,40 @@ import math
 
 import torch
 
+from .gram import PRECISIONS
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_matrix(x, name: str, *, finite: bool = True) -> torch.Tensor:
-    """A non-empty 2-D floating tensor, optionally checked for NaN/Inf."""
+def _dtype_names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def check_matrix(x, name: str, *, finite: bool = True, dtypes=FLOAT_DTYPES, empty_ok: bool = False) -> torch.Tensor:
+    """A 2-D tensor of one of ``dtypes``, non-empty unless ``empty_ok``, optionally checked for NaN/Inf."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}"
-        )
-    if x.numel() == 0:
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must be {_dtype_names(dtypes)}, got {x.dtype}")
+    if x.numel() == 0 and not empty_ok:
         raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
     if finite:
         check_finite(x, name)
     return x
 
 
+def check_cuda(x: torch.Tensor, name: str) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor, got a tensor on {x.device}")
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """True when x holds no NaN or Inf."""
-    # One reduction instead of an elementwise pass (20x faster on a CPU): any NaN
-    # or Inf makes the sum non-finite. Only a sum that overflowed, or a real
+    # One reduction instead of an elementwise pass (no temporary the size of x,
+    # one read): any NaN or Inf makes the sum non-finite. Only a sum that overflowed, or a real
     # NaN/Inf, pays for the exact check. detach: a check builds no autograd graph.
     x = x.detach()
     total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -70,6 +80,16 @@ def check_alpha(alpha) -> float:
     if not (0.0 <= alpha <= 1.0):
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     return alpha
+
+
+def check_choice(value, name: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_precision(precision) -> None:
+    """One of :data:`sphere_fast.gram.PRECISIONS`."""
+    check_choice(precision, "precision", PRECISIONS)
 
 
 def check_positive(value, name: str) -> float:

@@ -1,33 +1,57 @@
-"""The one dispatch point that chooses an implementation for each op.
+"""The one dispatch point: the table of implementations and the choice among them.
 
 Backends, fastest first: ``cuda`` (the compiled extension ``sphere_fast._C``),
 ``triton`` (``sphere_fast.kernels``) and ``torch`` (complete on its own, the CPU
-path and the test oracle). Each op is implemented by some of them:
+path and the test oracle). :data:`IMPLEMENTATIONS` names the function of every
+(op, backend) pair as ``"module:function"``, imported on first use (importing
+this module imports neither triton nor the extension); the functions of one op
+take the same arguments. The ops and their backends:
 
-    gram, energy        triton, torch
-    eigensolver, apply  cuda, torch
+    gram, energy                triton, torch
+    eigensolver, apply, apply_  cuda, torch
 
 ``auto`` takes the first available implementation of the op in the order
 cuda -> triton -> torch. An explicit choice (the ``backend=`` argument, else the
 ``SPHERE_FAST_BACKEND`` environment variable) must be available on the
 tensor's device or the call raises :class:`BackendUnavailableError` saying why;
 an op the chosen backend does not implement uses the next one in that order.
+Callers get the function from :func:`implementation`; nothing else picks a backend.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from typing import Callable
 
 import torch
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "SPHERE_FAST_BACKEND"
-OPS = {
-    "gram": ("triton", "torch"),
-    "energy": ("triton", "torch"),
-    "eigensolver": ("cuda", "torch"),
-    "apply": ("cuda", "torch"),
+IMPLEMENTATIONS = {
+    "gram": {  # (W, *, precision) -> NormalizedGram
+        "triton": "sphere_fast.kernels.normalized_gram:normalized_gram",
+        "torch": "sphere_fast.gram:normalized_gram_torch",
+    },
+    "energy": {  # (W, *, s, eps) -> 0-d float64 tensor
+        "triton": "sphere_fast.kernels.hyperspherical_energy:hyperspherical_energy",
+        "torch": "sphere_fast.gram:hyperspherical_energy_reference",
+    },
+    "eigensolver": {  # (G, trace, eta, *, method, init) -> Eigenpairs
+        "cuda": "sphere_fast._cuda:top_eigenpairs",
+        "torch": "sphere_fast.eigensolver:top_eigenpairs",
+    },
+    "apply": {  # (B, U, alpha) -> B - alpha (B U) U^T in B's dtype
+        "cuda": "sphere_fast._cuda:project",
+        "torch": "sphere_fast.projector:project",
+    },
+    "apply_": {  # (W, B, U, alpha) -> W += B - alpha (B U) U^T in place, returns W
+        "cuda": "sphere_fast._cuda:project_add_",
+        "torch": "sphere_fast.projector:project_add_",
+    },
 }
+# The backends of each op, in the order auto tries them.
+OPS = {op: tuple(name for name in BACKENDS if name in impls) for op, impls in IMPLEMENTATIONS.items()}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -103,3 +127,14 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str]:
         ok, why = backend_status(name, torch.device(device))
         out[name] = "available" if ok else why
     return out
+
+
+def load_implementation(op: str, name: str) -> Callable:
+    """The function of backend ``name`` for ``op``, from :data:`IMPLEMENTATIONS` (imported now)."""
+    module, _, function = IMPLEMENTATIONS[op][name].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def implementation(op: str, backend: str | None, device: torch.device) -> Callable:
+    """The function that runs ``op`` for tensors on ``device`` (the backend as :func:`resolve_backend` picks it)."""
+    return load_implementation(op, resolve_backend(op, backend, device))

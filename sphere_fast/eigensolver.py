@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_finite
+from ._validation import check_choice, check_finite
 from .gram import ieee_fp32_matmul
 
 # Energy left above which the cut is not "at the end of the spectrum": beyond
@@ -106,9 +106,10 @@ def dense_eigenpairs(G: torch.Tensor, trace: float, eta: float) -> Eigenpairs:
 
 # -- the auto rules: one cost model and plan for this module and the CUDA extension --
 
-# Costs in units of the block method's flops. A dense eigh of m x m (syevd:
-# tridiagonal reduction, divide and conquer, back-transformation) was measured
-# on a CPU at m = 2048 as about as long as 3 m^3 of block-method work.
+# Costs in units of the block method's flops (docs/design.md, "Eigensolver plan").
+# A dense eigh of m x m (syevd: tridiagonal reduction, divide and conquer,
+# back-transformation) costs about as long as 3 m^3 of block-method work: its
+# tridiagonal reduction runs at matrix-vector speed, the block method at GEMM speed.
 DENSE_COST = 3.0
 # One block iteration on k columns, a m^2 k + b m k^2 + c k^3: G @ X, the
 # CholeskyQR2 and Rayleigh-Ritz block Grams (fp64, counted twice), the k x k
@@ -331,8 +332,7 @@ def top_eigenpairs(
 
     ``init`` (m x k, orthonormal columns) warm-starts the block method.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice(method, "method", METHODS)
     check_finite(G, "G")
     if method == "dense":
         return dense_eigenpairs(G, trace, eta)

@@ -13,6 +13,13 @@ import torch
 
 NORM_EPS = 1e-8  # the reference's guard against zero rows
 
+# Input precisions of the Gram's products. fp32: IEEE products (the default; keeps the
+# fp32 contract). On a GPU, Triton can use tensor cores: tf32 (10-bit operands), tf32x3
+# (operands split into two TF32 parts, three dots: close to fp32), bf16 (8-bit operands).
+# 16-bit weights on the rows side always use tensor cores, with exact products. The
+# torch backend always computes IEEE products.
+PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
+
 
 @dataclass(frozen=True)
 class NormalizedGram:
@@ -95,11 +102,21 @@ def normalized_gram_reference(W: torch.Tensor, *, dtype: torch.dtype | None = No
     return NormalizedGram(G, norms, trace_from_norms(norms), side, n, d)
 
 
+def normalized_gram_torch(W: torch.Tensor, *, precision: str = "fp32") -> NormalizedGram:
+    """The torch backend of :func:`sphere_fast.normalized_gram`.
+
+    Its products are always IEEE (fp64 for fp64 W): ``precision`` chooses among
+    the Triton kernel's tensor-core modes and is accepted here so that every
+    backend takes the same arguments.
+    """
+    return normalized_gram_reference(W)
+
+
 def symmetric_product(X: torch.Tensor, block: int = 256) -> torch.Tensor:
     """X X^T from its upper block rows only, mirrored: exactly symmetric, ~9/16 of the flops at 8 blocks.
 
-    256-row blocks measured fastest on a CPU from m = 512 to 4096 (smaller
-    blocks waste fewer flops below the diagonal, larger ones run GEMM better).
+    The block size trades the two costs: smaller blocks waste fewer flops below
+    the diagonal, larger ones run GEMM better (256 suits CPU BLAS).
     """
     m = X.shape[0]
     G = torch.empty(m, m, dtype=X.dtype, device=X.device)

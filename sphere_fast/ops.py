@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_matrix, check_positive
-from .backends import resolve_backend
-from .gram import NormalizedGram, hyperspherical_energy_reference, normalized_gram_reference
+from ._validation import check_matrix, check_positive, check_precision
+from .backends import implementation
+from .gram import PRECISIONS, NormalizedGram
 
-# fp32: IEEE products (the default; keeps the fp32 contract). On a GPU, Triton can use
-# tensor cores: tf32 (10-bit operands), tf32x3 (operands split into two TF32 parts, three
-# dots: close to fp32), bf16 (8-bit operands). 16-bit weights on the rows side always
-# use tensor cores, with exact products.
-PRECISIONS = ("fp32", "tf32", "tf32x3", "bf16")
+__all__ = ["PRECISIONS", "hyperspherical_energy", "normalized_gram"]
 
 
 def normalized_gram(W: torch.Tensor, *, backend: str = "auto", precision: str = "fp32") -> NormalizedGram:
@@ -26,14 +22,8 @@ def normalized_gram(W: torch.Tensor, *, backend: str = "auto", precision: str = 
         see ``PRECISIONS``).
     """
     check_matrix(W, "W")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    name = resolve_backend("gram", backend, W.device)
-    if name == "triton":
-        from .kernels.normalized_gram import normalized_gram as triton_gram
-
-        return triton_gram(W, precision=precision)
-    return normalized_gram_reference(W)
+    check_precision(precision)
+    return implementation("gram", backend, W.device)(W, precision=precision)
 
 
 def hyperspherical_energy(W: torch.Tensor, s: float = 2.0, eps: float = 1e-6, *, backend: str = "auto") -> torch.Tensor:
@@ -46,9 +36,4 @@ def hyperspherical_energy(W: torch.Tensor, s: float = 2.0, eps: float = 1e-6, *,
     check_matrix(W, "W")
     s = check_positive(s, "s")
     eps = check_positive(eps, "eps")
-    name = resolve_backend("energy", backend, W.device)
-    if name == "triton":
-        from .kernels.hyperspherical_energy import hyperspherical_energy as triton_energy
-
-        return triton_energy(W, s=s, eps=eps)
-    return hyperspherical_energy_reference(W, s=s, eps=eps)
+    return implementation("energy", backend, W.device)(W, s=s, eps=eps)

@@ -2,29 +2,24 @@
 
 For a weight W (n x d) with unit-normalised rows A_hat, U holds the top-r
 eigenvectors of C = A_hat^T A_hat / n and the projector is P = I - alpha U U^T.
-The eigenproblem is solved on the smaller Gram side (DESIGN.md section 2):
+The eigenproblem is solved on the smaller Gram side (docs/design.md, "The math"):
 when n <= d, an eigenpair (lambda, v) of A_hat A_hat^T / n lifts to the
 eigenvector u = A_hat^T v / sqrt(n lambda) of C. P is never formed unless
 :meth:`projection_matrix` is called.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _validation as val
-from .backends import resolve_backend
-from .eigensolver import Eigenpairs, orthonormalize, top_eigenpairs
+from .backends import implementation
+from .eigensolver import Eigenpairs, orthonormalize
 from .gram import NormalizedGram, ieee_fp32_matmul, work_dtype
 from .ops import normalized_gram
 
 
 def _solve(gram: NormalizedGram, eta: float, *, backend: str, method: str, init: torch.Tensor | None) -> Eigenpairs:
-    if resolve_backend("eigensolver", backend, gram.gram.device) == "cuda":
-        from . import _cuda
-
-        return _cuda.top_eigenpairs(gram.gram, gram.trace, eta, method=method, init=init)
+    top_eigenpairs = implementation("eigensolver", backend, gram.gram.device)
     return top_eigenpairs(gram.gram, gram.trace, eta, method=method, init=init)
 
 
@@ -35,7 +30,7 @@ def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Ten
         return pairs.vectors
     dtype = pairs.vectors.dtype
     scaled = pairs.vectors * gram.row_scale.to(dtype).unsqueeze(1)  # D V
-    U = (scaled.T @ W.to(dtype)).T  # (V^T D W)^T: a quarter faster than W^T (D V) on CPU BLAS
+    U = (scaled.T @ W.to(dtype)).T  # (V^T D W)^T: the faster orientation for CPU BLAS
     U /= torch.sqrt(gram.n * pairs.values.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
     # The lift is orthonormal in exact arithmetic, so one CholeskyQR pass (float64
     # block Gram) removes its rounding; a second would change nothing.
@@ -84,7 +79,7 @@ class SphereProjector:
         alpha : suppression strength in [0, 1].
         backend : "auto", "cuda", "triton" or "torch" (:mod:`sphere_fast.backends`).
         method : eigensolver, "auto", "dense" or "block".
-        precision : input precision of the Gram products (``sphere_fast.ops.PRECISIONS``).
+        precision : input precision of the Gram products (``sphere_fast.gram.PRECISIONS``).
         """
         val.check_matrix(W, "W")
         eta = val.check_eta(eta)
@@ -181,11 +176,7 @@ class SphereProjector:
     def apply(self, B: torch.Tensor) -> torch.Tensor:
         """``B - alpha (B U) U^T`` in B's dtype (fp32 accumulation), any number of rows."""
         self._check_update(B, "B")
-        if resolve_backend("apply", self.backend, B.device) == "cuda":
-            from . import _cuda
-
-            return _cuda.project(B, self.U, self.alpha)
-        return self._project_work(B).to(B.dtype)
+        return implementation("apply", self.backend, B.device)(B, self.U, self.alpha)
 
     def apply_(self, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``W += B - alpha (B U) U^T`` in place, in W's dtype with fp32 accumulation; returns W.
@@ -198,27 +189,37 @@ class SphereProjector:
             raise ValueError(f"W and B must have the same shape, got W {tuple(W.shape)} and B {tuple(B.shape)}")
         val.check_same_device(W=W, B=B)
         with torch.no_grad():
-            if resolve_backend("apply", self.backend, W.device) == "cuda":
-                from . import _cuda
-
-                return _cuda.project_add_(W, B, self.U, self.alpha)
-            update = self._project_work(B)
-            if W.dtype == update.dtype:
-                W.add_(update)
-            elif W.element_size() > update.element_size():
-                W.add_(update.to(W.dtype))  # an fp64 W keeps its low bits
-            else:
-                W.copy_(update.add_(W.to(update.dtype)))  # 16-bit W: add in fp32, round once
-        return W
-
-    @ieee_fp32_matmul()
-    def _project_work(self, B: torch.Tensor) -> torch.Tensor:
-        U = self.U
-        Bw = B.to(U.dtype)
-        return torch.addmm(Bw, Bw @ U, U.T, alpha=-self.alpha)
+            return implementation("apply_", self.backend, W.device)(W, B, self.U, self.alpha)
 
     @ieee_fp32_matmul()
     def projection_matrix(self) -> torch.Tensor:
         """The dense d x d ``P = I - alpha U U^T`` (only when asked for)."""
         eye = torch.eye(self.d, dtype=self.U.dtype, device=self.U.device)
         return torch.addmm(eye, self.U, self.U.T, alpha=-self.alpha)
+
+
+# -- the torch backend of apply / apply_ (twins of sphere_fast._cuda.project / project_add_) --
+
+
+@ieee_fp32_matmul()
+def project_work(B: torch.Tensor, U: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``B - alpha (B U) U^T`` in U's dtype, the working precision."""
+    Bw = B.to(U.dtype)
+    return torch.addmm(Bw, Bw @ U, U.T, alpha=-alpha)
+
+
+def project(B: torch.Tensor, U: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``B - alpha (B U) U^T`` in B's dtype, computed in U's."""
+    return project_work(B, U, alpha).to(B.dtype)
+
+
+def project_add_(W: torch.Tensor, B: torch.Tensor, U: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``W += B - alpha (B U) U^T`` in place, rounded to W's dtype once; returns W."""
+    update = project_work(B, U, alpha)
+    if W.dtype == update.dtype:
+        W.add_(update)
+    elif W.element_size() > update.element_size():
+        W.add_(update.to(W.dtype))  # an fp64 W keeps its low bits
+    else:
+        W.copy_(update.add_(W.to(update.dtype)))  # 16-bit W: add in fp32, round once
+    return W

@@ -1,7 +1,9 @@
-"""Shared test set-up: devices, and the Triton interpreter on machines without a GPU.
+"""Shared test set-up: the Triton interpreter on machines without a GPU, and the ``device`` fixture.
 
-TRITON_INTERPRET must be set before triton or any kernel module is imported,
-so it is set here, in the first module pytest loads.
+TRITON_INTERPRET must be set before triton or any kernel module is imported
+(``@triton.jit`` picks the interpreter when it decorates), so it is set here,
+in the first module pytest loads, and nowhere else. Helpers shared by the
+tests are in tests/helpers.py.
 """
 from __future__ import annotations
 
@@ -13,19 +15,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-
-def device_params():
-    """cpu always; cuda where present, else a skipped parameter that says why."""
-    params = [pytest.param("cpu", id="cpu")]
-    if torch.cuda.is_available():
-        params.append(pytest.param("cuda", id="cuda"))
-    else:
-        params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.skip(reason="no CUDA device on this machine")))
-    return params
-
-
-@pytest.fixture(params=device_params())
+@pytest.fixture(params=["cpu", "cuda"])
 def device(request):
+    """cpu always; cuda where present, else skipped with the reason."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
     return torch.device(request.param)

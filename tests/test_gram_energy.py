@@ -115,6 +115,43 @@ def test_explicit_choice_falls_through_for_ops_it_lacks(monkeypatch):
     assert resolve_backend("eigensolver", "triton", cpu) == "torch"
 
 
+def test_dispatch_table_matches_the_advertised_ops_and_every_entry_resolves():
+    """The table is the one place a backend is chosen: each entry imports to a function that takes its op's call."""
+    import importlib.util
+    import inspect
+    import re
+
+    from sphere_fast import backends
+
+    # the ops and backends the module docstring advertises, e.g. "    gram, energy    triton, torch"
+    advertised = {}
+    for ops, names in re.findall(r"^    ([a-z_]+(?:, [a-z_]+)*) {2,}([a-z]+(?:, [a-z]+)*)$", backends.__doc__, re.M):
+        advertised.update({op: tuple(names.split(", ")) for op in ops.split(", ")})
+    assert advertised == backends.OPS == {
+        "gram": ("triton", "torch"), "energy": ("triton", "torch"), "eigensolver": ("cuda", "torch"),
+        "apply": ("cuda", "torch"), "apply_": ("cuda", "torch"),
+    }
+    # one call per op, with the arguments the dispatching code passes
+    calls = {
+        "gram": (("W",), {"precision": "fp32"}),
+        "energy": (("W",), {"s": 2.0, "eps": 1e-6}),
+        "eigensolver": (("G", 1.0, 0.5), {"method": "auto", "init": None}),
+        "apply": (("B", "U", 0.5), {}),
+        "apply_": (("W", "B", "U", 0.5), {}),
+    }
+    assert set(calls) == set(backends.IMPLEMENTATIONS)
+    for op, implementations in backends.IMPLEMENTATIONS.items():
+        assert "torch" in implementations, f"{op}: the torch backend must be complete on its own"
+        for name in implementations:
+            assert name in backends.BACKENDS
+            if name == "triton" and importlib.util.find_spec("triton") is None:
+                continue
+            fn = backends.load_implementation(op, name)
+            assert callable(fn), (op, name)
+            args, kwargs = calls[op]
+            inspect.signature(fn).bind(*args, **kwargs)  # TypeError if the call does not fit
+
+
 def test_available_backends_reports_reasons():
     report = sphere_fast.available_backends("cpu")
     assert report["torch"] == "available"

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from sphere_fast import ConvergenceError, _cuda
+from sphere_fast.accuracy import solver_bound
+from sphere_fast.backends import backend_status
 from sphere_fast.eigensolver import DEFAULT_TOL, top_eigenpairs as torch_top_eigenpairs
 from sphere_fast.gram import normalized_gram_reference
-from sphere_fast.backends import backend_status
-from tests.reference import oracle
+from sphere_fast.reference import oracle
 
 
 def extension_status() -> str | None:
-    """Why the CUDA tests cannot run here, or None when they can (benchmarks use it too)."""
+    """Why the CUDA tests cannot run here, or None when they can."""
     if not torch.cuda.is_available():
         return "no CUDA device on this machine"
     ok, why = backend_status("cuda", torch.device("cuda"))
@@ -184,16 +185,6 @@ def edited(W: torch.Tensor, *, rank: int = 8, size: float = 0.02, seed: int = 1)
     a = torch.randn(n, rank, generator=g, dtype=torch.float64)
     b = torch.randn(rank, d, generator=g, dtype=torch.float64)
     return W + (size * (a @ b) / math.sqrt(d)).to(W)
-
-
-def solver_bound(pairs, G: torch.Tensor, tol: float) -> float:
-    """What a solve promises, relative to theta_1: the residual tolerance for the
-    block method; the backward-error bound of a dense syevd in G's dtype,
-    4 sqrt(m) eps ||G||, for the dense method."""
-    if pairs.method == "dense":
-        eps = EPS32 if G.dtype == torch.float32 else 2.3e-16
-        return 4 * math.sqrt(G.shape[0]) * eps
-    return tol
 
 
 def check_contract(pairs, G: torch.Tensor, trace: float, eta: float, ref, *, tol: float):

@@ -1,39 +1,31 @@
 """Triton kernel ``kernels/hyperspherical_energy.py`` against its torch twin in float64.
 
 ``E = sum_{i != j} f(dist2_ij)`` with ``f(x) = (x + eps)^(-s/2)`` decreasing and
-``dist2_ij = max(2 - 2 cos_ij, 0)``. The kernel's cosines carry a rounding error
-of at most ``delta_c = (2K + 10) u`` (K = d; see ``test_kernels_gram``), so each
-of its terms lies between ``f(dist2 + delta)`` and ``f(max(dist2 - delta, 0))``
-with ``delta = 2 (2 delta_c + 4 u)`` (twice: the float64 oracle rounds too),
-and its sum, up to the relative error of the fp32 exp/log and of the in-tile
-sum, between the sums of those bounds. That interval is tight where the
+``dist2_ij = max(2 - 2 cos_ij, 0)``. The kernel's energy must lie inside
+:func:`sphere_fast.accuracy.energy_interval`, the range any evaluation with the
+Gram kernel's cosine rounding can reach (derived there): tight where the
 energy is well conditioned (it narrows to a few ulps) and honestly wide where
 it is not (duplicate rows with eps far below fp32's resolution of cos near 1).
 """
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the first import of sphere_fast.kernels.* (see test_kernels_gram)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
 
+from sphere_fast.accuracy import UNIT, energy_interval  # noqa: E402
 from sphere_fast.gram import NORM_EPS, hyperspherical_energy_reference  # noqa: E402
 from sphere_fast.kernels import hyperspherical_energy as he  # noqa: E402
-from tests.test_kernels_gram import DEVICES, UNIT, make_matrix  # noqa: E402
+from tests.helpers import CUDA_DEVICES, DEVICES, make_matrix  # noqa: E402
 
 
 def torch_hyperspherical_energy(W: torch.Tensor, s: float, eps: float, compute_dtype: torch.dtype | None = None):
-    """Unfused torch equivalent: ``A_hat = W / (||w_i|| + 1e-8)``, cosines by one matmul, then the kernel sum.
+    """The energy restated inline: ``A_hat = W / (||w_i|| + 1e-8)``, cosines by one matmul, then the kernel sum.
 
-    Holds the n x n matrix (the benchmarks import it from here). Returns a 0-d
-    float64 tensor.
+    Holds the n x n matrix. Returns a 0-d float64 tensor.
     """
     dtype = compute_dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
     A = W.to(dtype)
@@ -42,22 +34,6 @@ def torch_hyperspherical_energy(W: torch.Tensor, s: float, eps: float, compute_d
     terms = ((2.0 - 2.0 * cos).clamp_min(0.0) + eps).pow(-s / 2.0)
     terms.fill_diagonal_(0.0)
     return terms.sum(dtype=torch.float64)
-
-
-def energy_interval(W: torch.Tensor, s: float, eps: float) -> tuple[float, float]:
-    """Bounds on any evaluation of E whose cosines are within the module docstring's delta."""
-    n, d = W.shape
-    u = UNIT[W.dtype]
-    A = W.cpu().double()
-    A_hat = A / (torch.linalg.vector_norm(A, dim=1) + NORM_EPS).unsqueeze(1)
-    dist2 = (2.0 - 2.0 * (A_hat @ A_hat.T)).clamp_min(0.0)
-    delta = 2.0 * (2.0 * (2 * d + 10) * u + 4 * u)
-    off = ~torch.eye(n, dtype=torch.bool)
-    lo = float(((dist2 + delta + eps) ** (-s / 2))[off].sum())
-    hi = float((((dist2 - delta).clamp_min(0.0) + eps) ** (-s / 2))[off].sum())
-    # exp(log(x) * -s/2) in the working precision, and a sum of at most 128^2 positive terms per tile
-    rel = 4 * (abs(s / 2) * max(abs(math.log(eps)), math.log(4 + eps)) + 3 + 2 * math.log2(128 * 128)) * u
-    return lo * (1 - rel), hi * (1 + rel)
 
 
 def check_energy(W: torch.Tensor, s: float, eps: float) -> torch.Tensor:
@@ -181,7 +157,7 @@ def test_energy_is_symmetric_in_the_rows(device):
     assert Ep == pytest.approx(E, rel=1e-5)
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(257, 1031), (1031, 257)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_energy_cuda_multi_tile(device, dtype, shape):
@@ -192,11 +168,9 @@ def test_energy_cuda_multi_tile(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_energy_dispatch_through_ops(device, monkeypatch):
+def test_energy_dispatch_through_ops(device):
     from sphere_fast import ops
 
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     W = make_matrix(37, 123, torch.bfloat16, device, "transposed")
     E = ops.hyperspherical_energy(W, 2.0, 1e-3, backend="triton")
     assert torch.equal(E, he.hyperspherical_energy(W, s=2.0, eps=1e-3))

@@ -1,20 +1,12 @@
 """Triton kernel ``kernels/normalized_gram.py`` against its torch twin and a float64 oracle.
 
-Without a GPU the kernels run on CPU tensors under the Triton interpreter:
-``TRITON_INTERPRET=1`` has to be in the environment when the kernel module is
-imported (``@triton.jit`` picks the interpreter at decoration time), so it is
-set below before that import. With a GPU the same tests run on CUDA tensors.
+Without a GPU the kernels run on CPU tensors under the Triton interpreter
+(tests/conftest.py sets ``TRITON_INTERPRET=1`` before anything imports triton);
+with a GPU the same tests run on CUDA tensors.
 
-Tolerances are error bounds, not fitted constants. For an entry of the Gram
-with reduction length K (d on the rows side, n on the cols side), operands
-rounded to unit ``u_op`` (0 when they enter the dot exactly) and accumulation
-unit ``u``, the usual dot-product bound with ``sum_k |a_k b_k| <= n sqrt(G_aa G_bb)``
-(Cauchy-Schwarz on the normalised rows) gives
-
-    |G_ab - G64_ab| <= (2 u_op + u_op^2 + (2 K + 10) u) sqrt(G64_aa G64_bb)
-
-(2K u for the dot and both row norms' sums of squares, 10 u for the
-scalings, the division by n and the oracle's own rounding).
+Tolerances are error bounds, not fitted constants: the entrywise bound of
+:func:`sphere_fast.accuracy.gram_tolerance` (derived there) for the Gram, and
+:func:`sphere_fast.accuracy.norm_tolerance` for the row norms.
 """
 from __future__ import annotations
 
@@ -23,121 +15,14 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # must precede the first import of sphere_fast.kernels.* (see the docstring)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from sphere_fast.gram import NORM_EPS, normalized_gram_reference, trace_from_norms  # noqa: E402
+from sphere_fast.accuracy import UNIT, gram_tolerance, norm_tolerance  # noqa: E402
+from sphere_fast.gram import NORM_EPS, PRECISIONS, normalized_gram_reference, trace_from_norms  # noqa: E402
 from sphere_fast.kernels import normalized_gram as ng  # noqa: E402
-from sphere_fast.kernels.normalized_gram import _upper_tile  # noqa: E402
-
-INTERPRETING = ng.interpreting()
-HAS_CUDA = torch.cuda.is_available()
-
-if INTERPRETING:
-    CPU_SKIP = None
-elif HAS_CUDA:
-    CPU_SKIP = "CUDA is available: the kernels were compiled for the GPU, not the interpreter"
-else:
-    CPU_SKIP = (
-        "sphere_fast.kernels was imported before TRITON_INTERPRET=1 was set (or it is set to 0); "
-        "run these tests with TRITON_INTERPRET=1 in the environment"
-    )
-CUDA_SKIP = None if HAS_CUDA and not INTERPRETING else (
-    "no CUDA device" if not HAS_CUDA else "TRITON_INTERPRET=1 is set: kernels run on the interpreter only"
-)
-
-
-def _device_param(device: str):
-    if device == "cpu":
-        marks = [pytest.mark.triton_interpret] + ([pytest.mark.skip(reason=CPU_SKIP)] if CPU_SKIP else [])
-    else:
-        marks = [pytest.mark.cuda] + ([pytest.mark.skip(reason=CUDA_SKIP)] if CUDA_SKIP else [])
-    return pytest.param(device, marks=marks, id=device)
-
-
-DEVICES = [_device_param("cpu"), _device_param("cuda")]
-
-
-# ----------------------------------------------------------------------------
-# Torch twin (the benchmarks import it from here) and input makers
-# ----------------------------------------------------------------------------
-
-
-def torch_normalized_gram(W: torch.Tensor, compute_dtype: torch.dtype | None = None):
-    """Unfused torch equivalent: ``A_hat = W / (||w_i|| + 1e-8)``, then one matmul on the smaller side.
-
-    ``compute_dtype`` defaults to fp32 (fp64 for fp64 W); the benchmarks pass
-    W's own dtype to time torch's bf16 path. Returns ``(G, norms)``.
-    """
-    n, d = W.shape
-    dtype = compute_dtype or (torch.float64 if W.dtype == torch.float64 else torch.float32)
-    A = W.to(dtype)
-    norms = torch.linalg.vector_norm(A, dim=1)
-    A_hat = A / (norms + NORM_EPS).unsqueeze(1)
-    G = (A_hat @ A_hat.T) if n <= d else (A_hat.T @ A_hat)
-    return G / n, norms
-
-
-LAYOUTS = ("contiguous", "transposed", "col_strided", "row_strided")
-
-
-def make_matrix(n: int, d: int, dtype: torch.dtype, device: str, layout: str = "contiguous", *, seed: int = 0,
-                zero_rows: tuple[int, ...] = ()) -> torch.Tensor:
-    """An n x d matrix with row norms spread over four decades, in the requested memory layout.
-
-    transposed: W = M.T of a contiguous d x n M (unit stride along rows);
-    col_strided: W = M[:, ::2]; row_strided: W = M[::3] (views, never copies).
-    """
-    g = torch.Generator().manual_seed(seed)
-    rows_needed = 3 * n if layout == "row_strided" else n
-    cols_needed = 2 * d if layout == "col_strided" else d
-    base = torch.randn(rows_needed, cols_needed, generator=g, dtype=torch.float64)
-    base *= torch.logspace(-2, 2, rows_needed, dtype=torch.float64)[torch.randperm(rows_needed, generator=g)][:, None]
-    if layout == "transposed":
-        W = base.T.contiguous().to(dtype).to(device).T
-    else:
-        W = base.to(dtype).to(device)
-        if layout == "col_strided":
-            W = W[:, ::2]
-        elif layout == "row_strided":
-            W = W[::3]
-    W = W.clone() if layout == "contiguous" else W
-    for i in zero_rows:
-        W[i] = 0
-    assert W.shape == (n, d)
-    return W
-
-
-UNIT = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-24}
-# Operand rounding of the tensor-core precisions (tf32: hardware may truncate, hence 2^-10;
-# tf32x3 keeps a high and a low TF32 part and drops the low x low product: about 2^-20).
-OPERAND_ROUNDING = {"fp32": 0.0, "tf32": 2.0**-10, "tf32x3": 2.0**-20, "bf16": 2.0**-8}
-
-
-def operand_rounding(dtype: torch.dtype, precision: str, side: str) -> float:
-    """Rounding of the dot's operands: none for fp64, none for unscaled 16-bit tiles (rows side)."""
-    if dtype == torch.float64:
-        return 0.0
-    if dtype in (torch.float16, torch.bfloat16) and side == "rows":
-        return 0.0
-    return OPERAND_ROUNDING[precision]
-
-
-def gram_tolerance(G64: torch.Tensor, K: int, dtype: torch.dtype, precision: str, side: str) -> torch.Tensor:
-    """Entrywise bound ``(2 u_op + u_op^2 + (2K + 10) u) sqrt(G_aa G_bb)`` (module docstring)."""
-    u_op = operand_rounding(dtype, precision, side)
-    e = 2.0 * u_op + u_op**2 + (2 * K + 10) * UNIT[dtype]
-    diag = G64.diagonal().clamp_min(0.0)
-    return e * torch.sqrt(diag[:, None] * diag[None, :])
-
-
-def norm_tolerance(norms64: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """|r - r64| <= (d + 2) u r64: a sum of d squares, then a square root."""
-    return (d + 2) * UNIT[dtype] * norms64
+from sphere_fast.kernels import tiles  # noqa: E402
+from tests.helpers import CUDA_DEVICES, DEVICES, LAYOUTS, make_matrix  # noqa: E402
 
 
 def check_against_oracle(W: torch.Tensor, out, precision: str = "fp32") -> None:
@@ -173,12 +58,12 @@ def check_against_twin(W: torch.Tensor, out, precision: str = "fp32") -> None:
     n, d = W.shape
     side = "rows" if n <= d else "cols"
     K = d if side == "rows" else n
-    G_twin, norms_twin = torch_normalized_gram(W)
+    twin = normalized_gram_reference(W)
     ref = normalized_gram_reference(W.cpu(), dtype=torch.float64)
     tol = gram_tolerance(ref.gram, K, W.dtype, precision, side) + gram_tolerance(ref.gram, K, W.dtype, "fp32", side)
-    assert bool(((out.gram.cpu().double() - G_twin.cpu().double()).abs() <= tol).all())
+    assert bool(((out.gram.cpu().double() - twin.gram.cpu().double()).abs() <= tol).all())
     tol_r = 2 * norm_tolerance(ref.row_norms, d, W.dtype)
-    assert bool(((out.row_norms.cpu().double() - norms_twin.cpu().double()).abs() <= tol_r).all())
+    assert bool(((out.row_norms.cpu().double() - twin.row_norms.cpu().double()).abs() <= tol_r).all())
 
 
 SHAPES = [(37, 123), (123, 37), (1, 50), (50, 1), (64, 64), (16, 16)]
@@ -266,7 +151,7 @@ def test_tiny_rows_use_the_norm_eps(device, dtype, shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("precision", ng.PRECISIONS)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_precisions(device, precision, dtype, shape):
@@ -286,8 +171,8 @@ def test_bf16_precision_is_honoured(device, shape):
     assert err["bf16"] > 10 * err["fp32"]
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if d.values[0] == "cuda"])
-@pytest.mark.parametrize("precision", ng.PRECISIONS)
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(257, 1031), (1031, 257), (300, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_gram_cuda_multi_tile(device, precision, dtype, shape):
@@ -315,11 +200,9 @@ def test_gram_random_shapes(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dispatch_through_ops(device, monkeypatch):
+def test_dispatch_through_ops(device):
     from sphere_fast import ops
 
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
     W = make_matrix(37, 123, torch.float32, device, "col_strided")
     out = ops.normalized_gram(W, backend="triton")
     direct = ng.normalized_gram(W)
@@ -343,7 +226,7 @@ def test_errors_name_the_argument(device):
 @triton.jit
 def _upper_tile_probe(i_ptr, j_ptr, total, num_tiles, BLOCK: tl.constexpr):
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    i, j = _upper_tile(p, num_tiles)
+    i, j = tiles.upper_tile(p, num_tiles)
     tl.store(i_ptr + p, i, mask=p < total)
     tl.store(j_ptr + p, j, mask=p < total)
 
@@ -380,21 +263,21 @@ def test_import_has_no_side_effects():
 # Ahead-of-time compilation for GPU targets: needs no GPU (Triton's bundled
 # ptxas), so the device code is type-checked and lowered on every machine.
 _AOT_SCRIPT = r'''
-import json, os, sys
-os.environ.pop("TRITON_INTERPRET", None)
+import json, sys
 import torch, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from sphere_fast.kernels import normalized_gram as ng, hyperspherical_energy as he
+from sphere_fast.kernels import normalized_gram as ng, hyperspherical_energy as he, tiles
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 out = []
 for kernel_name, dtype_name, side, precision, cap, ones, *index in json.loads(sys.argv[1]):
     dtype = {v: k for k, v in NAMES.items()}[dtype_name]
     acc = "fp64" if dtype == torch.float64 else "fp32"
-    dot = ng.dot_mode(dtype, precision, scaled_operands=side == "cols")
-    cfg = ng.cuda_configs((cap // 10, cap % 10), dot, torch.empty(0, dtype=dtype).element_size())[index[0] if index else 0]
-    consts = {"DOT": dot, "INTERPRET": False, "ACC_DTYPE": ng.tl_dtype(dtype), "SCALE_K": side == "cols", **cfg.kwargs}
+    dot = tiles.dot_mode(dtype, precision, scaled_operands=side == "cols")
+    cfg = tiles.cuda_configs((cap // 10, cap % 10), dot, torch.empty(0, dtype=dtype).element_size())[index[0] if index else 0]
+    consts = {"DOT": dot, "INTERPRET": False, "ACC_DTYPE": tiles.tl_dtype(dtype), "SCALE_K": side == "cols",
+              **cfg.kwargs}
     if kernel_name == "gram":
         fn = ng._normalized_gram_kernel
         sig = {"x_ptr": "*" + dtype_name, "scale_ptr": "*" + acc, "g_ptr": "*" + acc, "m": "i32", "K": "i32",
@@ -407,7 +290,7 @@ for kernel_name, dtype_name, side, precision, cap, ones, *index in json.loads(sy
         fn = ng._row_norms_kernel
         sig = {"w_ptr": "*" + dtype_name, "norms_ptr": "*" + acc, "scale_ptr": "*" + acc, "n": "i32", "d": "i32",
                "stride_wn": "i32", "stride_wd": "i32"}
-        consts = {"EPS": 1e-8, "ACC_DTYPE": ng.tl_dtype(dtype), **ng.NORMS_CONFIG_CUDA}
+        consts = {"EPS": 1e-8, "ACC_DTYPE": tiles.tl_dtype(dtype), **ng.NORMS_CONFIG_CUDA}
     # Triton specialises integer arguments equal to 1 into constexprs: compile those variants too
     consts.update({name: 1 for name in ones})
     signature = {**sig, **{k: "constexpr" for k in consts}}
@@ -465,18 +348,14 @@ _SMEM_LIMIT = {90: 232448, 80: 101376}
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (bundled ptxas) is not installed")
 def test_every_autotune_config_fits_in_shared_memory():
     """A config that does not fit is dropped by the autotuner at run time; catch it at build time instead."""
-    import torch
-
-    from sphere_fast.kernels import normalized_gram as ng
-
     # The families with the largest tiles: fp64 (8-byte operands), TF32 and scaled bf16 operands (fp32 staging).
     families = [("fp64", torch.float64, "cols", "fp32"), ("fp32", torch.float32, "rows", "tf32"),
                 ("fp32", torch.float32, "rows", "tf32x3"), ("fp32", torch.float32, "cols", "bf16")]
     cases = []
     for cap in _SMEM_LIMIT:
         for name, dtype, side, precision in families:
-            dot = ng.dot_mode(dtype, precision, scaled_operands=side == "cols")
-            for index in range(len(ng.cuda_configs((cap // 10, cap % 10), dot, dtype.itemsize))):
+            dot = tiles.dot_mode(dtype, precision, scaled_operands=side == "cols")
+            for index in range(len(tiles.cuda_configs((cap // 10, cap % 10), dot, dtype.itemsize))):
                 cases.append(("gram", name, side, precision, cap, [], index))
     for case, kernel in zip(cases, _compile_ahead_of_time(cases)):
         assert 0 < kernel["shared"] <= _SMEM_LIMIT[case[4]], f"{case}: {kernel['shared']} bytes of shared memory"
