@@ -19,7 +19,7 @@ from sphere_fast.editing.model_utils import get_module, oriented_weight
 from sphere_fast.editing.requests import EditRequest
 from sphere_fast.projector import SphereProjector
 
-from .editing_fixtures import (
+from .fixtures import (
     counterfact_requests,
     one_thread,
     subject_end_requests,
