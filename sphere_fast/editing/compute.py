@@ -476,21 +476,22 @@ def _initial_outputs(runner: "_Steps", rows: list[_Row], n: int) -> torch.Tensor
     return h0[at].float().clone()
 
 
-@dataclass
 class _Progress:
-    """Per request: whether it is still optimised, its NLL at the first and last step it ran, its step count."""
+    """Per request: whether it is still optimised, its NLL at step 0 and at its last step, its optimiser steps."""
 
-    active: list[bool]
-    nll_before: list[float]
-    nll_after: list[float]
-    steps: list[int]
+    def __init__(self, nll_before: list[float]):
+        self.active = [True] * len(nll_before)
+        self.nll_before, self.nll_after = list(nll_before), list(nll_before)
+        self.steps = [0] * len(nll_before)
 
     def update(self, losses: list[float], nlls: list[float], last_step: bool) -> list[bool]:
-        """Record a step's values; a request stops at loss < 5e-2 or at the last step. Returns who moves on."""
+        """Record a step's values and return which requests take an optimiser step now: a request
+        stops at loss < 5e-2 or at the last step (and keeps its delta from then on)."""
         for r, active in enumerate(self.active):
             if active:
                 self.nll_after[r] = nlls[r]
                 self.active[r] = not (losses[r] < 5e-2 or last_step)
+                self.steps[r] += self.active[r]
         return list(self.active)
 
 
@@ -507,6 +508,7 @@ def _clamped_step(opt, delta: torch.Tensor, moving: list[bool], max_norm: torch.
 
 
 def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, templates) -> list[TargetResult]:
+    """The target values of ``requests``, optimised together (see :func:`compute_targets`)."""
     layer = hp.layers[-1]
     layer_name = hp.layer_module_tmp.format(layer)
     loss_name = hp.layer_module_tmp.format(max(hp.v_loss_layer, layer))
@@ -525,8 +527,7 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
             runner.stand_in = stand_in
             nll, kl_logp = objective.terms(*_first_forward(model, runner, delta))
             kl_reference = kl_logp.detach().clone()  # the unedited distribution: step 0 runs every KL row, in order
-            first_nll = nll.detach().cpu().tolist()
-            progress = _Progress([True] * n, first_nll, list(first_nll), [0] * n)
+            progress = _Progress(nll.detach().cpu().tolist())
             for step in range(hp.v_num_grad_steps):
                 if step:
                     nll, kl_logp = objective.terms(*runner.forward(delta))
@@ -538,7 +539,6 @@ def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, tem
                     break
                 loss[torch.tensor(moving, device=loss.device)].sum().backward()
                 _clamped_step(opt, delta, moving, max_norm)
-                progress.steps = [s + m for s, m in zip(progress.steps, moving)]
                 if not all(moving[r] for r in runner.requests):
                     runner.select([r for r in range(n) if moving[r]])
     z = (init + delta.detach()).float()
