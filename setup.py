@@ -134,7 +134,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["sphere_fast", "sphere_fast.*"]) + ["sphere_fast.kernels"],
     package_dir={"sphere_fast.kernels": "kernels"},
-    package_data={"sphere_fast": ["hparams/**/*.yaml"]},
+    package_data={"sphere_fast": ["configs/**/*.yaml"]},
     install_requires=["torch", "numpy"],
     extras_require={
         # tested: 3.6.0 (the GPU machine; scripts/test.sh runs the kernel tests with it) and 3.9.0

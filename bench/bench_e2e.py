@@ -4,7 +4,7 @@ A Llama3-8B-configured model (32 layers, hidden 4096, intermediate 14336, 32 hea
 vocabulary 128256) with random bf16 weights is built directly on the GPU: constructed on the meta
 device, allocated with ``to_empty`` and filled once with N(0, 0.02) (norms with 1, the rotary
 frequencies recomputed): no initialisation pass. The Editor then runs AlphaEdit + SPHERE at the
-paper's settings (``sphere_fast/hparams/SPHERE/llama3-8b.yaml``: layers 4-8, 25 steps, eta 0.5,
+paper's settings (``sphere_fast/configs/SPHERE/llama3-8b.yaml``: layers 4-8, 25 steps, eta 0.5,
 alpha 0.5; C0 from ``--stats-samples`` lines of a synthetic corpus instead of 100,000 Wikipedia
 samples) on batches of 100 synthetic requests, one batch per projection path, in this order:
 
@@ -273,8 +273,7 @@ def prewarm(shape, dtype, device, eta, alpha) -> float:
 
 def alphaedit_dd_work(editor, hp, device, n_requests: int) -> dict:
     """AlphaEdit's d x d work on the first edited layer's C0: the null-space projector and the solve."""
-    from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
-    from sphere_fast.editing.memit import solve_dtype
+    from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector, solve_dtype
 
     name = editor.edited_module_names[0]
     C0 = editor.key_statistics(name).to(device)
@@ -342,7 +341,7 @@ def run(args, save) -> dict:
     timeout still leaves what it measured."""
     from sphere_fast.editing.editor import Editor
     from sphere_fast.editing.hparams import load_hparams, shipped_hparams
-    from sphere_fast.editing.train_lm import train_tokenizer
+    from sphere_fast.harness.train_lm import train_tokenizer
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16

@@ -17,7 +17,7 @@ with each on ``PYTHONPATH`` back to back (the CPU may be shared: the load
 average before and after each run is recorded). It also records each request's
 target NLL and z residual, so two runs can be checked for equal results.
 
-The model comes from ``sphere_fast.editing.model_sources.cached_model("smollm2")``
+The model comes from ``sphere_fast.harness.model_sources.cached_model("smollm2")``
 when that exists, else from the GGUF file named by ``SPHERE_FAST_SMOLLM2_GGUF``
 (needs the ``gguf`` package), or from ``--model-dir`` (a Hugging Face directory).
 Without any of them the run is skipped with the reason.
@@ -69,9 +69,9 @@ def load_smollm2(model_dir: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         return model.eval(), tok, f"directory {model_dir}"
     try:
-        from sphere_fast.editing.model_sources import cached_model
+        from sphere_fast.harness.model_sources import cached_model
     except ImportError as exc:
-        reasons.append(f"sphere_fast.editing.model_sources is not available ({exc})")
+        reasons.append(f"sphere_fast.harness.model_sources is not available ({exc})")
     else:
         try:
             found = cached_model("smollm2")
@@ -116,7 +116,7 @@ def time_key_statistics(model, tok, names, corpus: Path, n_lines: int, cache_dir
 
 def run(model, tok, *, n_stats_lines: int, n_requests: int, steps: int = 25, whole_corpus: bool = False) -> dict:
     from sphere_fast.editing import paths
-    from sphere_fast.editing.datasets import load_requests
+    from sphere_fast.harness.datasets import load_requests
     from sphere_fast.editing.editor import Editor
 
     hp = smollm2_settings(n_stats_lines, steps)

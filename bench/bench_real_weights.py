@@ -5,7 +5,7 @@ per layer, fp32, with the change a batch of 20 edits makes on this model: rank 2
 (measured: update norms 4.9-15 against ||W||_F ~ 175). Real weights are flat (r is 22-32 % of 576),
 so the eigensolver's auto rule takes the dense path, cold and warm; extra_info records the method.
 
-The model comes from the cache of converted models (``sphere_fast.editing.model_sources.cached_model``,
+The model comes from the cache of converted models (``sphere_fast.harness.model_sources.cached_model``,
 ``sphere-fast`` fetches and converts it); the module skips, saying why, when it is not there.
 ``SPHERE_FAST_BENCH_SHAPES=tiny`` runs three layers only.
 
@@ -32,12 +32,12 @@ BATCH_RANK, CHANGE_RELATIVE, UPDATE_RELATIVE = 20, 0.05, 0.05
 def model_dir():
     """(directory, None) or (None, why it is not available)."""
     try:
-        from sphere_fast.editing.model_sources import cached_model
+        from sphere_fast.harness.model_sources import cached_model
     except ImportError as exc:
-        return None, f"sphere_fast.editing.model_sources is not available ({exc})"
+        return None, f"sphere_fast.harness.model_sources is not available ({exc})"
     path = cached_model(MODEL)
     if path is None:
-        return None, f"model {MODEL!r} is not in the cache of converted models (sphere_fast.editing.model_sources)"
+        return None, f"model {MODEL!r} is not in the cache of converted models (sphere_fast.harness.model_sources)"
     return path, None
 
 

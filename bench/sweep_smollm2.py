@@ -73,7 +73,7 @@ def run_config(model, tokenizer, requests, hparams, *, method: str, sphere: bool
     """Edit ``requests`` from the unedited weights, evaluate all of them; weights are restored afterwards."""
     from sphere_fast.editing import paths
     from sphere_fast.editing.editor import Editor
-    from sphere_fast.editing.metrics import evaluate
+    from sphere_fast.harness.metrics import evaluate
 
     torch.manual_seed(seed)
     editor = Editor(model, tokenizer, hparams, method=method, sphere=sphere, stats_corpus=stats_corpus,
@@ -139,10 +139,10 @@ def _write(kind: str, meta: dict, rows: list[dict]) -> Path:
 
 def main(argv=None) -> int:
     from sphere_fast.editing import paths
-    from sphere_fast.editing.datasets import load_requests
+    from sphere_fast.harness.datasets import load_requests
     from sphere_fast.editing.hparams import load_hparams
-    from sphere_fast.editing.metrics import evaluate, neighborhood_predictions
-    from sphere_fast.editing.model_sources import load_model
+    from sphere_fast.harness.metrics import evaluate, neighborhood_predictions
+    from sphere_fast.harness.model_sources import load_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("kind", choices=("sweep", "report"))

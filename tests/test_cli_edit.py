@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-
-from tests.editing_fixtures import one_thread
 import yaml
 
 from sphere_fast.cli import main
 from sphere_fast.editing import paths
-from sphere_fast.editing.report import read_csv
+from sphere_fast.harness.report import read_csv
+from tests.editing.fixtures import one_thread
 
 pytestmark = pytest.mark.skipif(
     not (paths.counterfact_path().exists() and paths.wikitext_path("test").exists()),
@@ -27,12 +26,11 @@ def _one_thread():
     yield from one_thread()
 
 
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A saved tiny Llama + tokenizer, fast hparams, and a private cache directory."""
     from sphere_fast.editing.hparams import default_hparams
-    from tests.editing_fixtures import tiny_model, tiny_tokenizer
+    from tests.editing.fixtures import tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("cli")
     old = os.environ.get("SPHERE_FAST_CACHE_DIR")
@@ -180,12 +178,50 @@ def test_argument_errors(env, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written for a refused command
 
 
-def test_register_defers_heavy_imports():
-    code = ("import argparse, sys; from sphere_fast.editing import cli; p = argparse.ArgumentParser(); "
-            "cli.register(p.add_subparsers()); print(sorted(m for m in ('transformers', 'matplotlib', "
-            "'sphere_fast.editing.editor') if m in sys.modules))")
+def test_building_the_parser_defers_heavy_imports():
+    code = ("import sys; from sphere_fast import cli; cli.build_parser(); print(sorted(m for m in ('transformers', "
+            "'matplotlib', 'sphere_fast.editing.editor', 'sphere_fast.harness.running') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_edit_takes_the_shipped_settings_of_a_named_model(monkeypatch, tmp_path, capsys):
+    """Without --hparams, `edit --model smollm2` uses the shipped file for --method and --sphere (by name or as
+    its converted directory); other models get none (settings sized to the model); --hparams wins."""
+    from sphere_fast import cli
+    from sphere_fast.editing.hparams import load_hparams
+    from sphere_fast.harness import model_sources, running
+
+    entry = tmp_path / "models" / "smollm2"
+    monkeypatch.setattr(model_sources, "models_dir", lambda: tmp_path / "models")
+    base = ["edit", "--data", str(paths.counterfact_path()), "--edits", "2", "--batch-size", "1", "--quiet"]
+    parse = lambda *extra: cli.build_parser().parse_args(base + ["--out", str(tmp_path / "o"), *extra])  # noqa: E731
+    for extra, expected in ((["--method", "alphaedit"], "SPHERE/smollm2-135m"),
+                            (["--method", "alphaedit", "--no-sphere"], "AlphaEdit/smollm2-135m"),
+                            (["--method", "memit"], "MEMIT/smollm2-135m"),
+                            (["--method", "memit", "--no-sphere"], "MEMIT/smollm2-135m")):
+        assert cli._shipped_hparams(parse("--model", "smollm2", *extra), entry) == expected
+        assert cli._shipped_hparams(parse("--model", str(entry), *extra), entry) == expected
+        assert cli._shipped_hparams(parse("--model", str(tmp_path / "other"), *extra), tmp_path / "other") is None
+
+    # The command passes them to run_edit and records them in run.json (no model is loaded, nothing is edited).
+    calls = []
+    monkeypatch.setattr(model_sources, "resolve_model", lambda spec, log=None: entry)
+    monkeypatch.setattr(model_sources, "load_model", lambda spec, **kwargs: ("model", "tokenizer"))
+    monkeypatch.setattr(running, "run_edit", lambda **kwargs: calls.append(kwargs) or {
+        "edits": 2, "batches": 2, "after": {}, "energy_drift": {}, "edit_seconds": 0.0, "sphere_share": None})
+    assert cli.main(base + ["--model", "smollm2", "--method", "alphaedit", "--out", str(tmp_path / "a")]) == 0
+    assert calls[-1]["hparams"] == load_hparams("SPHERE/smollm2-135m")
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["hparams"] == "SPHERE/smollm2-135m"
+    assert "the shipped settings SPHERE/smollm2-135m" in capsys.readouterr().err
+    assert cli.main(base + ["--model", "smollm2", "--method", "memit", "--hparams", "AlphaEdit/llama3-8b",
+                            "--out", str(tmp_path / "b")]) == 0
+    assert calls[-1]["hparams"] == load_hparams("AlphaEdit/llama3-8b")
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["hparams"] == "AlphaEdit/llama3-8b"
+    monkeypatch.setattr(model_sources, "resolve_model", lambda spec, log=None: tmp_path / "other")
+    assert cli.main(base + ["--model", "other", "--method", "alphaedit", "--out", str(tmp_path / "c")]) == 0
+    assert calls[-1]["hparams"] is None
+    assert json.loads((tmp_path / "c" / "run.json").read_text())["hparams"] is None
 
 
 def test_train_lm_command(tmp_path, monkeypatch, capsys):
@@ -203,8 +239,8 @@ def test_train_lm_command(tmp_path, monkeypatch, capsys):
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     """The demo's whole path (train, synthetic requests, both runs, table, plot) on the tiny preset."""
-    from sphere_fast.editing.demo import run_demo
-    from sphere_fast.editing.train_lm import PRESETS
+    from sphere_fast.harness.demo import run_demo
+    from sphere_fast.harness.train_lm import PRESETS
 
     monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
     result = run_demo(model="train-lm", edits=4, batch_size=2, out=tmp_path / "demo", device="cpu", synthetic=True,
@@ -242,7 +278,7 @@ def test_edit_a_gguf_model_and_save_the_edited_model(env, full_run, capsys):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.gguf_fixtures import write_llama_gguf
+    from tests.harness.fixtures import write_llama_gguf
 
     root = env["root"]
     write_llama_gguf(AutoModelForCausalLM.from_pretrained(env["model"]), AutoTokenizer.from_pretrained(env["model"]),
@@ -279,7 +315,7 @@ def test_save_model_refuses_a_non_empty_directory_before_editing(env, tmp_path):
 
 def test_demo_uses_smollm2_unless_told_otherwise(monkeypatch, tmp_path):
     """The demo command's model choice: the named model by default, any --model form, or train-lm."""
-    from sphere_fast.editing import demo, model_sources
+    from sphere_fast.harness import demo, model_sources
 
     resolved, demo_calls = [], []
     monkeypatch.setattr(model_sources, "resolve_model",
@@ -293,7 +329,7 @@ def test_demo_uses_smollm2_unless_told_otherwise(monkeypatch, tmp_path):
     assert main(["demo", "--model", "train-lm", "--out", str(tmp_path / "d")]) == 0
     assert demo_calls[-1]["model"] == "train-lm" and len(resolved) == 2
     monkeypatch.undo()
-    from sphere_fast.editing.train_lm import PRESETS
+    from sphere_fast.harness.train_lm import PRESETS
 
     with pytest.raises(ValueError, match="train_config applies to model='train-lm' only"):
         demo.run_demo(model="smollm2", train_config=PRESETS["tiny"], out=tmp_path / "d2")

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .memit import solve_dtype
+
+def solve_dtype(device: torch.device, d: int) -> torch.dtype:
+    """The dtype of the eigendecomposition and solve: float64 where it is cheap (CPU, or d <= 8192),
+    else float32 as in the public code."""
+    return torch.float64 if device.type == "cpu" or d <= 8192 else torch.float32
 
 
 def nullspace_projector(C0: torch.Tensor, threshold: float) -> tuple[torch.Tensor, int]:

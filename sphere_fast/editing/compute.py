@@ -24,6 +24,9 @@ lookup token, and drops a request from the batch once it has stopped.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -99,12 +102,6 @@ def validate_request(tok, request: EditRequest, fact_token: str, where: str) -> 
             lookup_index(tok, tmpl, request.subject, fact_token)
     except ValueError as exc:
         raise ValueError(f"{where} (case_id {request.case_id!r}): {exc}") from None
-
-
-
-
-
-
 
 
 @torch.no_grad()
@@ -202,11 +199,6 @@ def compute_targets(model, tok, requests: Sequence[EditRequest], hp: EditHparams
     return out
 
 
-def compute_target(model, tok, request: EditRequest, hp: EditHparams, templates: list[list[str]]) -> TargetResult:
-    """Optimise delta for one request at layer ``hp.layers[-1]`` (the public compute_z)."""
-    return _compute_group(model, tok, [request], hp, templates)[0]
-
-
 @dataclass
 class _Row:
     """One prompt of the optimisation: a rewriting prompt (context + prompt + target but its last
@@ -234,8 +226,6 @@ def _target_rows(tok, requests: list[EditRequest], hp: EditHparams, templates) -
 
 def _cache_argument(body) -> str | None:
     """The keyword under which ``body.forward`` takes a key/value cache, if any."""
-    import inspect
-
     params = inspect.signature(body.forward).parameters
     return next((name for name in ("cache", "past_key_values") if name in params), None)
 
@@ -407,102 +397,150 @@ class _Steps:
         self.select(self.requests)
 
 
-def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, templates) -> list[TargetResult]:
-    layer = hp.layers[-1]
-    layer_name = hp.layer_module_tmp.format(layer)
-    loss_name = hp.layer_module_tmp.format(max(hp.v_loss_layer, layer))
-    ln_f = get_module(model, hp.ln_f_module)
-    lm_head = get_module(model, hp.lm_head_module)
-    n = len(requests)
-    rewriting, kl_rows = _target_rows(tok, requests, hp, templates)
-    rows = rewriting + kl_rows
-    rw_count = torch.bincount(torch.tensor([row.owner for row in rewriting]), minlength=n).float()
-    kl_count = torch.bincount(torch.tensor([row.owner for row in kl_rows]), minlength=n).float()
-    first_row = [next(i for i, row in enumerate(rows) if row.owner == r) for r in range(n)]
+class _Objective:
+    """Each request's loss in the public compute_z: the target's NLL, the KL term and weight decay.
 
+    ``terms`` reads a step's outputs (from :meth:`_Steps.forward`); ``loss``
+    adds the KL divergence from ``kl_reference`` (the log-probabilities at the
+    KL lookups with delta = 0) and the weight decay ``||delta|| / ||h||^2``.
+    All are ``[n_requests]`` vectors; rows of requests that left the batch add nothing.
+    """
+
+    def __init__(self, model, hp: EditHparams, runner: "_Steps", rewriting: list[_Row], kl_rows: list[_Row],
+                 init: torch.Tensor):
+        self.runner, self.init = runner, init
+        self.ln_f = get_module(model, hp.ln_f_module)
+        self.lm_head = get_module(model, hp.lm_head_module)
+        self.kl_factor, self.weight_decay = hp.kl_factor, hp.v_weight_decay
+        self.n = init.shape[0]
+        self.n_rewriting_rows = len(rewriting)
+        self.rw_count = torch.bincount(torch.tensor([row.owner for row in rewriting]), minlength=self.n).float()
+        self.kl_count = torch.bincount(torch.tensor([row.owner for row in kl_rows]), minlength=self.n).float()
+
+    def terms(self, labels: torch.Tensor, kl_final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-request NLL of the target, log-probabilities at the selected KL lookups)."""
+        runner, n = self.runner, self.n
+        logp = torch.log_softmax(self.lm_head(self.ln_f(labels)).float(), -1)
+        dev = logp.device
+        picked = logp.gather(1, runner.lab_tok.to(dev).unsqueeze(1)).squeeze(1)
+        # NLL: mean over each rewriting prompt's target tokens, then over the request's prompts.
+        nll_rows = torch.zeros(runner.n_rewriting, device=dev).index_add(0, runner.lab_row.to(dev), -picked)
+        nll_rows = nll_rows / runner.target_len.to(dev)
+        nll = torch.zeros(n, device=dev).index_add(0, runner.owner[:runner.n_rewriting].to(dev),
+                                                     nll_rows) / self.rw_count.to(dev)
+        kl_logp = torch.log_softmax((self.lm_head(kl_final) if runner.has_body else kl_final).float(), -1)
+        return nll, kl_logp
+
+    def loss(self, nll: torch.Tensor, kl_logp: torch.Tensor, kl_reference: torch.Tensor,
+             delta: torch.Tensor) -> torch.Tensor:
+        runner, n = self.runner, self.n
+        dev = nll.device
+        kl_ref = kl_reference[(runner.kl_index - self.n_rewriting_rows).to(kl_reference.device)].to(kl_logp.device)
+        kl_each = F.kl_div(kl_ref, kl_logp, log_target=True, reduction="none").sum(1)
+        kl_owner = runner.owner[runner.kl_row].to(kl_each.device)
+        kl = self.kl_factor * (torch.zeros(n, device=kl_each.device).index_add(0, kl_owner, kl_each)
+                               / self.kl_count.to(kl_each.device))
+        decay = self.weight_decay * (delta.norm(dim=1) / self.init.norm(dim=1) ** 2)
+        return nll + kl.to(dev) + decay.to(dev)
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model):
+    """No gradients for the model's parameters in the block (only delta is optimised)."""
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        runner = _Steps(model, tok, rows, layer_name, loss_name)
-        h0 = runner.h
-        init = h0[torch.tensor(first_row, device=h0.device),
-                  torch.tensor([rows[i].lookup for i in first_row], device=h0.device)].float().clone()
-        layer_device = h0.device
-        init = init.to(layer_device)
-        delta = torch.zeros(n, model.config.hidden_size, device=layer_device, dtype=torch.float32, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=hp.v_lr)
-        active = [True] * n
-        nll_first = [float("nan")] * n
-        nll_last = [float("nan")] * n
-        steps = [0] * n
-        kl_init = None
-        with stand_in_lower_layers(model, hp.layer_module_tmp, layer, runner.template,
-                                   runner.window_h) as stand_in:
-            runner.stand_in = stand_in
-            for it in range(hp.v_num_grad_steps):
-                opt.zero_grad()
-                labels, kl_final = runner.forward(delta)
-                if it == 0 and runner.windowed and not runner.agrees(labels, kl_final):
-                    import warnings
-
-                    warnings.warn(f"{type(model).__name__}: the cached-prefix forward does not reproduce the model's "
-                                  "own; optimising target values on whole prompts (slower, same result)", stacklevel=3)
-                    runner.whole_rows()
-                    labels, kl_final = runner.forward(delta)
-                logp = torch.log_softmax(lm_head(ln_f(labels)).float(), -1)
-                dev = logp.device
-                picked = logp.gather(1, runner.lab_tok.to(dev).unsqueeze(1)).squeeze(1)
-                # NLL: mean over each rewriting prompt's target tokens, then over the request's prompts.
-                nll_rows = torch.zeros(runner.n_rewriting, device=dev).index_add(0, runner.lab_row.to(dev), -picked)
-                nll_rows = nll_rows / runner.target_len.to(dev)
-                nll = torch.zeros(n, device=dev).index_add(0, runner.owner[:runner.n_rewriting].to(dev),
-                                                             nll_rows) / rw_count.to(dev)
-                kl_logp = torch.log_softmax((lm_head(kl_final) if runner.has_body else kl_final).float(), -1)
-                if kl_init is None:
-                    kl_init = kl_logp.detach().clone()  # step 0 runs every KL row, in row order
-                kl_ref = kl_init[(runner.kl_index - len(rewriting)).to(kl_init.device)].to(kl_logp.device)
-                kl_each = F.kl_div(kl_ref, kl_logp, log_target=True, reduction="none").sum(1)
-                kl_owner = runner.owner[runner.kl_row].to(kl_each.device)
-                kl = hp.kl_factor * (torch.zeros(n, device=kl_each.device).index_add(0, kl_owner, kl_each)
-                                     / kl_count.to(kl_each.device))
-                decay = hp.v_weight_decay * (delta.norm(dim=1) / init.norm(dim=1) ** 2)
-                loss = nll + kl.to(dev) + decay.to(dev)
-                values = loss.detach().cpu().tolist()
-                nll_values = nll.detach().cpu().tolist()
-                step_mask = []
-                for r in range(n):
-                    if not active[r]:
-                        step_mask.append(False)
-                        continue
-                    if it == 0:
-                        nll_first[r] = nll_values[r]
-                    nll_last[r] = nll_values[r]
-                    steps[r] = it
-                    if values[r] < 5e-2 or it == hp.v_num_grad_steps - 1:
-                        active[r] = False
-                    step_mask.append(active[r])
-                if not any(step_mask):
-                    break
-                keep = torch.tensor(step_mask, device=dev)
-                loss[keep].sum().backward()
-                frozen = delta.detach().clone()
-                opt.step()
-                with torch.no_grad():
-                    moving = torch.tensor(step_mask, device=layer_device)
-                    delta[~moving] = frozen[~moving]
-                    max_norm = hp.clamp_norm_factor * init.norm(dim=1)
-                    norms = delta.norm(dim=1)
-                    scale = torch.where(moving & (norms > max_norm), max_norm / norms, torch.ones_like(norms))
-                    delta.mul_(scale.unsqueeze(1))
-                    for r in range(n):
-                        if step_mask[r]:
-                            steps[r] = it + 1
-                if not all(step_mask[r] for r in runner.requests):
-                    runner.select([r for r in range(n) if step_mask[r]])
+        yield
     finally:
         for p, req_grad in zip(model.parameters(), requires):
             p.requires_grad_(req_grad)
+
+
+def _first_forward(model, runner: "_Steps", delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step-0 forward (delta = 0), checked against the recorded one when the window is used."""
+    outputs = runner.forward(delta)
+    if runner.windowed and not runner.agrees(*outputs):
+        warnings.warn(f"{type(model).__name__}: the cached-prefix forward does not reproduce the model's own; "
+                      "optimising target values on whole prompts (slower, same result)", stacklevel=4)
+        runner.whole_rows()
+        outputs = runner.forward(delta)
+    return outputs
+
+
+def _initial_outputs(runner: "_Steps", rows: list[_Row], n: int) -> torch.Tensor:
+    """h at each request's lookup token in its bare prompt (its first row), ``[n, hidden]`` float32."""
+    first = [next(i for i, row in enumerate(rows) if row.owner == r) for r in range(n)]
+    h0 = runner.h
+    at = (torch.tensor(first, device=h0.device), torch.tensor([rows[i].lookup for i in first], device=h0.device))
+    return h0[at].float().clone()
+
+
+class _Progress:
+    """Per request: whether it is still optimised, its NLL at step 0 and at its last step, its optimiser steps."""
+
+    def __init__(self, nll_before: list[float]):
+        self.active = [True] * len(nll_before)
+        self.nll_before, self.nll_after = list(nll_before), list(nll_before)
+        self.steps = [0] * len(nll_before)
+
+    def update(self, losses: list[float], nlls: list[float], last_step: bool) -> list[bool]:
+        """Record a step's values and return which requests take an optimiser step now: a request
+        stops at loss < 5e-2 or at the last step (and keeps its delta from then on)."""
+        for r, active in enumerate(self.active):
+            if active:
+                self.nll_after[r] = nlls[r]
+                self.active[r] = not (losses[r] < 5e-2 or last_step)
+                self.steps[r] += self.active[r]
+        return list(self.active)
+
+
+def _clamped_step(opt, delta: torch.Tensor, moving: list[bool], max_norm: torch.Tensor) -> None:
+    """One Adam step for the requests that move; the others keep their delta. ||delta|| <= max_norm."""
+    frozen = delta.detach().clone()
+    opt.step()
+    with torch.no_grad():
+        mask = torch.tensor(moving, device=delta.device)
+        delta[~mask] = frozen[~mask]
+        norms = delta.norm(dim=1)
+        scale = torch.where(mask & (norms > max_norm), max_norm / norms, torch.ones_like(norms))
+        delta.mul_(scale.unsqueeze(1))
+
+
+def _compute_group(model, tok, requests: list[EditRequest], hp: EditHparams, templates) -> list[TargetResult]:
+    """The target values of ``requests``, optimised together (see :func:`compute_targets`)."""
+    layer = hp.layers[-1]
+    layer_name = hp.layer_module_tmp.format(layer)
+    loss_name = hp.layer_module_tmp.format(max(hp.v_loss_layer, layer))
+    n = len(requests)
+    rewriting, kl_rows = _target_rows(tok, requests, hp, templates)
+    rows = rewriting + kl_rows
+    with _frozen_parameters(model):
+        runner = _Steps(model, tok, rows, layer_name, loss_name)
+        init = _initial_outputs(runner, rows, n)
+        objective = _Objective(model, hp, runner, rewriting, kl_rows, init)
+        delta = torch.zeros(n, model.config.hidden_size, device=init.device, dtype=torch.float32, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        max_norm = hp.clamp_norm_factor * init.norm(dim=1)
+        with stand_in_lower_layers(model, hp.layer_module_tmp, layer, runner.template,
+                                   runner.window_h) as stand_in:
+            runner.stand_in = stand_in
+            nll, kl_logp = objective.terms(*_first_forward(model, runner, delta))
+            kl_reference = kl_logp.detach().clone()  # the unedited distribution: step 0 runs every KL row, in order
+            progress = _Progress(nll.detach().cpu().tolist())
+            for step in range(hp.v_num_grad_steps):
+                if step:
+                    nll, kl_logp = objective.terms(*runner.forward(delta))
+                opt.zero_grad()
+                loss = objective.loss(nll, kl_logp, kl_reference, delta)
+                moving = progress.update(loss.detach().cpu().tolist(), nll.detach().cpu().tolist(),
+                                         step == hp.v_num_grad_steps - 1)
+                if not any(moving):
+                    break
+                loss[torch.tensor(moving, device=loss.device)].sum().backward()
+                _clamped_step(opt, delta, moving, max_norm)
+                if not all(moving[r] for r in runner.requests):
+                    runner.select([r for r in range(n) if moving[r]])
     z = (init + delta.detach()).float()
-    return [TargetResult(z=z[r], init=init[r], nll_before=nll_first[r], nll_after=nll_last[r],
-                         steps=steps[r]) for r in range(n)]
+    return [TargetResult(z=z[r], init=init[r], nll_before=progress.nll_before[r], nll_after=progress.nll_after[r],
+                         steps=progress.steps[r]) for r in range(n)]

@@ -3,16 +3,16 @@
 Keys are the inputs of the rewritten module (e.g. ``down_proj``) at every
 token of ``n_samples`` text samples, truncated to ``max_length`` tokens. The
 mean (sum of k k^T over tokens / token count) is what the public code uses; a
-raw sum would scale the spectrum by the token count (EDITING-NOTES.md).
+raw sum would scale the spectrum by the token count (docs/editing.md).
 
 Samples are the non-empty lines of a .txt file, or the ``text`` field of a
 .jsonl file, kept *raw* as the public MEMIT/AlphaEdit code reads WikiText
 rows: leading spaces, headings (`` = Title = ``) and the line's newline stay;
 only lines that hold nothing but whitespace are skipped (and a UTF-8 byte
 order mark is not text). WikiText lines start with a space that becomes part
-of the first token; stripping it (as this module did before) changed C0 by
-about 4 % on SmolLM2-135M. ``STATS_DEFINITION`` is part of the cache key, so
-statistics cached under an earlier definition are recomputed, never reused.
+of the first token, so stripping lines would change C0 (docs/editing.md).
+``STATS_DEFINITION`` is part of the cache key, so statistics cached under an
+earlier definition are recomputed, never reused.
 
 The forward stops at the last module whose input is needed (no later layers,
 no LM head), texts are sorted by length and batched under a token budget (so

@@ -20,6 +20,7 @@ both cases.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from .._validation import all_finite
+from .._validation import all_finite, check_alpha, check_eta
 from ..projector import SphereProjector
 from . import paths
 from .alphaedit import alphaedit_update, nullspace_projector
@@ -46,6 +47,16 @@ DEFAULT_ALPHA = {"alphaedit": 0.5, "memit": 0.8}  # paper, Appendix D.4.1
 # Context templates per (weights, tokenizer, seed): shared by every Editor (and
 # so by both methods) on the same unedited model.
 _TEMPLATE_CACHE: dict[tuple, list[list[str]]] = {}
+# The parts of a batch that edit_batch times (info["seconds"]; reports and bench/ read these keys).
+TIMED_PARTS = ("stats", "targets", "keys", "solve", "sphere", "apply", "cache")
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], part: str):
+    """Add the block's wall time to ``seconds[part]``."""
+    start = time.perf_counter()
+    yield
+    seconds[part] += time.perf_counter() - start
 
 
 class Editor:
@@ -81,12 +92,8 @@ class Editor:
         self.sphere = bool(sphere)
         eta = eta if eta is not None else hparams.cumulative_ratio
         alpha = alpha if alpha is not None else hparams.suppression_strength
-        self.eta = float(DEFAULT_ETA if eta is None else eta)
-        self.alpha = float(DEFAULT_ALPHA[method] if alpha is None else alpha)
-        if not 0 < self.eta <= 1:
-            raise ValueError(f"eta must be in (0, 1], got {self.eta}")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        self.eta = check_eta(DEFAULT_ETA if eta is None else eta)
+        self.alpha = check_alpha(DEFAULT_ALPHA[method] if alpha is None else alpha)
         if stats_corpus is None:
             # mom2_dataset may name a local corpus file; names like "wikipedia" fall back to WikiText-2.
             named = Path(str(hparams.mom2_dataset)).expanduser()
@@ -178,11 +185,9 @@ class Editor:
         for i, req in enumerate(requests):
             validate_request(self.tokenizer, req, self.hparams.fact_token, f"requests[{i}]")
         t_start = time.perf_counter()
-        seconds = {"total": 0.0, "stats": 0.0, "targets": 0.0, "keys": 0.0, "solve": 0.0, "sphere": 0.0,
-                   "apply": 0.0, "cache": 0.0}
-        t = time.perf_counter()
-        self._prepare()
-        seconds["stats"] = time.perf_counter() - t
+        seconds = {"total": 0.0, **dict.fromkeys(TIMED_PARTS, 0.0)}
+        with _timed(seconds, "stats"):
+            self._prepare()
 
         snapshot = {name: self._weight(name).clone() for name in self.edited_module_names}
         projectors = {name: copy.copy(p) for name, p in self._projectors.items()}
@@ -204,10 +209,9 @@ class Editor:
         templates = self.templates
         z_layer = hp.layers[-1]
 
-        t = time.perf_counter()
-        results = compute_targets(model, tok, requests, hp, templates)
-        zs = torch.stack([r.z for r in results])  # [n, hidden]
-        seconds["targets"] = time.perf_counter() - t
+        with _timed(seconds, "targets"):
+            results = compute_targets(model, tok, requests, hp, templates)
+            zs = torch.stack([r.z for r in results])  # [n, hidden]
         with torch.no_grad():
             before = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
 
@@ -216,39 +220,35 @@ class Editor:
             for i, (layer, name) in enumerate(zip(hp.layers, self.edited_module_names)):
                 W = self._weight(name)
                 dev = W.device
-                t = time.perf_counter()
-                K = compute_keys(model, tok, requests, hp, [name], templates)[name].to(dev).T  # [d_in, n]
-                cur = layer_outputs(model, tok, requests, hp, z_layer).to(dev)
-                R = (zs.to(dev) - cur).T / (len(hp.layers) - i)  # [hidden, n]
-                seconds["keys"] += time.perf_counter() - t
+                with _timed(seconds, "keys"):
+                    K = compute_keys(model, tok, requests, hp, [name], templates)[name].to(dev).T  # [d_in, n]
+                    cur = layer_outputs(model, tok, requests, hp, z_layer).to(dev)
+                    R = (zs.to(dev) - cur).T / (len(hp.layers) - i)  # [hidden, n]
 
-                t = time.perf_counter()
-                if self.method == "memit":
-                    delta = memit_update(K, R, self._C0[name], hp.mom2_update_weight)
-                else:
-                    delta = alphaedit_update(K, R, self._P[name], self._cache_c[name], hp.L2)
-                if tuple(delta.shape) != tuple(W.shape):
-                    raise RuntimeError(f"{name}: update shape {tuple(delta.shape)} does not match the oriented weight "
-                                       f"{tuple(W.shape)} (is hidden_size the module's output size?)")
-                seconds["solve"] += time.perf_counter() - t
+                with _timed(seconds, "solve"):
+                    if self.method == "memit":
+                        delta = memit_update(K, R, self._C0[name], hp.mom2_update_weight)
+                    else:
+                        delta = alphaedit_update(K, R, self._P[name], self._cache_c[name], hp.L2)
+                    if tuple(delta.shape) != tuple(W.shape):
+                        raise RuntimeError(f"{name}: update shape {tuple(delta.shape)} does not match the oriented "
+                                           f"weight {tuple(W.shape)} (is hidden_size the module's output size?)")
 
                 before_w = W.clone()
                 rank = None
                 if self.sphere:
-                    t = time.perf_counter()
-                    proj = self._projectors.get(name)
-                    if proj is None:
-                        proj = SphereProjector.fit(W, self.eta, self.alpha)
-                    else:
-                        proj = proj.refit(W)
-                    self._projectors[name] = proj
-                    rank = proj.rank
-                    proj.apply_(W, delta.to(torch.float32) if delta.dtype == torch.float64 else delta)
-                    seconds["sphere"] += time.perf_counter() - t
+                    with _timed(seconds, "sphere"):
+                        proj = self._projectors.get(name)
+                        if proj is None:
+                            proj = SphereProjector.fit(W, self.eta, self.alpha)
+                        else:
+                            proj = proj.refit(W)
+                        self._projectors[name] = proj
+                        rank = proj.rank
+                        proj.apply_(W, delta.to(torch.float32) if delta.dtype == torch.float64 else delta)
                 else:
-                    t = time.perf_counter()
-                    W.add_(delta.to(W.dtype))
-                    seconds["apply"] += time.perf_counter() - t
+                    with _timed(seconds, "apply"):
+                        W.add_(delta.to(W.dtype))
                 if not all_finite(W):
                     raise FloatingPointError(f"{name}: the update produced NaN/Inf weights")
                 layers_info[name] = {
@@ -262,15 +262,14 @@ class Editor:
 
             if self.method == "alphaedit":
                 # cache_c gathers the keys of the edited model (as the public code does, after all layers).
-                t = time.perf_counter()
-                Ks = compute_keys(model, tok, requests, hp, self.edited_module_names, templates)
-                grams = {}
-                for name in self.edited_module_names:
-                    K = Ks[name].to(self._cache_c[name].device).T
-                    grams[name] = (K @ K.T).to(self._cache_c[name].dtype)
-                for name, g in grams.items():  # no failure point past here
-                    self._cache_c[name].add_(g)
-                seconds["cache"] = time.perf_counter() - t
+                with _timed(seconds, "cache"):
+                    Ks = compute_keys(model, tok, requests, hp, self.edited_module_names, templates)
+                    grams = {}
+                    for name in self.edited_module_names:
+                        K = Ks[name].to(self._cache_c[name].device).T
+                        grams[name] = (K @ K.T).to(self._cache_c[name].dtype)
+                    for name, g in grams.items():  # no failure point past here
+                        self._cache_c[name].add_(g)
             after = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
 
         return {

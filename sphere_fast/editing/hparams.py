@@ -8,6 +8,10 @@ error naming it, so a typo never silently falls back to a default.
 
 SPHERE adds two keys with the names of the official code:
 ``cumulative_ratio`` (eta) and ``suppression_strength`` (alpha).
+
+Shipped settings live in ``sphere_fast/configs/<METHOD>/<model>.yaml`` and load
+by name (``"SPHERE/llama3-8b"``); :func:`shipped_for_model` names the file for
+a named model (``smollm2``). docs/editing.md says where they come from.
 """
 from __future__ import annotations
 
@@ -28,7 +32,9 @@ BOOKKEEPING_KEYS = frozenset({
 })
 FACT_TOKENS = ("subject_last", "last")
 MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
-HPARAMS_DIR = Path(__file__).resolve().parents[1] / "hparams"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Named models (sphere_fast.harness.model_sources) with shipped settings: name -> file stem.
+SHIPPED_MODELS = {"smollm2": "smollm2-135m"}
 
 
 @dataclass
@@ -177,11 +183,30 @@ def load_hparams(source: str | Path | dict, **overrides) -> EditHparams:
 def shipped_hparams(name: str) -> Path:
     """Path of a shipped settings file, e.g. ``"AlphaEdit/llama3-8b"`` or ``"SPHERE/qwen2.5-7b"``."""
     stem = str(name).removesuffix(".yaml")
-    available = sorted(str(p.relative_to(HPARAMS_DIR).with_suffix("")) for p in HPARAMS_DIR.glob("*/*.yaml"))
+    available = sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.glob("*/*.yaml"))
     for candidate in available:
         if candidate.lower() == stem.lower():
-            return HPARAMS_DIR / f"{candidate}.yaml"
+            return CONFIGS_DIR / f"{candidate}.yaml"
     raise ValueError(f"no shipped hparams named {name!r}; available: {available}")
+
+
+def shipped_for_model(model_name: str | None, method: str, *, sphere: bool) -> str | None:
+    """The shipped settings for a named model and method (e.g. ``"SPHERE/smollm2-135m"``), or None.
+
+    AlphaEdit + SPHERE takes the SPHERE file (AlphaEdit's settings with eta and
+    alpha), AlphaEdit alone the AlphaEdit file, MEMIT (with or without SPHERE)
+    the MEMIT file. None when ``model_name`` has no shipped settings.
+    """
+    method = method.lower()
+    if method not in ("memit", "alphaedit"):
+        raise ValueError(f"method must be 'memit' or 'alphaedit', got {method!r}")
+    stem = SHIPPED_MODELS.get(model_name) if model_name is not None else None
+    if stem is None:
+        return None
+    folder = "MEMIT" if method == "memit" else ("SPHERE" if sphere else "AlphaEdit")
+    name = f"{folder}/{stem}"
+    shipped_hparams(name)  # raises if the file is missing from the package
+    return name
 
 
 def _family(model) -> str:
@@ -215,7 +240,7 @@ def default_hparams(model, method: str) -> EditHparams:
     Large models (hidden >= 1024) get the public settings (five layers from
     4/32 of the depth for Llama-like models, 13/48 for GPT-2, 3/28 for GPT-J, mom2_update_weight 15000, L2 10 for Llama-like and
     GPT models, 1 for Qwen2, v_lr 0.1 Llama / 0.5 others). Small models get the
-    settings that work on tiny random models (EDITING-NOTES.md): v_lr 0.5,
+    settings that work on tiny random models (docs/editing.md): v_lr 0.5,
     mom2_update_weight 100, L2 0.01, few covariance samples.
     """
     method = method.lower()

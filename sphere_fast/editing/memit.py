@@ -13,11 +13,6 @@ from __future__ import annotations
 import torch
 
 
-def solve_dtype(device: torch.device, d: int) -> torch.dtype:
-    """AlphaEdit's solve dtype: float64 where it is cheap (CPU, or d <= 8192), else float32 as in the public code."""
-    return torch.float64 if device.type == "cpu" or d <= 8192 else torch.float32
-
-
 def memit_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, mom2_update_weight: float) -> torch.Tensor:
     """``R K^T (w C0 + K K^T)^-1`` as [d_out, d_in], float64."""
     d = K.shape[0]

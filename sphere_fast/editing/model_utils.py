@@ -196,10 +196,6 @@ def stand_in_lower_layers(model: nn.Module, layer_tmp: str, last: int, template,
             container[i] = layer
 
 
-def num_layers(model: nn.Module) -> int:
-    return int(model.config.num_hidden_layers)
-
-
 def weights_fingerprint(model: nn.Module, *, samples_per_tensor: int = 4096) -> str:
     """A hash that identifies the weights: names, shapes, dtypes and a strided sample of every tensor.
 

@@ -1,5 +1,8 @@
 """Where data and caches live. Both are settings with defaults, never inside the repo.
 
+Shared by the editing algorithm (the default key-statistics corpus, the C0
+cache) and the harness (datasets, models, trained models).
+
 SPHERE_FAST_DATA_DIR   datasets and corpora (default: the ``shared/data`` folder
                        beside the repository checkout, ``<repo>/../shared/data``)
 SPHERE_FAST_CACHE_DIR  covariance statistics, trained models (default:
@@ -34,10 +37,6 @@ def wikitext_path(split: str = "test") -> Path:
 
 def counterfact_path() -> Path:
     return data_dir() / "counterfact" / "easyedit_counterfact-edit.json"
-
-
-def zsre_path() -> Path:
-    return data_dir() / "zsre" / "zsre_mend_train-1k.json"
 
 
 def file_sha256(path: Path) -> str:

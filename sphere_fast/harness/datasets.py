@@ -46,7 +46,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .requests import EditRequest
+from ..editing.requests import EditRequest
 
 SCHEMAS = ("auto", "counterfact", "easyedit", "zsre")
 

@@ -1,9 +1,8 @@
 """A small Llama-architecture language model trained on WikiText-2, cached by what defines it.
 
 Editing needs a model that has learned to carry information along the
-sequence (see EDITING-NOTES.md); randomly initialised tiny models do not.
-:func:`ensure_model` trains one on the CPU in a few minutes (or a larger one on a
-GPU) and stores it as a standard Hugging Face directory, which
+sequence (see docs/editing.md); randomly initialised tiny models do not.
+:func:`ensure_model` trains one on the CPU (or a larger one on a GPU) and stores it as a standard Hugging Face directory, which
 ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``
 load like any other model.
 
@@ -56,8 +55,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from . import paths
-from .paths import file_sha256
+from ..editing import paths
+from ..editing.paths import file_sha256
 
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
@@ -112,9 +111,9 @@ class TrainConfig:
 
 PRESETS = {
     # ~7.1M parameters, 6 layers (4 layers route too little from the subject to the
-    # prompt's end for edits to take); about 7 minutes on two idle CPU cores.
+    # prompt's end for edits to take).
     "cpu": TrainConfig(num_layers=6, steps=600, fact_records=1000),
-    # ~40M parameters; a few minutes on one modern GPU.
+    # ~40M parameters.
     "gpu": TrainConfig(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048,
                        seq_len=256, batch_size=32, steps=3000, lr=1e-3, warmup_steps=200, fact_records=5000),
     # Seconds: for tests.
@@ -148,8 +147,6 @@ def data_files(cfg: "TrainConfig | None" = None) -> list[Path]:
             + (", or set fact_records=0 to train on WikiText-2 alone)" if cfg is not None and cfg.fact_records else ")")
         )
     return files
-
-
 
 
 _DETOK = [

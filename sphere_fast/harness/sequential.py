@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .requests import EditRequest
+from ..editing.requests import EditRequest
 
 CHECKPOINT_PREFIX = "batch-"
 

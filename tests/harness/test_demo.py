@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from sphere_fast.editing import demo
-from sphere_fast.editing.hparams import load_hparams
+from sphere_fast.editing.hparams import load_hparams, shipped_for_model
 from sphere_fast.editing.requests import EditRequest
+from sphere_fast.harness import demo
 
 
 def _request(subject: str, rephrase=True, neighbour=True) -> EditRequest:
@@ -18,13 +18,15 @@ def _request(subject: str, rephrase=True, neighbour=True) -> EditRequest:
 
 
 def test_smollm2_gets_its_shipped_settings_by_name_or_cache_directory(monkeypatch, tmp_path):
-    from sphere_fast.editing import model_sources
+    from sphere_fast.harness import model_sources
 
     monkeypatch.setattr(model_sources, "models_dir", lambda: tmp_path / "models")
-    assert demo._shipped_hparams("smollm2", tmp_path / "elsewhere") == "AlphaEdit/smollm2-135m"
-    assert demo._shipped_hparams(tmp_path / "models" / "smollm2", tmp_path / "models" / "smollm2") == (
-        "AlphaEdit/smollm2-135m")
-    assert demo._shipped_hparams("some/dir", tmp_path / "some" / "dir") is None
+    # The demo's choice: the AlphaEdit file for both runs, for smollm2 by name or by its converted directory.
+    shipped = lambda model, model_dir: shipped_for_model(  # noqa: E731
+        model_sources.named_model(model, model_dir), "alphaedit", sphere=False)
+    assert shipped("smollm2", tmp_path / "elsewhere") == "AlphaEdit/smollm2-135m"
+    assert shipped(tmp_path / "models" / "smollm2", tmp_path / "models" / "smollm2") == "AlphaEdit/smollm2-135m"
+    assert shipped("some/dir", tmp_path / "some" / "dir") is None
     # The shipped files exist, load, and agree except for what SPHERE adds.
     alpha, sphere, memit = (load_hparams(f"{m}/smollm2-135m") for m in ("AlphaEdit", "SPHERE", "MEMIT"))
     assert (sphere.cumulative_ratio, sphere.suppression_strength) == (0.5, 0.5)

@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
 import torch.nn.functional as F
 
 from sphere_fast.editing import compute
+from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
 from sphere_fast.editing.compute import (
     KL_PROMPTS,
     compute_keys,
-    compute_target,
     compute_targets,
     context_templates,
     layer_outputs,
@@ -23,7 +21,7 @@ from sphere_fast.editing.hparams import default_hparams
 from sphere_fast.editing.memit import memit_update
 from sphere_fast.editing.model_utils import get_module
 
-from .editing_fixtures import counterfact_requests, one_thread, subject_end_requests, tiny_model, tiny_tokenizer
+from .fixtures import counterfact_requests, one_thread, subject_end_requests, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -111,7 +109,7 @@ def test_batched_targets_equal_one_at_a_time(model_tok):
     templates = context_templates(model, tok, seed=0)
     batched = compute_targets(model, tok, reqs, hp, templates)
     for req, got in zip(reqs, batched):
-        alone = compute_target(model, tok, req, hp, templates)
+        alone = compute_targets(model, tok, [req], hp, templates)[0]
         torch.testing.assert_close(got.z, alone.z, rtol=1e-4, atol=1e-5)
         assert got.steps == alone.steps
         delta = got.z - got.init

@@ -7,12 +7,11 @@
 2. Take the first ``edits`` requests of CounterFact's edit split from the data
    folder (EasyEdit's flat file; synthetic requests about invented subjects when
    the folder is absent or ``synthetic=True``). Defaults are sized by device
-   (:data:`CPU_SIZES`: about ten minutes on two CPU cores the first time,
-   conversion and key statistics included; :data:`GPU_SIZES`).
+   (:data:`CPU_SIZES`, :data:`GPU_SIZES`; measured times are in bench/results).
 3. Edit them sequentially in batches of ``batch_size`` with AlphaEdit, once
    without SPHERE and once with it (eta 0.5, alpha 0.5), each from a fresh copy
-   of the unedited model, with the model's shipped settings
-   (:data:`SHIPPED_HPARAMS`), else the hyperparameters
+   of the unedited model, with the model's shipped AlphaEdit settings
+   (:func:`~sphere_fast.editing.hparams.shipped_for_model`), else the hyperparameters
    :func:`~sphere_fast.editing.hparams.default_hparams` derives for the model
    with :data:`DEMO_OVERRIDES` (or a ``hparams`` file).
 4. Print a table (the unedited model, then both runs): efficacy,
@@ -24,7 +23,7 @@
    model and by each edited one.
 5. Write ``demo.png`` (metrics against edits), ``demo_examples.png`` (the
    table and the continuations), ``demo.json`` and each run's own files (see
-   :mod:`.cli`) under ``out``; with ``save_model_dir``, the AlphaEdit + SPHERE
+   :mod:`.running`) under ``out``; with ``save_model_dir``, the AlphaEdit + SPHERE
    edited model as a Hugging Face directory.
 
 The numbers are whatever this model and data give.
@@ -37,12 +36,10 @@ from pathlib import Path
 
 RUNS = (("AlphaEdit", False), ("AlphaEdit + SPHERE", True))
 DEFAULT_MODEL = "smollm2"
-TRAINED_MODEL = "train-lm"  # the small WikiText-2 model of sphere_fast.editing.train_lm
-# Shipped settings per named model (chosen by bench/sweep_smollm2.py); other models get
-# default_hparams sized to the model, with DEMO_OVERRIDES.
-SHIPPED_HPARAMS = {"smollm2": "AlphaEdit/smollm2-135m"}
-# Tiny random models want L2 = 0.01 (EDITING-NOTES.md); trained models have key second
-# moments like real LLMs, where the paper's L2 = 10 keeps updates moderate.
+TRAINED_MODEL = "train-lm"  # the small WikiText-2 model of sphere_fast.harness.train_lm
+# Models without shipped settings get default_hparams with these changes. default_hparams gives small
+# models the L2 of tiny random models; a trained model's keys are like a real LLM's, where the paper's
+# L2 = 10 keeps updates moderate (docs/editing.md).
 DEMO_OVERRIDES = {"L2": 10.0}
 EXAMPLES = 3  # edited facts whose continuations are printed
 CONTINUATION_TOKENS = 8
@@ -70,7 +67,7 @@ def run_demo(
     :data:`TRAINED_MODEL`, for which ``train_config`` replaces the device's
     default :class:`~.train_lm.TrainConfig`;
     ``hparams_file`` (YAML/JSON or shipped name) replaces the model's shipped
-    settings (:data:`SHIPPED_HPARAMS`) or the model-sized defaults with
+    AlphaEdit settings or the model-sized defaults with
     :data:`DEMO_OVERRIDES`; ``hparams_overrides`` then replaces single keys.
     ``edits`` and ``batch_size`` default to :data:`CPU_SIZES` or :data:`GPU_SIZES`
     by device; on a CPU the C0 corpus is the hparams' ``mom2_n_samples`` lines,
@@ -78,12 +75,12 @@ def run_demo(
     """
     import torch
 
-    from . import paths
-    from .cli import run_edit
-    from .model_sources import check_save_dir, load_model, resolve_model, save_model
+    from ..editing import paths
+    from ..editing.hparams import default_hparams, load_hparams, shipped_for_model
     from .datasets import load_requests, synthetic_requests
-    from .hparams import default_hparams, load_hparams
+    from .model_sources import check_save_dir, load_model, named_model, resolve_model, save_model
     from .report import format_table, plot_comparison, read_csv, write_json
+    from .running import run_edit
 
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -124,7 +121,8 @@ def run_demo(
 
     n_batches = -(-len(requests) // batch_size)
     eval_every = max(1, n_batches // 4)
-    shipped = _shipped_hparams(model, model_dir)
+    # Both runs use the AlphaEdit settings, so that SPHERE is the only difference between them.
+    shipped = shipped_for_model(named_model(model, model_dir), "alphaedit", sphere=False)
     examples = requests[:EXAMPLES]
     prompts = [p for req in examples for p in _example_prompts(req)]
     continuations = {"unedited": _continue(base.to(device), tokenizer, prompts)}
@@ -211,16 +209,6 @@ CPU_SIZES = {"edits": 20, "batch_size": 20}
 GPU_SIZES = {"edits": 200, "batch_size": 20, "stats_lines": 100000}
 
 
-def _shipped_hparams(model, model_dir: Path) -> str | None:
-    """The shipped settings of a named model, given by name or as its converted cache directory."""
-    from .model_sources import models_dir
-
-    for name, shipped in SHIPPED_HPARAMS.items():
-        if str(model) == name or Path(model_dir).resolve() == (models_dir() / name).resolve():
-            return shipped
-    return None
-
-
 def _example_prompts(request) -> list[str]:
     """The rewrite prompt, the first paraphrase and the first neighbourhood prompt (those that exist)."""
     prompts = [request.text]
@@ -289,7 +277,8 @@ def plot_examples(table_rows: list[dict], example_rows: list[dict], path: Path, 
 
 def _trained_model(train_config, device, progress: bool, log) -> tuple[Path, dict]:
     """The small WikiText-2 model of :mod:`.train_lm`, trained now or reused from the cache."""
-    from . import paths, train_lm
+    from ..editing import paths
+    from . import train_lm
 
     cfg = train_config or train_lm.default_config(device)
     log(f"demo: train-lm model {cfg.hidden_size} hidden x {cfg.num_layers} layers, vocab {cfg.vocab_size} "

@@ -5,9 +5,16 @@ import json
 
 import pytest
 
-from sphere_fast.editing.hparams import EditHparams, default_hparams, load_hparams, shipped_hparams
+from sphere_fast.editing.hparams import (
+    CONFIGS_DIR,
+    EditHparams,
+    default_hparams,
+    load_hparams,
+    shipped_for_model,
+    shipped_hparams,
+)
 
-from .editing_fixtures import tiny_model, tiny_tokenizer
+from .fixtures import tiny_model, tiny_tokenizer
 
 # EasyEdit's hparams/AlphaEdit/llama3-8b.yaml, as published (comments, bookkeeping keys, 1e-1 / 2e-2).
 EASYEDIT_ALPHAEDIT_LLAMA3 = """\
@@ -114,6 +121,24 @@ def test_shipped_name_errors():
         shipped_hparams("AlphaEdit/llama9")
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_hparams("nope.yaml")
+
+
+@pytest.mark.parametrize("method,sphere,expected", [
+    ("alphaedit", True, "SPHERE/smollm2-135m"), ("alphaedit", False, "AlphaEdit/smollm2-135m"),
+    ("memit", True, "MEMIT/smollm2-135m"), ("MEMIT", False, "MEMIT/smollm2-135m"),
+])
+def test_shipped_for_model(method, sphere, expected):
+    assert shipped_for_model("smollm2", method, sphere=sphere) == expected
+    assert shipped_hparams(expected) == CONFIGS_DIR / f"{expected}.yaml"
+    assert shipped_for_model("llama3-8b", method, sphere=sphere) is None  # a file stem, not a named model
+    assert shipped_for_model(None, method, sphere=sphere) is None
+    with pytest.raises(ValueError, match="method must be 'memit' or 'alphaedit', got 'rome'"):
+        shipped_for_model("smollm2", "rome", sphere=sphere)
+
+
+def test_shipped_files_are_in_the_configs_folder():
+    assert CONFIGS_DIR.name == "configs" and CONFIGS_DIR.parent.name == "sphere_fast"
+    assert shipped_hparams("sphere/SMOLLM2-135M.yaml") == CONFIGS_DIR / "SPHERE" / "smollm2-135m.yaml"
 
 
 def _base() -> dict:

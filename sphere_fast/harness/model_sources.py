@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import paths
+from ..editing import paths
 
 MARKER = "sphere_fast_model.json"
 MARKER_FORMAT = 1
@@ -406,6 +406,14 @@ def resolve_model(spec: str | Path, *, log: Callable[[str], None] | None = None)
         return _named_entry(text.lower(), log)
     kind = "file" if path.suffix.lower() == ".gguf" else "directory"
     raise ModelSourceError(spec, f"{kind} not found, and not a named model (named: {', '.join(NAMED_MODELS)})")
+
+
+def named_model(spec: str | Path, path: str | Path | None = None) -> str | None:
+    """The named model that ``spec`` is (given by name, or as its converted directory ``path``), or None."""
+    for name in NAMED_MODELS:
+        if str(spec) == name or (path is not None and Path(path).resolve() == (models_dir() / name).resolve()):
+            return name
+    return None
 
 
 def load_model(spec: str | Path, *, device=None, dtype: str = "float32", log: Callable[[str], None] | None = None):

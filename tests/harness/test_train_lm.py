@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 
-from tests.editing_fixtures import one_thread
+from tests.editing.fixtures import one_thread
 
-from sphere_fast.editing import paths, train_lm
-from sphere_fast.editing.train_lm import PRESETS, TrainConfig, detokenize, ensure_model, train
+from sphere_fast.editing import paths
+from sphere_fast.harness import train_lm
+from sphere_fast.harness.train_lm import PRESETS, TrainConfig, detokenize, ensure_model, train
 
 TINY = PRESETS["tiny"].replace(steps=12)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     yield from one_thread()
-
 
 
 @pytest.fixture(autouse=True)

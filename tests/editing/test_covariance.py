@@ -9,7 +9,7 @@ import torch
 from sphere_fast.editing import covariance as cov
 from sphere_fast.editing.model_utils import get_module, weights_fingerprint
 
-from .editing_fixtures import one_thread, tiny_model, tiny_tokenizer
+from .fixtures import one_thread, tiny_model, tiny_tokenizer
 
 NAME = "model.layers.1.mlp.down_proj"
 TEXTS = [

@@ -31,9 +31,9 @@ from typing import Sequence
 
 import torch
 
+from ..editing.model_utils import model_device, pad_token_id, right_pad
+from ..editing.requests import EditRequest
 from ..ops import hyperspherical_energy
-from .model_utils import model_device, pad_token_id, right_pad
-from .requests import EditRequest
 
 ACCURACY_METRICS = ("efficacy", "generalization", "specificity")
 
@@ -63,10 +63,6 @@ def encode_pair(tokenizer, prompt: str, target: str, prefix: Sequence[int] | Non
     if not target_ids:
         raise ValueError(f"target {target!r} has no tokens")
     return prompt_ids, target_ids
-
-
-
-
 
 
 @torch.no_grad()
@@ -119,12 +115,6 @@ def teacher_forced_predictions(
     finally:
         model.train(was_training)
     return out
-
-
-def token_accuracy(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 16) -> list[float]:
-    """Teacher-forced top-1 accuracy per (prompt, target): the fraction of target tokens predicted."""
-    preds = teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size=batch_size)
-    return [sum(int(a == b) for a, b in zip(pred, tgt)) / len(tgt) for pred, tgt in preds]
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -126,7 +126,7 @@ def subject_end_requests(tok, n: int, *, offset: int = 0) -> list[EditRequest]:
     """CounterFact requests cut to end at the subject, with single-token targets.
 
     A random tiny model cannot carry information past the subject (see
-    EDITING-NOTES.md), so these are the requests on which efficacy is measurable.
+    docs/editing.md), so these are the requests on which efficacy is measurable.
     Subjects are distinct; records are taken in file order from ``offset``.
     """
     out, seen = [], set()

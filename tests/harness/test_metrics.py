@@ -7,9 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.editing_fixtures import one_thread
-
-from sphere_fast.editing.metrics import (
+from sphere_fast.editing.requests import EditRequest
+from sphere_fast.harness.metrics import (
     evaluate,
     generate,
     layer_energies,
@@ -17,9 +16,8 @@ from sphere_fast.editing.metrics import (
     ngram_entropy,
     special_prefix,
     teacher_forced_predictions,
-    token_accuracy,
 )
-from sphere_fast.editing.requests import EditRequest
+from tests.editing.fixtures import one_thread
 
 WORDS = ["<pad>", "<bos>", "the", "capital", "of", "France", "is", "Rome", "city", "big", "has", "nice",
          "Italy", "Paris", "hello"]
@@ -27,7 +25,6 @@ WORDS = ["<pad>", "<bos>", "the", "capital", "of", "France", "is", "Rome", "city
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     yield from one_thread()
-
 
 
 class WordTokenizer:
@@ -81,8 +78,6 @@ REQUESTS = [
 def test_accuracy_by_hand(bos, batch_size):
     tok = WordTokenizer(bos)
     model = LookupLM(TABLE)
-    # "the capital of France is" + " Rome city": 'is' -> Rome (hit), 'Rome' -> big (miss): 1/2
-    assert token_accuracy(model, tok, ["the capital of France is"], ["Rome city"]) == [0.5]
     res = evaluate(model, tok, REQUESTS, batch_size=batch_size, per_request=True)
     # request 0: efficacy 1/2; rephrases 1/2 ('is'->Rome) and 0 ('capital'->nice): 1/4; neighbour 'is'->Rome != Paris: 0
     # request 1: "Italy is" + " Rome": 1
@@ -104,7 +99,7 @@ def test_accuracy_by_hand(bos, batch_size):
 def test_special_prefix_read_from_the_tokenizer():
     assert special_prefix(WordTokenizer(bos=True)) == [1]
     assert special_prefix(WordTokenizer(bos=False)) == []
-    from tests.editing_fixtures import tiny_tokenizer
+    from tests.editing.fixtures import tiny_tokenizer
 
     with_bos = tiny_tokenizer(bos=True)
     assert special_prefix(with_bos) == [with_bos.convert_tokens_to_ids("<s>")]
@@ -126,7 +121,7 @@ def test_locality_against_reference():
 
 @pytest.fixture(scope="module")
 def tiny_llama_and_tokenizers():
-    from tests.editing_fixtures import tiny_model, tiny_tokenizer
+    from tests.editing.fixtures import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer(bos=False)
     tok_bos = tiny_tokenizer(bos=True)
@@ -136,7 +131,7 @@ def tiny_llama_and_tokenizers():
 @pytest.mark.parametrize("bos", [False, True])
 def test_batched_matches_per_example_loop(tiny_llama_and_tokenizers, bos):
     """Batched, right-padded predictions equal part A's unpadded per-example loop."""
-    from tests.editing_fixtures import counterfact_requests, teacher_forced_top1
+    from tests.editing.fixtures import counterfact_requests, teacher_forced_top1
 
     model, tok, tok_bos = tiny_llama_and_tokenizers
     tok = tok_bos if bos else tok
@@ -196,4 +191,4 @@ def test_errors():
     with pytest.raises(ValueError, match="got 1 prompts but 2 targets"):
         teacher_forced_predictions(model, tok, ["is"], ["Rome", "city"])
     with pytest.raises(ValueError, match="no tokens and the tokenizer adds no BOS"):
-        token_accuracy(model, tok, [""], ["Rome"])
+        teacher_forced_predictions(model, tok, [""], ["Rome"])

@@ -1,7 +1,7 @@
 """The Editor on tiny in-process models: efficacy, exactness, ordering, transactions, errors.
 
 Requests end at the subject and have single-token targets: a random tiny
-model cannot move information past the subject (EDITING-NOTES.md), so these
+model cannot move information past the subject (docs/editing.md), so these
 are the prompts on which efficacy can be measured at all.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from sphere_fast.editing.model_utils import get_module, oriented_weight
 from sphere_fast.editing.requests import EditRequest
 from sphere_fast.projector import SphereProjector
 
-from .editing_fixtures import (
+from .fixtures import (
     counterfact_requests,
     one_thread,
     subject_end_requests,

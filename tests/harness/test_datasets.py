@@ -6,7 +6,7 @@ import json
 import pytest
 
 from sphere_fast.editing import paths
-from sphere_fast.editing.datasets import (
+from sphere_fast.harness.datasets import (
     DatasetError,
     detect_schema,
     load_requests,

@@ -1,0 +1,7 @@
+"""The harness around the editing algorithm: what runs, measures and records edits.
+
+Sequential runs with checkpoints (:mod:`.sequential`, :mod:`.running`),
+metrics, datasets, models to edit (:mod:`.model_sources`, :mod:`.train_lm`),
+run records (:mod:`.report`) and the demo. It uses :mod:`sphere_fast.editing`;
+the command line (:mod:`sphere_fast.cli`) is a thin layer over it.
+"""
