@@ -12,7 +12,7 @@ MEMIT and MEMIT + SPHERE, plus the unedited model::
 
     python bench/sweep_smollm2.py report --n 100 --runs alphaedit+sphere,alphaedit,memit,memit+sphere
 
-Results go to ``bench/results/cpu-smollm2-{sweep,edit}-<date>.{json,md}`` (device,
+Results go to ``bench/results/cpu-smollm2-{sweep,edit<n>}-<date>.{json,md}`` (device,
 date, commit, per-configuration metrics and the per-batch time split), rewritten
 after every configuration so an interrupted run keeps what it finished.
 """
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
                             reference=reference, base_weights=base_weights, stats_corpus=stats_corpus)
         rows.append({"label": label, "method": method, "sphere": sphere, "hparams": hp.to_dict(), **result})
         print(f"  -> {result['after']} in {result['edit_seconds']} s", flush=True)
-        stem = _write("edit" if args.kind == "report" else "sweep", meta, rows)
+        stem = _write(f"edit{len(requests)}" if args.kind == "report" else "sweep", meta, rows)
     print(f"wrote {stem}.json/.md")
     return 0
 
