@@ -205,7 +205,7 @@ def run_demo(
     return result
 
 
-CPU_SIZES = {"edits": 20, "batch_size": 20}
+CPU_SIZES = {"edits": 60, "batch_size": 20}
 GPU_SIZES = {"edits": 200, "batch_size": 20, "stats_lines": 100000}
 
 
