@@ -33,7 +33,10 @@ def test_smollm2_gets_its_shipped_settings_by_name_or_cache_directory(monkeypatc
     assert alpha.cumulative_ratio is None
     strip = lambda hp: {k: v for k, v in hp.to_dict().items()  # noqa: E731
                         if k not in ("alg_name", "cumulative_ratio", "suppression_strength", "P_loc")}
-    assert strip(alpha) == strip(sphere) == strip(memit)
+    assert strip(alpha) == strip(sphere)
+    # MEMIT has no null space and no L2 (its file leaves them at the defaults): everything else agrees.
+    shared = lambda hp: {k: v for k, v in strip(hp).items() if k not in ("L2", "nullspace_threshold")}  # noqa: E731
+    assert shared(alpha) == shared(memit)
     assert alpha.v_loss_layer == 29 and alpha.layers[-1] < 30
 
 
