@@ -31,7 +31,7 @@ ENV_VAR = "SPHERE_FAST_BACKEND"
 IMPLEMENTATIONS = {
     "gram": {  # (W, *, precision) -> NormalizedGram
         "triton": "sphere_fast.kernels.normalized_gram:normalized_gram",
-        "torch": "sphere_fast.gram:normalized_gram_torch",
+        "torch": "sphere_fast.gram:normalized_gram_reference",
     },
     "energy": {  # (W, *, s, eps) -> 0-d float64 tensor
         "triton": "sphere_fast.kernels.hyperspherical_energy:hyperspherical_energy",

@@ -90,8 +90,15 @@ def trace_from_norms(row_norms: torch.Tensor) -> float:
 
 
 @ieee_fp32_matmul()
-def normalized_gram_reference(W: torch.Tensor, *, dtype: torch.dtype | None = None) -> NormalizedGram:
-    """Torch twin of the fused Gram kernel (``dtype`` overrides the working precision)."""
+def normalized_gram_reference(
+    W: torch.Tensor, *, precision: str = "fp32", dtype: torch.dtype | None = None
+) -> NormalizedGram:
+    """Torch twin of the fused Gram kernel, and the torch backend of :func:`sphere_fast.normalized_gram`.
+
+    Its products are always IEEE (fp64 for fp64 W): ``precision`` chooses among the
+    Triton kernel's tensor-core modes and is accepted so that every backend takes
+    the same arguments. ``dtype`` overrides the working precision.
+    """
     dtype = dtype or work_dtype(W.dtype)
     n, d = W.shape
     A = W.to(dtype)
@@ -100,16 +107,6 @@ def normalized_gram_reference(W: torch.Tensor, *, dtype: torch.dtype | None = No
     side = gram_side(n, d)
     G = symmetric_product(A_hat if side == "rows" else A_hat.T).div_(n)
     return NormalizedGram(G, norms, trace_from_norms(norms), side, n, d)
-
-
-def normalized_gram_torch(W: torch.Tensor, *, precision: str = "fp32") -> NormalizedGram:
-    """The torch backend of :func:`sphere_fast.normalized_gram`.
-
-    Its products are always IEEE (fp64 for fp64 W): ``precision`` chooses among
-    the Triton kernel's tensor-core modes and is accepted here so that every
-    backend takes the same arguments.
-    """
-    return normalized_gram_reference(W)
 
 
 def symmetric_product(X: torch.Tensor, block: int = 256) -> torch.Tensor:
