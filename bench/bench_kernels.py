@@ -19,12 +19,10 @@ device's dense peak for the precision used with the fraction reached.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
-from sphere_fast.gram import NORM_EPS, hyperspherical_energy_reference, ieee_fp32_matmul
+from sphere_fast.gram import NORM_EPS, fp32_matmul, hyperspherical_energy_reference
 
 
 def _why_skip() -> str | None:
@@ -122,28 +120,9 @@ def unfused_gram(W: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return G / n, norms
 
 
-@contextlib.contextmanager
 def torch_matmul_precision(precision: str):
     """torch's fp32 matmul precision matching the kernel's: TF32 for "tf32", else IEEE fp32 (restored on exit)."""
-    if precision != "tf32":
-        with ieee_fp32_matmul():
-            yield
-        return
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        saved = matmul.fp32_precision
-        matmul.fp32_precision = "tf32"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = saved
-    else:  # torch < 2.9
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("high")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
+    return fp32_matmul("tf32" if precision == "tf32" else "ieee")
 
 
 @pytest.mark.parametrize("dtype,precision", CASES, ids=[f"{a}-{b}" for a, b in CASES])

@@ -53,7 +53,6 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@contextlib.contextmanager
 def ieee_fp32_matmul():
     """fp32 matrix products inside run in full IEEE fp32, whatever the caller set.
 
@@ -64,10 +63,24 @@ def ieee_fp32_matmul():
     other threads' fp32 products in that window run in IEEE fp32 too. Also a
     decorator.
     """
-    matmul = [b.matmul for b in (torch.backends.cuda, torch.backends.mkldnn) if hasattr(b.matmul, "fp32_precision")]
-    if not matmul:  # torch < 2.9: only the legacy switch
+    return fp32_matmul("ieee")
+
+
+@contextlib.contextmanager
+def fp32_matmul(mode: str):
+    """torch's fp32 matmul precision set to ``mode`` inside, restored on exit.
+
+    "ieee": full fp32 on cuBLAS and oneDNN; "tf32": TF32 tensor cores on cuBLAS
+    (the benchmarks' unfused baseline). torch < 2.9 has only the legacy switch.
+    """
+    legacy = {"ieee": "highest", "tf32": "high"}
+    if mode not in legacy:
+        raise ValueError(f"mode must be one of {sorted(legacy)}, got {mode!r}")
+    backends = (torch.backends.cuda, torch.backends.mkldnn) if mode == "ieee" else (torch.backends.cuda,)
+    matmul = [b.matmul for b in backends if hasattr(b.matmul, "fp32_precision")]
+    if not matmul:
         saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
+        torch.set_float32_matmul_precision(legacy[mode])
         try:
             yield
         finally:
@@ -76,7 +89,7 @@ def ieee_fp32_matmul():
     saved = [b.fp32_precision for b in matmul]
     try:
         for b in matmul:
-            b.fp32_precision = "ieee"
+            b.fp32_precision = mode
         yield
     finally:
         for b, value in zip(matmul, saved):

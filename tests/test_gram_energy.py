@@ -165,3 +165,25 @@ def test_import_does_not_load_triton_or_the_extension():
     code = "import sys, sphere_fast; print('triton' in sys.modules, 'sphere_fast._C' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("mode", ["ieee", "tf32"])
+def test_fp32_matmul_sets_the_mode_inside_and_restores_the_callers(mode):
+    from sphere_fast.gram import fp32_matmul
+
+    cuda = torch.backends.cuda.matmul
+    if not hasattr(cuda, "fp32_precision"):
+        pytest.skip("torch < 2.9 has only the legacy switch")
+    saved = cuda.fp32_precision
+    other = "tf32" if mode == "ieee" else "ieee"
+    try:
+        cuda.fp32_precision = other
+        with fp32_matmul(mode):
+            assert cuda.fp32_precision == mode
+        assert cuda.fp32_precision == other
+        with pytest.raises(ValueError, match="mode must be one of"):
+            with fp32_matmul("fp16"):
+                pass
+        assert cuda.fp32_precision == other
+    finally:
+        cuda.fp32_precision = saved
