@@ -21,6 +21,7 @@ pytestmark = pytest.mark.skipif(
     reason=f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)",
 )
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     yield from one_thread()
