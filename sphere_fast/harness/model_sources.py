@@ -195,6 +195,26 @@ def _write_marker(folder: Path, source: dict, info: dict) -> None:
     (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
+def write_model_folder(model, tokenizer, dest: Path, *, finish: Callable[[Path], None],
+                       keep_existing: Callable[[Path], bool]) -> None:
+    """Write ``model``, ``tokenizer`` and what ``finish(folder)`` adds as a Hugging Face directory at ``dest``.
+
+    Everything is written beside ``dest`` under a temporary name and renamed into
+    place at the end, so a crash leaves either no folder or a complete one; an
+    existing ``dest`` is kept if ``keep_existing(dest)``, else replaced.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        finish(tmp)
+        _publish(tmp, dest, keep_existing=keep_existing)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model, tokenizer, out_dir: str | Path, *, overwrite: bool = False, source: dict | None = None) -> Path:
     """Write ``model`` and ``tokenizer`` as a Hugging Face directory, atomically.
 
@@ -205,16 +225,9 @@ def save_model(model, tokenizer, out_dir: str | Path, *, overwrite: bool = False
     """
     out_dir = Path(out_dir)
     check_save_dir(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        _write_marker(tmp, source or {"kind": "saved"}, {"model_type": getattr(model.config, "model_type", None)})
-        _publish(tmp, out_dir, keep_existing=lambda _: False)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    info = {"model_type": getattr(model.config, "model_type", None)}
+    write_model_folder(model, tokenizer, out_dir, finish=lambda tmp: _write_marker(tmp, source or {"kind": "saved"}, info),
+                       keep_existing=lambda _: False)
     return out_dir
 
 
@@ -264,18 +277,12 @@ def convert_gguf(gguf_file: str | Path, dest: str | Path, *, source: dict, log: 
     del loaded
     if getattr(config, "max_position_embeddings", None):
         tokenizer.model_max_length = int(config.max_position_embeddings)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    def finish(tmp: Path) -> None:
         seconds = {"read_gguf": t_read, "total": time.perf_counter() - t0}
         _write_marker(tmp, source, {"converted_from": gguf_file.name, "model_type": config.model_type,
                                     "seconds": seconds})
-        _publish(tmp, dest, keep_existing=lambda d: entry_is_complete(d, source))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_model_folder(model, tokenizer, dest, finish=finish, keep_existing=lambda d: entry_is_complete(d, source))
     return dest
 
 

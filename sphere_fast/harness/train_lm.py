@@ -44,10 +44,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +54,7 @@ import torch
 
 from ..editing import paths
 from ..editing.paths import file_sha256
+from .model_sources import write_model_folder
 
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
@@ -432,21 +430,10 @@ def train(
 
 
 def _save(model, tokenizer, info: dict, out_dir: Path, *, overwrite: bool = False) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
-        if out_dir.exists():
-            if is_complete(out_dir) and not overwrite:  # another process finished first: same inputs, same model
-                shutil.rmtree(tmp)
-                return
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # An existing complete folder is kept unless overwrite: another process finished first, same inputs, same model.
+    write_model_folder(model, tokenizer, out_dir,
+                       finish=lambda tmp: (tmp / "train_info.json").write_text(json.dumps(info, indent=2)),
+                       keep_existing=lambda d: is_complete(d) and not overwrite)
 
 
 def ensure_model(
