@@ -5,7 +5,9 @@ SPHERE_FAST_BUILD_CUDA selects the extension build:
                   otherwise install the package without it;
   1               build it, and fail if it cannot be built;
   0               never build it.
-CMAKE_ARGS and CMAKE_BUILD_PARALLEL_LEVEL are honoured. torch is never imported.
+CMAKE_ARGS, CMAKE_GENERATOR and CMAKE_BUILD_PARALLEL_LEVEL are honoured (Ninja is
+used when it is on PATH and no generator is named); SPHERE_FAST_BUILD_DIR keeps
+the CMake build folder between installs. torch is never imported.
 """
 from __future__ import annotations
 
@@ -43,7 +45,10 @@ def find_nvcc() -> str | None:
     for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
             return os.path.join(home, "bin", "nvcc")
-    return shutil.which("nvcc")
+    found = shutil.which("nvcc")
+    if found is None and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        found = "/usr/local/cuda/bin/nvcc"
+    return found
 
 
 def find_cmake() -> str:
@@ -104,7 +109,9 @@ class CMakeBuild(build_ext):
 
     def _cmake(self, ext, nvcc, roots):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / ext.name
+        # SPHERE_FAST_BUILD_DIR keeps CMake's folder between installs (setuptools
+        # gives each editable install a fresh temporary build_temp).
+        build_dir = Path(os.environ.get("SPHERE_FAST_BUILD_DIR") or self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         import pybind11
 
@@ -121,6 +128,12 @@ class CMakeBuild(build_ext):
         if "CMAKE_BUILD_PARALLEL_LEVEL" not in os.environ:
             build_args += ["--parallel", str(os.cpu_count() or 2)]
         cmake = find_cmake()
+        if not os.environ.get("CMAKE_GENERATOR") and not (build_dir / "CMakeCache.txt").exists():
+            ninja = shutil.which("ninja")
+            if ninja:
+                args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+            elif shutil.which("make") is None:
+                raise OSError("neither ninja nor make is on PATH: pip install ninja")
         subprocess.run([cmake, ext.source_dir, *args], cwd=build_dir, check=True)
         subprocess.run([cmake, "--build", ".", *build_args], cwd=build_dir, check=True)
 

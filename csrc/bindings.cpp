@@ -182,6 +182,9 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("u_lo"), py::arg("stream"),
           "out = [W +] B - alpha (B U) U^T (see sphere_fast._cuda.project / project_add_).");
   mod.def("runtime_version", &runtime_version, "CUDA runtime version the extension runs with (0 if unavailable).");
+  mod.def("memory_pools_supported", &memory_pools_supported,
+          "Whether the current device has memory pools (else the eigensolver uses cudaMalloc; "
+          "SPHERE_FAST_NO_MEMPOOL=1 forces that fallback).");
   mod.def("mempool_used", &mempool_used, py::arg("device"), py::arg("reset") = false,
           "(current, peak) bytes used from the device's default cudaMallocAsync pool; reset clears the peak.");
 }

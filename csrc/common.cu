@@ -1,5 +1,7 @@
 // Status names, dtype names, the per-thread handle cache and the memory pool set-up.
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <mutex>
 #include <unordered_map>
 #include <unordered_set>
@@ -18,6 +20,27 @@ const char* dtype_name(int code) {
     case kBFloat16: return "bfloat16";
     default: return "unknown";
   }
+}
+
+bool memory_pools_supported() {
+  // SPHERE_FAST_NO_MEMPOOL=1 takes the fallback on any device (tests, diagnosis).
+  static const bool forced_off = [] {
+    const char* v = std::getenv("SPHERE_FAST_NO_MEMPOOL");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (forced_off) return false;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // zero-initialised: 0 unknown, 1 yes, 2 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  int state = known[device].load();
+  if (state == 0) {
+    int value = 0;
+    const bool ok = cudaDeviceGetAttribute(&value, cudaDevAttrMemoryPoolsSupported, device) == cudaSuccess;
+    state = ok && value != 0 ? 1 : 2;
+    known[device].store(state);
+  }
+  return state == 1;
 }
 
 namespace detail {
@@ -149,11 +172,26 @@ Status solver_handle(cudaStream_t stream, cusolverDnHandle_t* out) {
   return Status::Ok();
 }
 
+cudaError_t device_malloc(void** ptr, size_t bytes, cudaStream_t stream) {
+  return sphere_fast::memory_pools_supported() ? cudaMallocAsync(ptr, bytes, stream) : cudaMalloc(ptr, bytes);
+}
+
+void device_free(void* ptr, cudaStream_t stream) {
+  if (ptr == nullptr) return;
+  if (sphere_fast::memory_pools_supported()) {
+    cudaFreeAsync(ptr, stream);
+  } else {
+    cudaStreamSynchronize(stream);  // work queued on the stream may still read it
+    cudaFree(ptr);
+  }
+}
+
 Status retain_pool_memory() {
   static std::mutex mutex;
   static std::unordered_set<int> done;
   int device = 0;
   SF_CUDA(cudaGetDevice(&device));
+  if (!sphere_fast::memory_pools_supported()) return Status::Ok();
   std::lock_guard<std::mutex> lock(mutex);
   if (done.count(device)) return Status::Ok();
   cudaMemPool_t pool;

@@ -47,8 +47,14 @@ inline Status launch_status(const char* kernel) { return cuda_status(cudaGetLast
 #define SF_CUBLAS(expr) SF_RETURN_IF_ERROR(::sphere_fast::detail::cublas_status((expr), #expr))
 #define SF_CUSOLVER(expr) SF_RETURN_IF_ERROR(::sphere_fast::detail::cusolver_status((expr), #expr))
 
-// A device allocation taken with cudaMallocAsync on a stream and released on
-// the same stream (stream-ordered: safe while earlier work still runs).
+// Stream-ordered allocation where the device has memory pools
+// (sphere_fast::memory_pools_supported: cudaMallocAsync / cudaFreeAsync); elsewhere (some virtualised devices
+// report none) plain cudaMalloc, and cudaFree after the stream is done.
+cudaError_t device_malloc(void** ptr, size_t bytes, cudaStream_t stream);
+void device_free(void* ptr, cudaStream_t stream);
+
+// A device allocation taken on a stream and released on the same stream
+// (stream-ordered: safe while earlier work still runs).
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
@@ -72,10 +78,10 @@ class DeviceBuffer {
     reset();
     stream_ = stream;
     if (bytes == 0) return Status::Ok();
-    cudaError_t err = cudaMallocAsync(&ptr_, bytes, stream);
+    cudaError_t err = device_malloc(&ptr_, bytes, stream);
     if (err != cudaSuccess) {
       ptr_ = nullptr;
-      return cuda_status(err, ("cudaMallocAsync of " + std::to_string(bytes) + " bytes").c_str());
+      return cuda_status(err, ("device allocation of " + std::to_string(bytes) + " bytes").c_str());
     }
     bytes_ = bytes;
     return Status::Ok();
@@ -92,11 +98,11 @@ class DeviceBuffer {
     return allocate(bytes, stream);
   }
   void reset() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+    if (ptr_ != nullptr) device_free(ptr_, stream_);
     ptr_ = nullptr;
     bytes_ = 0;
   }
-  // Hands the allocation to the caller, who frees it with cudaFreeAsync.
+  // Hands the allocation to the caller, who frees it with device_free.
   void* release() {
     void* p = ptr_;
     ptr_ = nullptr;

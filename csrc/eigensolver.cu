@@ -764,8 +764,8 @@ Status solve(const T* G, int m, int64_t ldg, double trace, double eta, const T* 
 // Public API
 
 EigResult::~EigResult() {
-  if (d_values != nullptr) cudaFreeAsync(d_values, stream);
-  if (d_vectors != nullptr) cudaFreeAsync(d_vectors, stream);
+  if (d_values != nullptr) detail::device_free(d_values, stream);
+  if (d_vectors != nullptr) detail::device_free(d_vectors, stream);
 }
 
 Status EigResult::copy_out(double* values_out, void* vectors_out, int64_t ld, cudaStream_t out_stream) const {

@@ -107,7 +107,9 @@ class EigResult {
 // Device memory for the iteration is taken with cudaMallocAsync on `stream`
 // and returned to the device's memory pool before the call returns; the pool
 // keeps up to detail::kPoolRetainBytes of it between calls instead of handing
-// it back to the driver at every synchronisation.
+// it back to the driver at every synchronisation. On a device without memory
+// pools (memory_pools_supported() false) it is cudaMalloc / cudaFree instead.
+bool memory_pools_supported();
 Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace, double eta,
                       const void* init, int k0, int64_t init_s0, int64_t init_s1,
                       const EigOptions& options, cudaStream_t stream,

@@ -70,6 +70,9 @@ def backend_status(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
             return False, "triton is not installed (pip install 'sphere_fast[triton]')"
+        if importlib.util.find_spec("sphere_fast.kernels") is None:
+            # kernels/ is mapped to sphere_fast.kernels by the install; a source tree on sys.path lacks it.
+            return False, "sphere_fast.kernels is not importable: install the package (pip install -e .)"
         if device.type == "cuda" or (device.type == "cpu" and _triton_interpreting()):
             return True, ""
         return False, (

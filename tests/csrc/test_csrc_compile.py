@@ -163,6 +163,6 @@ def test_extension_builds_links_and_imports_for_sm90a(include_flags, tmp_path):
     driver, torch_lib, names, runtime = proc.stdout.strip().splitlines()
     assert driver == "no-driver", "importing sphere_fast._C loaded the CUDA driver"
     assert torch_lib == "no-libtorch"
-    for name in ("eigensolve", "project", "EigResult", "runtime_version", "mempool_used"):
+    for name in ("eigensolve", "project", "EigResult", "runtime_version", "mempool_used", "memory_pools_supported"):
         assert repr(name) in names, (name, names)
     assert int(runtime) >= 12000  # the CUDA runtime it linked answers without a GPU
