@@ -108,7 +108,9 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def git_commit() -> dict:
-    """HEAD and whether tracked files differ from it; GPU_CHECK_COMMIT where there is no repository."""
+    """HEAD and whether tracked files differ from it; GPU_CHECK_COMMIT when set (a copy's .git may be stale)."""
+    if os.environ.get("GPU_CHECK_COMMIT"):
+        return {"id": os.environ["GPU_CHECK_COMMIT"], "dirty": None}
     commit = _run(["git", "rev-parse", "HEAD"])
     if commit is None:
         return {"id": os.environ.get("GPU_CHECK_COMMIT") or None, "dirty": None}
