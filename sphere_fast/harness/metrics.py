@@ -65,6 +65,21 @@ def encode_pair(tokenizer, prompt: str, target: str, prefix: Sequence[int] | Non
     return prompt_ids, target_ids
 
 
+def scored_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions ``(rows[i], cols[i])`` only: the vocabulary head runs where a token is scored.
+
+    The head is most of a small model's forward at every position (SmolLM2: 49,152 x 576), so the
+    base model's last hidden states are taken and the head applied to the scored rows alone. Models
+    whose head cannot be separated (no ``base_model`` / output embeddings) run whole.
+    """
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or head is None:
+        return model(input_ids=ids, attention_mask=mask).logits[rows, cols]
+    hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    return head(hidden[rows, cols])
+
+
 @torch.no_grad()
 def teacher_forced_predictions(
     model,
@@ -101,13 +116,13 @@ def teacher_forced_predictions(
             chunk = encoded[start:start + batch_size]
             # The last target token is never an input.
             ids, mask = right_pad([p + t[:-1] for p, t in chunk], pad, device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
             rows, cols = [], []
             for row, (p, t) in enumerate(chunk):
                 rows.extend([row] * len(t))
                 cols.extend(range(len(p) - 1, len(p) - 1 + len(t)))
-            top1 = logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)].argmax(-1)
-            top1 = top1.tolist()
+            rows_t = torch.tensor(rows, device=device)
+            cols_t = torch.tensor(cols, device=device)
+            top1 = scored_logits(model, ids, mask, rows_t, cols_t).argmax(-1).tolist()
             at = 0
             for p, t in chunk:
                 out.append((top1[at:at + len(t)], list(t)))

@@ -120,13 +120,16 @@ def load_checkpoint(editor, path: str | Path) -> dict:
 
 def run_sequential(editor, requests: Sequence[EditRequest], *, batch_size: int, checkpoint_every: int | None = None,
                    checkpoint_dir: str | Path | None = None, resume: bool = False, keep_last: int | None = None,
-                   on_batch: Callable[[int, list, dict], None] | None = None, progress: bool = True) -> list[dict]:
+                   on_batch: Callable[[int, list, dict], None] | None = None, progress: bool = True,
+                   should_stop: Callable[[], bool] | None = None) -> list[dict]:
     """Edit ``requests`` in consecutive batches; returns the infos of the batches run in this call.
 
     ``on_batch(batch_index, batch_requests, info)`` is called after each batch.
     Every ``checkpoint_every`` batches (and after the last one) a checkpoint is
     written to ``checkpoint_dir``; ``resume=True`` continues from the newest one.
     ``keep_last`` (None: all) deletes older checkpoints after each new one is written.
+    ``should_stop()`` is asked after each checkpoint: True ends the call there
+    (a time budget); a later call with ``resume=True`` continues.
     """
     requests = list(requests)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -170,4 +173,6 @@ def run_sequential(editor, requests: Sequence[EditRequest], *, batch_size: int, 
             save_checkpoint(editor, checkpoint_dir, done, batch_size=batch_size, requests_hash=req_hash)
             if keep_last is not None:
                 prune_checkpoints(checkpoint_dir, keep_last)
+            if should_stop is not None and done < len(batches) and should_stop():
+                break
     return infos
