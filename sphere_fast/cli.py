@@ -4,6 +4,7 @@ bench-projection   time the reference projection against sphere_fast on one laye
 edit               sequentially edit a model with MEMIT/AlphaEdit (+ SPHERE) and record metrics
 train-lm           train (or reuse) the small WikiText-2 Llama model used by tests and the demo
 demo               AlphaEdit with and without SPHERE on a real model (smollm2), compared
+study              several methods over thousands of sequential edits, resumable, then a report
 models             the named models and the converted models in the cache
 
 ``--model`` takes a local Hugging Face directory, a ``.gguf`` file or a named
@@ -362,6 +363,67 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------- models
 
 
+def cmd_study(args) -> int:
+    from .harness.study import StudySpecError, load_spec, run_study, set_threads, shipped_spec
+    from .harness.study_report import write_report
+
+    command = "study"
+    if args.report is not None:
+        report = Path(args.report)
+        if not (report / "spec.json").exists():
+            raise CLIError(command, f"--report {str(report)!r}: no study there (spec.json missing)")
+        written = write_report(report)
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
+    if args.out is None:
+        raise CLIError(command, "--out is required (or --report DIR)")
+    source = args.spec or shipped_spec()
+    overrides = {"model": args.model, "data": args.data, "horizon": args.horizon, "batch_size": args.batch_size}
+    try:
+        spec = load_spec(source, **overrides)
+    except StudySpecError as exc:
+        raise CLIError(command, str(exc)) from None
+    set_threads(args.threads)
+    out = Path(args.out)
+    runs = [r.name for r in spec.runs if not args.only or r.name in args.only]
+    try:
+        if args.jobs > 1 and len(runs) > 1:
+            _study_jobs(args, spec, out, runs)
+        else:
+            statuses = run_study(spec, out, budget_minutes=args.budget_minutes, only=args.only,
+                                 log=lambda m: print(m, flush=True))
+            for name, status in statuses.items():
+                print(f"{name}: {status['state']} at {status['edits']} edits")
+    except StudySpecError as exc:
+        raise CLIError(command, str(exc)) from None
+    written = write_report(out)
+    print("report: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _study_jobs(args, spec, out: Path, runs: list[str]) -> None:
+    """``--jobs N``: the shared baseline here, then the runs in N processes of cores / N threads each."""
+    import os
+    import subprocess
+
+    from .harness.study import run_study
+
+    run_study(spec, out, budget_minutes=0, only=runs[:1], log=lambda m: print(m, flush=True))  # baseline only
+    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
+    groups = [runs[i::args.jobs] for i in range(args.jobs)]
+    base = [sys.executable, "-m", "sphere_fast.cli", "study", "--out", str(out), "--threads", str(threads)]
+    if args.spec:
+        base += ["--spec", str(args.spec)]
+    for flag, value in (("--model", args.model), ("--data", args.data), ("--horizon", args.horizon),
+                        ("--batch-size", args.batch_size), ("--budget-minutes", args.budget_minutes)):
+        if value is not None:
+            base += [flag, str(value)]
+    procs = [subprocess.Popen(base + ["--only", *group]) for group in groups if group]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise CLIError("study", f"a worker process failed (exit codes {codes})")
+
+
 def cmd_models(args) -> int:
     from .harness.model_sources import list_models, models_dir
 
@@ -482,6 +544,28 @@ def build_parser() -> argparse.ArgumentParser:
                            "the model with L2 10)")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=cmd_demo)
+
+    study = sub.add_parser(
+        "study", help="several methods over thousands of sequential edits, resumable, then a report",
+        description="Run the runs of a study spec (YAML/JSON; default: the shipped SmolLM2 CounterFact study, "
+                    "sphere_fast/configs/studies/smollm2-counterfact.yaml) over one request sequence, evaluating "
+                    "every eval_every edits. Calling it again continues where it stopped; finished runs are kept. "
+                    "Checkpoints go to the cache folder, results to --out.",
+    )
+    study.add_argument("--spec", default=None, help="study spec file (YAML or JSON)")
+    study.add_argument("--out", default=None, help="output folder (results; resumable)")
+    study.add_argument("--report", default=None, metavar="DIR",
+                       help="only write the report of the study in DIR, from whatever runs are finished")
+    study.add_argument("--model", default=None, help=f"override the spec's model: {MODEL_HELP}")
+    study.add_argument("--data", default=None, help="override the spec's request file")
+    study.add_argument("--horizon", type=_positive_int, default=None, help="override the spec's number of edits")
+    study.add_argument("--batch-size", type=_positive_int, default=None, help="override the spec's batch size")
+    study.add_argument("--only", nargs="+", default=(), metavar="RUN", help="run only these runs of the spec")
+    study.add_argument("--budget-minutes", type=float, default=None,
+                       help="stop cleanly at the next checkpoint once this many minutes are spent")
+    study.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes (default 1)")
+    study.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
+    study.set_defaults(handler=cmd_study)
 
     models = sub.add_parser(
         "models", help="list the named models and the converted models in the cache",

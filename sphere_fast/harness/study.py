@@ -1,0 +1,596 @@
+"""The long-horizon study: several editing runs over one request sequence, resumable, measured alike.
+
+A study is a spec (:func:`load_spec`: a YAML/JSON file or a dict) and an output folder::
+
+    spec.json                   the spec as run (a rerun must match it)
+    baseline.json               the unedited model's general abilities, shared by all runs
+    runs/<name>/status.json     state (pending, running, paused, done, collapsed), edits done
+    runs/<name>/edits.csv       one row per batch: energies, timings; metrics at each evaluation
+    runs/<name>/metrics/        every evaluation in full (JSON)
+    runs/<name>/geometry.json   the first edited layer's rows in 2-D, unedited and at the end
+
+Checkpoints live under the cache folder (``<cache>/study/<spec hash>/<run>``), never in ``out``.
+:func:`run_study` runs what is missing; with a time budget it stops at the next checkpoint and a
+later call continues. A run whose weights turn NaN/Inf, or whose batch fails to solve, is recorded
+as collapsed at that edit count and the study goes on. :mod:`.study_report` merges the runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..editing import paths
+from ..editing.editor import Editor
+from ..editing.hparams import default_hparams, load_hparams, shipped_for_model
+from .datasets import DatasetError, load_requests
+from .metrics import evaluate, generate, layer_energies, neighborhood_predictions, ngram_entropy, \
+    teacher_forced_predictions
+from .report import read_csv, read_json, write_csv, write_json
+from .sequential import latest_checkpoint, run_sequential
+
+# Method names a spec may use: (editing method, SPHERE on).
+METHODS = {"memit": ("memit", False), "memit+sphere": ("memit", True),
+           "alphaedit": ("alphaedit", False), "alphaedit+sphere": ("alphaedit", True)}
+GENERAL_METRICS = ("perplexity", "kl", "top1_agreement", "retention", "fluency")
+
+
+class StudySpecError(ValueError):
+    """A spec that cannot run: the message names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Collapsed(RuntimeError):
+    """A run's weights became non-finite, or its batch could not be solved."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    name: str
+    method: str  # a key of METHODS
+    eta: float | None = None
+    alpha: float | None = None
+    hparams: str | None = None  # file or shipped name; None: the model's shipped settings, else sized to it
+
+    @property
+    def base_method(self) -> str:
+        return METHODS[self.method][0]
+
+    @property
+    def sphere(self) -> bool:
+        return METHODS[self.method][1]
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    model: str
+    data: str
+    runs: tuple[RunSpec, ...]
+    horizon: int
+    batch_size: int = 100
+    schema: str = "auto"
+    eval_every: int = 200  # edits; a multiple of batch_size
+    eval_sample: int = 500  # requests scored at an evaluation (a fixed seeded sample of those edited)
+    full_eval_at: tuple[int, ...] = (1000, 2000)  # edit counts where every edited request is scored
+    seed: int = 0
+    dtype: str = "float32"
+    hparams_overrides: dict = dataclasses.field(default_factory=dict)
+    # General abilities: WikiText-2 (valid) perplexity and KL/top-1 agreement with the unedited model;
+    # retention of CounterFact train facts the unedited model gets right; n-gram entropy of continuations.
+    general_text: str | None = None  # default: WikiText-2 valid under the data folder
+    general_tokens: int = 8192
+    general_seq_len: int = 256
+    retention_data: str | None = None  # default: CounterFact train split
+    retention_candidates: int = 1000
+    retention_max: int = 200
+    fluency_prompts: int = 20
+    fluency_tokens: int = 32
+    eval_batch_size: int = 32
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["runs"] = [dataclasses.asdict(r) for r in self.runs]
+        out["full_eval_at"] = list(self.full_eval_at)
+        return out
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_INT_FIELDS = ("horizon", "batch_size", "eval_every", "eval_sample", "general_tokens", "general_seq_len",
+               "retention_candidates", "retention_max", "fluency_prompts", "fluency_tokens", "eval_batch_size")
+
+
+def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
+    """A :class:`StudySpec` from a YAML/JSON file or a dict; ``overrides`` replace its keys.
+
+    Every problem raises :class:`StudySpecError` naming the field, before anything is written.
+    """
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise StudySpecError("spec", f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+        try:
+            if path.suffix == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as exc:  # the parsers' own errors name line and column
+            reason = " ".join(str(exc).split())  # one line
+            raise StudySpecError("spec", f"{str(path)!r} is not valid {path.suffix[1:] or 'YAML'}: {reason}") from None
+        if not isinstance(data, dict):
+            raise StudySpecError("spec", f"{str(path)!r} must hold a mapping, got {type(data).__name__}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    for name in ("data", "general_text", "retention_data"):  # "data:REL" is REL under the data folder
+        if isinstance(data.get(name), str) and data[name].startswith("data:"):
+            data[name] = str(paths.data_dir() / data[name][len("data:"):])
+    fields = {f.name for f in dataclasses.fields(StudySpec)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise StudySpecError(unknown[0], f"unknown field (known: {', '.join(sorted(fields))})")
+    for name in ("model", "data", "runs", "horizon"):
+        if data.get(name) in (None, "", []):
+            raise StudySpecError(name, "is required")
+    for name in _INT_FIELDS:
+        if name in data and (isinstance(data[name], bool) or not isinstance(data[name], int) or data[name] < 1):
+            raise StudySpecError(name, f"must be a positive integer, got {data[name]!r}")
+    if not isinstance(data.get("seed", 0), int) or isinstance(data.get("seed", 0), bool):
+        raise StudySpecError("seed", f"must be an integer, got {data['seed']!r}")
+    data["runs"] = tuple(_run_spec(r, i) for i, r in enumerate(_as_list(data["runs"], "runs")))
+    names = [r.name for r in data["runs"]]
+    if len(set(names)) != len(names):
+        raise StudySpecError("runs", f"run names must be unique, got {names}")
+    data["full_eval_at"] = tuple(_as_list(data.get("full_eval_at", (1000, 2000)), "full_eval_at"))
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in data["full_eval_at"]):
+        raise StudySpecError("full_eval_at", f"must be positive edit counts, got {list(data['full_eval_at'])}")
+    if not isinstance(data.get("hparams_overrides", {}), dict):
+        raise StudySpecError("hparams_overrides", "must be a mapping of hparams keys to values")
+    spec = StudySpec(**data)
+    if spec.eval_every % spec.batch_size:
+        raise StudySpecError("eval_every", f"must be a multiple of batch_size {spec.batch_size}, got {spec.eval_every}")
+    if spec.dtype not in ("float32", "bfloat16", "float16"):
+        raise StudySpecError("dtype", f"must be float32, bfloat16 or float16, got {spec.dtype!r}")
+    for name in ("data", "general_text", "retention_data"):
+        value = getattr(spec, name)
+        if value is not None and not Path(value).is_file():
+            raise StudySpecError(name, f"file not found: {value!r}")
+    for name, value in (("general_text", _general_text(spec)), ("retention_data", _retention_data(spec))):
+        if not value.is_file():
+            raise StudySpecError(name, f"default file not found: {str(value)!r} (set SPHERE_FAST_DATA_DIR or the field)")
+    return spec
+
+
+def _as_list(value, field: str) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise StudySpecError(field, f"must be a list, got {type(value).__name__}")
+
+
+def _run_spec(entry, index: int) -> RunSpec:
+    field = f"runs[{index}]"
+    if isinstance(entry, str):
+        entry = {"method": entry}
+    if not isinstance(entry, dict):
+        raise StudySpecError(field, f"must be a method name or a mapping, got {entry!r}")
+    known = {f.name for f in dataclasses.fields(RunSpec)}
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise StudySpecError(f"{field}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(known))})")
+    method = str(entry.get("method", "")).lower()
+    if method not in METHODS:
+        raise StudySpecError(f"{field}.method", f"unknown method {entry.get('method')!r} (known: {', '.join(METHODS)})")
+    for name in ("eta", "alpha"):
+        value = entry.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0.0 <= float(value) <= 1.0):
+            raise StudySpecError(f"{field}.{name}", f"must be a number in [0, 1], got {value!r}")
+    name = str(entry.get("name") or method)
+    if not name.replace("+", "").replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise StudySpecError(f"{field}.name", f"letters, digits and + - _ . only, got {name!r}")
+    return RunSpec(name=name, method=method, eta=entry.get("eta"), alpha=entry.get("alpha"),
+                   hparams=entry.get("hparams"))
+
+
+def _general_text(spec: StudySpec) -> Path:
+    return Path(spec.general_text) if spec.general_text else paths.wikitext_path("valid")
+
+
+def _retention_data(spec: StudySpec) -> Path:
+    if spec.retention_data:
+        return Path(spec.retention_data)
+    return paths.data_dir() / "counterfact" / "easyedit_counterfact-train.json"
+
+
+def spec_requests(spec: StudySpec) -> list:
+    """The first ``horizon`` editable requests of the spec's data file (StudySpecError if there are fewer)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            requests = load_requests(spec.data, limit=spec.horizon, schema=spec.schema, invalid="skip")
+    except (DatasetError, FileNotFoundError) as exc:
+        raise StudySpecError("data", str(exc)) from None
+    if len(requests) < spec.horizon:
+        raise StudySpecError("horizon", f"{spec.horizon} is larger than the {len(requests)} editable requests "
+                                        f"in {spec.data!r}")
+    return requests
+
+
+def eval_indices(spec: StudySpec, edits: int) -> list[int]:
+    """Which edited requests an evaluation after ``edits`` edits scores (sorted indices)."""
+    if edits <= spec.eval_sample or edits in spec.full_eval_at or edits == spec.horizon:
+        return list(range(edits))
+    order = list(range(spec.horizon))
+    random.Random(spec.seed).shuffle(order)
+    return sorted([i for i in order if i < edits][:spec.eval_sample])
+
+
+# --------------------------------------------------------------------------- general abilities
+
+
+def _text_chunks(tokenizer, text_path: Path, tokens: int, seq_len: int) -> torch.Tensor:
+    ids = tokenizer(text_path.read_text()[: tokens * 12], add_special_tokens=False)["input_ids"][:tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise StudySpecError("general_text", f"{str(text_path)!r} holds fewer than {seq_len} tokens")
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@torch.no_grad()
+def _next_token_logprobs(model, chunks: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    outs = []
+    for start in range(0, len(chunks), batch_size):
+        ids = chunks[start:start + batch_size].to(device)
+        outs.append(torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1).cpu())
+    return torch.cat(outs)
+
+
+class GeneralProbe:
+    """The general-ability measures, with the unedited model's side computed once.
+
+    Perplexity, KL(unedited || edited) and top-1 agreement on the same WikiText-2 text need the unedited
+    model's next-token distributions: rather than storing them (tokens x vocabulary), the edited
+    weights are swapped for the originals for one extra forward at each evaluation.
+    """
+
+    def __init__(self, spec: StudySpec, model, tokenizer, baseline: dict, originals: dict[str, torch.Tensor]):
+        self.spec, self.model, self.tokenizer = spec, model, tokenizer
+        self.chunks = _text_chunks(tokenizer, _general_text(spec), spec.general_tokens, spec.general_seq_len)
+        self.baseline = baseline
+        self.originals = originals
+
+    def _swap(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from ..editing.model_utils import get_module, oriented_weight
+
+        old = {}
+        with torch.no_grad():
+            for name, w in weights.items():
+                current = oriented_weight(get_module(self.model, name))
+                old[name] = current.clone()
+                current.copy_(w)
+        return old
+
+    def measure(self) -> dict:
+        spec, bs = self.spec, max(1, self.spec.eval_batch_size // 8)
+        edited = self._swap(self.originals)
+        try:
+            ref = _next_token_logprobs(self.model, self.chunks, bs)
+        finally:
+            self._swap(edited)
+        new = _next_token_logprobs(self.model, self.chunks, bs)
+        targets = self.chunks[:, 1:]
+        nll = -new.gather(-1, targets.unsqueeze(-1)).mean()
+        kl = (ref.exp() * (ref - new)).sum(-1).mean()
+        agree = (ref.argmax(-1) == new.argmax(-1)).float().mean()
+        known = self.baseline["retention"]
+        preds = teacher_forced_predictions(self.model, self.tokenizer, known["prompts"], known["targets"],
+                                           batch_size=spec.eval_batch_size)
+        retained = sum(int(p == t) for p, t in preds) / len(preds) if preds else None
+        texts = generate(self.model, self.tokenizer, self.baseline["fluency_prompts"],
+                         max_new_tokens=spec.fluency_tokens, batch_size=spec.eval_batch_size)
+        return {"perplexity": math.exp(float(nll)), "kl": float(kl), "top1_agreement": float(agree),
+                "retention": retained, "fluency": sum(map(ngram_entropy, texts)) / len(texts)}
+
+
+def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> dict:
+    """The unedited model's side: facts it knows (retention set), fluency prompts, its general abilities."""
+    import warnings
+
+    edited_subjects = {r.subject for r in requests}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        candidates = load_requests(_retention_data(spec), limit=spec.retention_candidates, invalid="skip")
+    candidates = [c for c in candidates if c.subject not in edited_subjects and c.target_true]
+    preds = teacher_forced_predictions(model, tokenizer, [c.text for c in candidates],
+                                       [c.target_true for c in candidates], batch_size=spec.eval_batch_size)
+    known = [c for c, (p, t) in zip(candidates, preds) if p == t][: spec.retention_max]
+    fluency_prompts = [c.text for c in candidates[: spec.fluency_prompts]]
+    perplexity_chunks = _text_chunks(tokenizer, _general_text(spec), spec.general_tokens, spec.general_seq_len)
+    logprobs = _next_token_logprobs(model, perplexity_chunks, max(1, spec.eval_batch_size // 8))
+    nll = -logprobs.gather(-1, perplexity_chunks[:, 1:].unsqueeze(-1)).mean()
+    texts = generate(model, tokenizer, fluency_prompts, max_new_tokens=spec.fluency_tokens,
+                     batch_size=spec.eval_batch_size)
+    return {
+        "retention": {"candidates": len(candidates), "known": len(known), "prompts": [c.text for c in known],
+                      "targets": [c.target_true for c in known]},
+        "fluency_prompts": fluency_prompts,
+        "general": {"perplexity": math.exp(float(nll)), "kl": 0.0, "top1_agreement": 1.0,
+                    "retention": 1.0 if known else None,
+                    "fluency": sum(map(ngram_entropy, texts)) / len(texts)},
+        "general_tokens": int(perplexity_chunks.numel()),
+    }
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _work_dir(spec: StudySpec, out: Path) -> Path:
+    """The study's folder in the cache (checkpoints, the unedited predictions), one per spec and output folder."""
+    where = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]
+    return paths.cache_dir() / "study" / f"{spec.key()}-{where}"
+
+
+def _status(run_dir: Path) -> dict:
+    path = run_dir / "status.json"
+    return read_json(path) if path.exists() else {"state": "pending", "edits": 0}
+
+
+def _run_hparams(spec: StudySpec, run: RunSpec, model, model_name: str | None):
+    source = run.hparams or shipped_for_model(model_name, run.base_method, sphere=run.sphere)
+    hp = load_hparams(source) if source else default_hparams(model, run.base_method)
+    return hp.replace(**spec.hparams_overrides) if spec.hparams_overrides else hp
+
+
+def _geometry(weight: torch.Tensor, rows: int = 512, seed: int = 0) -> torch.Tensor:
+    """Unit rows of ``weight`` (a fixed sample), for a 2-D picture of the neurons on the sphere."""
+    w = weight.detach().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(w.shape[0], generator=g)[: min(rows, w.shape[0])]
+    return torch.nn.functional.normalize(w[pick], dim=1)
+
+
+def _write_geometry(path: Path, before: torch.Tensor, after: torch.Tensor, layer: str) -> None:
+    # One projection for both, from the unedited rows' principal directions, so the pictures compare.
+    centred = before - before.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    axes = v[:2].T
+    cos_before, cos_after = before @ before.T, after @ after.T
+    off = ~torch.eye(len(before), dtype=torch.bool)
+    write_json(path, {
+        "layer": layer, "rows": len(before),
+        "before": (before @ axes).tolist(), "after": (after @ axes).tolist(),
+        "mean_abs_cos_before": float(cos_before[off].abs().mean()),
+        "mean_abs_cos_after": float(cos_after[off].abs().mean()),
+        "cos_hist_before": torch.histc(cos_before[off], bins=40, min=-1, max=1).tolist(),
+        "cos_hist_after": torch.histc(cos_after[off], bins=40, min=-1, max=1).tolist(),
+    })
+
+
+def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model_name: str | None,
+            requests: Sequence, baseline: dict, reference: list, deadline: float | None,
+            log: Callable[[str], None] = print) -> dict:
+    """Edit one run up to the horizon (or until ``deadline``), evaluating every ``eval_every`` edits."""
+    run_dir = out / "runs" / run.name
+    status = _status(run_dir)
+    if status["state"] in ("done", "collapsed"):
+        return status
+    ckpt_dir = _work_dir(spec, out) / run.name / "checkpoints"
+    if status["state"] == "pending" and ckpt_dir.exists():
+        import shutil
+
+        shutil.rmtree(ckpt_dir)  # left by a run whose records were removed: start afresh
+    hp = _run_hparams(spec, run, model, model_name)
+    torch.manual_seed(spec.seed)
+    editor = Editor(model, tokenizer, hp, method=run.base_method, sphere=run.sphere, eta=run.eta, alpha=run.alpha,
+                    cache_dir=paths.cache_dir(), seed=spec.seed, progress=False)
+    originals = {k: v.detach().clone() for k, v in editor.edited_weights().items()}
+    first_layer = next(iter(originals))
+    geometry_before = _geometry(originals[first_layer], seed=spec.seed)
+    probe = GeneralProbe(spec, model, tokenizer, baseline, originals)
+    csv_path = run_dir / "edits.csv"
+    rows: dict[int, dict] = {int(r["batch"]): r for r in read_csv(csv_path)} if csv_path.exists() else {}
+    if 0 not in rows:
+        row0 = {"batch": 0, "edits": 0, "eval_requests": len(requests)}
+        row0.update({f"energy:{k}": v for k, v in layer_energies(originals).items()})
+        row0.update(baseline["edit_metrics"])
+        row0.update(baseline["general"])
+        rows = {0: row0}
+        write_csv(csv_path, [rows[0]])
+    write_json(run_dir / "status.json", {**status, "state": "running", "run": dataclasses.asdict(run),
+                                         "hparams": hp.to_dict()})
+    eval_batches = spec.eval_every // spec.batch_size
+
+    def on_batch(index: int, batch, info: dict) -> None:
+        number = index + 1
+        edits = index * spec.batch_size + len(batch)
+        weights = editor.edited_weights()
+        if not all(bool(torch.isfinite(w).all()) for w in weights.values()):
+            raise Collapsed(f"non-finite weights after {edits} edits")
+        seconds = info.get("seconds", {})
+        row = {"batch": number, "edits": edits,
+               "seconds_total": seconds.get("total"), "seconds_stats": seconds.get("stats", 0.0),
+               "seconds_targets": seconds.get("targets"), "seconds_sphere": seconds.get("sphere", 0.0)}
+        row.update({f"energy:{k}": v for k, v in layer_energies(weights).items()})
+        if number % eval_batches == 0 or edits == spec.horizon:
+            t0 = time.perf_counter()
+            idx = eval_indices(spec, edits)
+            metrics = evaluate(model, tokenizer, [requests[i] for i in idx], batch_size=spec.eval_batch_size,
+                               reference=[reference[i] for i in idx])
+            t1 = time.perf_counter()
+            general = probe.measure()
+            t2 = time.perf_counter()
+            row.update({"eval_requests": len(idx), "seconds_eval_edits": t1 - t0, "seconds_eval_general": t2 - t1})
+            row.update({k: metrics[k] for k in ("efficacy", "generalization", "specificity", "locality")})
+            row.update(general)
+            write_json(run_dir / "metrics" / f"edits_{edits:05d}.json",
+                       {"edits": edits, "eval_indices": "all" if len(idx) == edits else idx,
+                        "metrics": metrics, "general": general})
+            log(f"[{run.name}] {edits} edits: efficacy {metrics['efficacy']:.3f}, generalization "
+                f"{metrics['generalization']:.3f}, specificity {metrics['specificity']:.3f}, locality "
+                f"{metrics['locality']:.3f}; perplexity {general['perplexity']:.2f}, retention "
+                f"{general['retention'] if general['retention'] is None else round(general['retention'], 3)} "
+                f"(evaluation {t2 - t0:.0f} s)")
+        for later in [k for k in rows if k >= number]:  # a batch redone after a resume replaces its rows
+            del rows[later]
+        rows[number] = row
+        write_csv(csv_path, [rows[k] for k in sorted(rows)])
+
+    stop = (lambda: time.time() >= deadline) if deadline is not None else None
+    try:
+        run_sequential(editor, requests, batch_size=spec.batch_size, checkpoint_every=eval_batches,
+                       checkpoint_dir=ckpt_dir, resume=True, keep_last=1, on_batch=on_batch, progress=False,
+                       should_stop=stop)
+    except (Collapsed, torch.linalg.LinAlgError, RuntimeError) as exc:
+        if not _is_collapse(exc):
+            raise
+        done = max(int(r["edits"]) for r in rows.values())
+        status = {"state": "collapsed", "edits": done, "collapsed_at": done + spec.batch_size,
+                  "reason": f"{type(exc).__name__}: {exc}"[:500], "run": dataclasses.asdict(run)}
+        write_json(run_dir / "status.json", status)
+        log(f"[{run.name}] collapsed after {done} edits: {status['reason']}")
+        return status
+    done = max(int(r["edits"]) for r in rows.values())
+    # Rows past the last checkpoint are redone on resume; what is on disk is what counts.
+    state = "done" if done >= spec.horizon else "paused"
+    if state == "done":
+        _write_geometry(run_dir / "geometry.json", geometry_before,
+                        _geometry(editor.edited_weights()[first_layer], seed=spec.seed), first_layer)
+    status = {"state": state, "edits": done, "run": dataclasses.asdict(run), "hparams": hp.to_dict()}
+    write_json(run_dir / "status.json", status)
+    return status
+
+
+def _is_collapse(exc: BaseException) -> bool:
+    """A numerical failure of the run (its weights or its solve), not a bug to surface."""
+    if isinstance(exc, (Collapsed, torch.linalg.LinAlgError)):
+        return True
+    text = str(exc).lower()
+    return any(word in text for word in ("nan", "inf", "non-finite", "nonfinite", "singular", "positive-definite",
+                                         "not positive definite", "failed to converge"))
+
+
+def _restore(model, weights: dict[str, torch.Tensor]) -> None:
+    from ..editing.model_utils import get_module, oriented_weight
+
+    with torch.no_grad():
+        for name, w in weights.items():
+            oriented_weight(get_module(model, name)).copy_(w)
+
+
+def prepare(spec: StudySpec, out: Path, load: Callable[[], tuple], model_name: str | None,
+            log: Callable[[str], None] = print):
+    """Model, tokenizer, requests, baseline (computed once) and the unedited neighbourhood predictions."""
+    requests = spec_requests(spec)
+    model, tokenizer = load()
+    baseline_path = out / "baseline.json"
+    ref_path = _work_dir(spec, out) / "reference.json"
+    if baseline_path.exists() and ref_path.exists():
+        baseline = read_json(baseline_path)
+        reference = read_json(ref_path)
+    else:
+        log(f"[study] the unedited model: neighbourhood predictions on {len(requests)} requests, general abilities")
+        t0 = time.perf_counter()
+        reference = neighborhood_predictions(model, tokenizer, requests, batch_size=spec.eval_batch_size)
+        t1 = time.perf_counter()
+        metrics = evaluate(model, tokenizer, requests, batch_size=spec.eval_batch_size, reference=reference)
+        t2 = time.perf_counter()
+        baseline = compute_baseline(spec, model, tokenizer, requests)
+        baseline["edit_metrics"] = {k: metrics[k] for k in ("efficacy", "generalization", "specificity", "locality")}
+        baseline["seconds"] = {"neighbourhood": t1 - t0, "evaluate_all": t2 - t1,
+                               "evaluate_per_request": (t2 - t1) / len(requests),
+                               "general": time.perf_counter() - t2}
+        write_json(ref_path, reference)
+        write_json(baseline_path, baseline)
+    return model, tokenizer, requests, baseline, reference
+
+
+def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None = None, only: Sequence[str] = (),
+              load: Callable[[], tuple] | None = None, model_name: str | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """Run (or continue) every run of ``spec`` into ``out``; returns ``{run name: status}``.
+
+    ``load()`` returns ``(model, tokenizer)`` of the unedited model (default: ``spec.model`` through
+    :func:`~sphere_fast.harness.model_sources.load_model`). ``budget_minutes`` stops at the next
+    checkpoint once spent; ``only`` restricts the call to the named runs.
+    """
+    out = Path(out)
+    deadline = time.time() + 60.0 * budget_minutes if budget_minutes is not None else None
+    unknown = sorted(set(only) - {r.name for r in spec.runs})
+    if unknown:
+        raise StudySpecError("only", f"no run named {unknown[0]!r} (runs: {', '.join(r.name for r in spec.runs)})")
+    spec_path = out / "spec.json"
+    if spec_path.exists():
+        old = read_json(spec_path)
+        if old.get("spec") != json.loads(json.dumps(spec.to_dict())):
+            raise StudySpecError("spec", f"{str(out)!r} holds a study with another spec ({spec_path}); "
+                                         "use another output folder")
+    if load is None:
+        from .model_sources import load_model, named_model
+
+        model_name = named_model(spec.model)
+        load = lambda: load_model(spec.model, dtype=spec.dtype)  # noqa: E731
+    requests = spec_requests(spec)  # the spec's errors before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    if not spec_path.exists():
+        write_json(spec_path, {"spec": spec.to_dict(), "key": spec.key(), "commit": _commit()})
+    model, tokenizer, requests, baseline, reference = prepare(spec, out, load, model_name, log)
+    from ..editing.model_utils import get_module, oriented_weight
+
+    statuses = {}
+    for run in spec.runs:
+        if only and run.name not in only:
+            continue
+        if deadline is not None and time.time() >= deadline:
+            statuses[run.name] = _status(out / "runs" / run.name)
+            continue
+        hp = _run_hparams(spec, run, model, model_name)
+        names = [hp.rewrite_module_tmp.format(l) for l in hp.layers]
+        pristine = {n: oriented_weight(get_module(model, n)).detach().clone() for n in names}
+        try:
+            statuses[run.name] = run_one(spec, run, out, model=model, tokenizer=tokenizer, model_name=model_name,
+                                         requests=requests, baseline=baseline, reference=reference,
+                                         deadline=deadline, log=log)
+        finally:
+            _restore(model, pristine)  # the next run starts from the unedited model
+    return statuses
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def shipped_spec(name: str = "smollm2-counterfact") -> Path:
+    """A spec shipped with the package (``sphere_fast/configs/studies/<name>.yaml``)."""
+    return Path(__file__).resolve().parents[1] / "configs" / "studies" / f"{name}.yaml"
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))

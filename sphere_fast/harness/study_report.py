@@ -1,0 +1,291 @@
+"""The study's report: every run merged into tables and figures, from whatever is finished.
+
+``write_report(out)`` writes ``out/report/``: ``study.md`` and ``study.json`` (tables at fixed edit
+counts, Spearman correlations of energy change with each metric, time per 100 edits) and the
+figures: ``metrics.png`` (editing metrics against edits), ``energy.png`` (energy per edited layer),
+``energy_vs_accuracy.png`` (change in energy against change in accuracy between evaluations,
+pooled, with a fitted line), ``general.png`` (general abilities) and ``geometry.png`` (the first
+edited layer's rows, unedited and at the end). One colour per run in every figure.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+from .report import atomic_write_bytes, format_table, read_csv, read_json, write_json
+from .study import GENERAL_METRICS
+
+EDIT_METRICS = ("efficacy", "generalization", "specificity", "locality")
+TABLE_AT = (500, 1000, 2000)
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def load_runs(out: Path) -> dict[str, dict]:
+    """``{run name: {"status", "rows" (every batch), "evals" (rows with metrics)}}`` in spec order."""
+    spec = read_json(out / "spec.json")["spec"]
+    runs = {}
+    for run in spec["runs"]:
+        folder = out / "runs" / run["name"]
+        rows = read_csv(folder / "edits.csv") if (folder / "edits.csv").exists() else []
+        status = read_json(folder / "status.json") if (folder / "status.json").exists() else {"state": "pending",
+                                                                                              "edits": 0}
+        runs[run["name"]] = {"status": status, "rows": rows,
+                             "evals": [r for r in rows if r.get("efficacy") not in (None, "")]}
+    return runs
+
+
+def mean_energy_change(row: dict, first: dict) -> float | None:
+    """Mean over edited layers of the relative change in hyperspherical energy."""
+    keys = [k for k in row if k.startswith("energy:") and first.get(k)]
+    if not keys:
+        return None
+    return sum((float(row[k]) - float(first[k])) / float(first[k]) for k in keys) / len(keys)
+
+
+def accuracy(row: dict) -> float:
+    """Mean of efficacy, generalization and specificity (the paper's Fig. 3 'accuracy')."""
+    return sum(float(row[k]) for k in ("efficacy", "generalization", "specificity")) / 3
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    if len(x) < 3:
+        return None
+
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(list(x)), ranks(list(y))
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else None
+
+
+def _at(evals: list[dict], edits: int) -> dict | None:
+    return next((r for r in evals if int(r["edits"]) == edits), None)
+
+
+def summarise(out: Path) -> dict:
+    runs = load_runs(out)
+    baseline = read_json(out / "baseline.json") if (out / "baseline.json").exists() else {}
+    spec = read_json(out / "spec.json")
+    table, correlations, times, states = [], {}, {}, {}
+    points = []  # (run, delta energy, delta accuracy)
+    for name, run in runs.items():
+        states[name] = run["status"]
+        evals = run["evals"]
+        if not evals:
+            continue
+        first = evals[0]
+        for edits in sorted({0, *TABLE_AT, int(evals[-1]["edits"])}):
+            row = _at(evals, edits)
+            if row is not None:
+                table.append({"run": name, "edits": edits, "eval_requests": row.get("eval_requests"),
+                              **{k: row.get(k) for k in EDIT_METRICS + GENERAL_METRICS},
+                              "energy_change": mean_energy_change(row, first)})
+        drift = [mean_energy_change(r, first) for r in evals]
+        correlations[name] = {m: spearman(drift, [float(r[m]) for r in evals])
+                              for m in EDIT_METRICS + GENERAL_METRICS if all(r.get(m) not in (None, "") for r in evals)}
+        for a, b in zip(evals, evals[1:]):
+            points.append((name, mean_energy_change(b, first) - mean_energy_change(a, first), accuracy(b) - accuracy(a)))
+        timed = [r for r in run["rows"] if r.get("seconds_total") not in (None, "")]
+        if timed:
+            per_edit = lambda key: sum(float(r.get(key) or 0.0) for r in timed) / sum(  # noqa: E731
+                int(r["edits"]) - int(p["edits"]) for p, r in zip(run["rows"], run["rows"][1:]) if r in timed)
+            total = per_edit("seconds_total") - per_edit("seconds_stats")
+            times[name] = {"edit_s_per_100": 100 * total, "targets_s_per_100": 100 * per_edit("seconds_targets"),
+                           "sphere_s_per_100": 100 * per_edit("seconds_sphere"),
+                           "eval_s": [float(r.get("seconds_eval_edits") or 0) + float(r.get("seconds_eval_general")
+                                                                                      or 0) for r in evals[1:]],
+                           "batches_timed": len(timed)}
+    fit = None
+    if len(points) >= 2:
+        xs, ys = [p[1] for p in points], [p[2] for p in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx:
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+            fit = {"slope": slope, "intercept": my - slope * mx, "points": len(points),
+                   "pearson": _pearson(xs, ys)}
+    return {"spec": spec, "states": states, "baseline": {k: baseline.get(k) for k in ("general", "edit_metrics",
+                                                                                      "seconds")},
+            "retention_set": (baseline.get("retention") or {}).get("known"),
+            "table": table, "spearman_energy_change": correlations, "energy_accuracy_fit": fit,
+            "energy_accuracy_points": points, "times": times}
+
+
+def _pearson(xs, ys) -> float | None:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else None
+
+
+def _markdown(summary: dict) -> str:
+    f = lambda v, d=3: "–" if v in (None, "") else (f"{float(v):.{d}f}")  # noqa: E731
+    lines = ["# Long-horizon study", ""]
+    spec = summary["spec"]["spec"]
+    lines.append(f"Model {spec['model']}, data {Path(spec['data']).name}, horizon {spec['horizon']}, batches of "
+                 f"{spec['batch_size']}, evaluation every {spec['eval_every']} edits on a fixed sample of "
+                 f"{spec['eval_sample']} edited requests (all of them at {', '.join(map(str, spec['full_eval_at']))} "
+                 f"edits and at the horizon); commit {str(summary['spec'].get('commit'))[:10]}.")
+    lines.append("")
+    lines.append("| run | state | edits done | note |")
+    lines.append("|---|---|---|---|")
+    for name, st in summary["states"].items():
+        lines.append(f"| {name} | {st.get('state')} | {st.get('edits')} | {st.get('reason', '')} |")
+    lines.append("")
+    lines.append("## Metrics (edits so far; general abilities against the unedited model)")
+    lines.append("")
+    cols = [("run", "run", ""), ("edits", "edits", ""), ("eval_requests", "scored", "")]
+    cols += [(m, m, ".3f") for m in EDIT_METRICS] + [("perplexity", "perplexity", ".2f"), ("kl", "KL", ".4f"),
+                                                      ("top1_agreement", "top-1 agree", ".3f"),
+                                                      ("retention", "retention", ".3f"), ("fluency", "fluency", ".2f"),
+                                                      ("energy_change", "energy change", ".2e")]
+    lines.append("```")
+    lines.append(format_table(summary["table"], cols))
+    lines.append("```")
+    lines.append("")
+    lines.append("## Spearman correlation of the energy change with each metric (per run, over evaluations)")
+    lines.append("")
+    metrics = EDIT_METRICS + GENERAL_METRICS
+    lines.append("| run | " + " | ".join(metrics) + " |")
+    lines.append("|---|" + "---|" * len(metrics))
+    for name, corr in summary["spearman_energy_change"].items():
+        lines.append(f"| {name} | " + " | ".join(f(corr.get(m), 2) for m in metrics) + " |")
+    fit = summary["energy_accuracy_fit"]
+    if fit:
+        lines += ["", f"Change in accuracy against change in energy between consecutive evaluations, pooled over "
+                      f"runs ({fit['points']} points): slope {fit['slope']:.3g}, Pearson r {f(fit['pearson'], 2)}."]
+    if summary["times"]:
+        lines += ["", "## Time per 100 edits on this machine (key statistics excluded; see the spec's commit)", "",
+                  "| run | edit (s) | target optimisation (s) | SPHERE (s) | mean evaluation (s) | batches timed |",
+                  "|---|---|---|---|---|---|"]
+        for name, t in summary["times"].items():
+            ev = sum(t["eval_s"]) / len(t["eval_s"]) if t["eval_s"] else None
+            lines.append(f"| {name} | {f(t['edit_s_per_100'], 1)} | {f(t['targets_s_per_100'], 1)} | "
+                         f"{f(t['sphere_s_per_100'], 2)} | {f(ev, 1)} | {t['batches_timed']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _colours(names) -> dict[str, str]:
+    return {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(names)}
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colour = _colours(runs)
+    folder = out / "report"
+    written = []
+
+    def panels(metrics, name, ylabel=None):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
+        for ax, m in zip(axes[0], metrics):
+            for run, data in runs.items():
+                pts = [(int(r["edits"]), float(r[m])) for r in data["evals"] if r.get(m) not in (None, "")]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, color=colour[run], label=run)
+            ax.set_title(m)
+            ax.set_xlabel("edits")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, folder / name))
+        plt.close(fig)
+
+    panels(EDIT_METRICS, "metrics.png")
+    panels(GENERAL_METRICS, "general.png")
+
+    layers = sorted({k for d in runs.values() for r in d["rows"][:1] for k in r if k.startswith("energy:")})
+    if layers:
+        fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.2), squeeze=False)
+        for ax, layer in zip(axes[0], layers):
+            for run, data in runs.items():
+                pts = [(int(r["edits"]), float(r[layer])) for r in data["rows"] if r.get(layer) not in (None, "")]
+                if pts:
+                    ax.plot(*zip(*pts), color=colour[run], label=run)
+            ax.set_title(layer[len("energy:"):].replace("model.layers.", "L"), fontsize=8)
+            ax.set_xlabel("edits")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("hyperspherical energy")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, folder / "energy.png"))
+        plt.close(fig)
+
+    if summary["energy_accuracy_points"]:
+        fig, ax = plt.subplots(figsize=(4.5, 3.6))
+        for run in runs:
+            pts = [(x, y) for r, x, y in summary["energy_accuracy_points"] if r == run]
+            if pts:
+                ax.scatter(*zip(*pts), color=colour[run], label=run, s=14)
+        fit = summary["energy_accuracy_fit"]
+        if fit:
+            xs = [p[1] for p in summary["energy_accuracy_points"]]
+            lo, hi = min(xs), max(xs)
+            ax.plot([lo, hi], [fit["intercept"] + fit["slope"] * lo, fit["intercept"] + fit["slope"] * hi], "k--",
+                    lw=1, label=f"fit, slope {fit['slope']:.3g}")
+        ax.set_xlabel("change in mean relative energy")
+        ax.set_ylabel("change in accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(_save(fig, folder / "energy_vs_accuracy.png"))
+        plt.close(fig)
+
+    geometries = {run: read_json(out / "runs" / run / "geometry.json") for run in runs
+                  if (out / "runs" / run / "geometry.json").exists()}
+    if geometries:
+        fig, axes = plt.subplots(1, len(geometries) + 1, figsize=(3.4 * (len(geometries) + 1), 3.4), squeeze=False)
+        first = next(iter(geometries.values()))
+        axes[0][0].scatter(*zip(*first["before"]), s=3, color="grey")
+        axes[0][0].set_title(f"unedited\nmean |cos| {first['mean_abs_cos_before']:.4f}", fontsize=8)
+        for ax, (run, g) in zip(axes[0][1:], geometries.items()):
+            ax.scatter(*zip(*g["after"]), s=3, color=colour[run])
+            ax.set_title(f"{run}\nmean |cos| {g['mean_abs_cos_after']:.4f}", fontsize=8)
+        for ax in axes[0]:
+            ax.set_aspect("equal", adjustable="datalim")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.suptitle(f"{first['layer']}: {first['rows']} unit rows on the unedited rows' first two principal axes",
+                     fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, folder / "geometry.png"))
+        plt.close(fig)
+    return written
+
+
+def write_report(out: str | Path) -> list[Path]:
+    """Write ``out/report/`` (see the module docstring); returns the files written."""
+    out = Path(out)
+    summary = summarise(out)
+    folder = out / "report"
+    write_json(folder / "study.json", summary)
+    md = folder / "study.md"
+    atomic_write_bytes(md, _markdown(summary).encode())
+    return [folder / "study.json", md, *_plots(out, load_runs(out), summary)]

@@ -1,0 +1,185 @@
+"""The study: spec checks, resume after a budget stop, a collapsed run, a report from half-finished runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sphere_fast.editing.editor import Editor
+from sphere_fast.harness import study
+from sphere_fast.harness.report import read_csv, read_json
+from sphere_fast.harness.study import StudySpecError, load_spec, run_study, shipped_spec
+from sphere_fast.harness.study_report import spearman, write_report
+
+from tests.editing.fixtures import counterfact_requests, one_thread, subject_end_requests, tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer(bos=True)
+
+
+def _records(requests):
+    return [{"case_id": r.case_id, "prompt": r.text, "subject": r.subject, "target_new": r.target_new,
+             "ground_truth": r.target_true or "", "rephrase_prompt": r.text,
+             "locality_prompt": f"{r.subject} is known for", "locality_ground_truth": r.target_true or "x"}
+            for r in requests]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tok):
+    folder = tmp_path_factory.mktemp("study-data")
+    (folder / "edit.json").write_text(json.dumps(_records(subject_end_requests(tok, 6))))
+    (folder / "train.json").write_text(json.dumps(_records(counterfact_requests(12, offset=200))))
+    (folder / "text.txt").write_text(" ".join(["The city of Paris is the capital of France."] * 120))
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def spec_dict(files, **changes):
+    spec = {"model": "tiny", "data": str(files / "edit.json"), "horizon": 6, "batch_size": 2, "eval_every": 2,
+            "eval_sample": 3, "full_eval_at": [6], "runs": [{"name": "memit", "method": "memit"},
+                                                            {"name": "alphaedit+sphere", "method": "alphaedit+sphere"}],
+            "general_text": str(files / "text.txt"), "general_tokens": 256, "general_seq_len": 32,
+            "retention_data": str(files / "train.json"), "retention_candidates": 12, "fluency_prompts": 2,
+            "fluency_tokens": 4, "eval_batch_size": 8,
+            "hparams_overrides": {"mom2_n_samples": 64, "v_num_grad_steps": 3}}
+    spec.update(changes)
+    return spec
+
+
+def loader(tok):
+    return lambda: (tiny_model("llama", tok), tok)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"runs": [{"method": "rome"}]}, "runs[0].method"),
+    ({"horizon": 50}, "horizon"),
+    ({"data": "/nonexistent/edit.json"}, "data"),
+    ({"eval_every": 3}, "eval_every"),
+    ({"batch": 2}, "batch"),
+    ({"runs": [{"method": "memit", "alpha": 1.5}]}, "runs[0].alpha"),
+])
+def test_bad_spec_names_the_field_and_writes_nothing(files, tok, tmp_path, change, field):
+    out = tmp_path / "out"
+    with pytest.raises(StudySpecError) as info:
+        run_study(load_spec(spec_dict(files, **change)), out, load=loader(tok))
+    assert info.value.field == field, str(info.value)
+    assert not out.exists()
+
+
+def test_unreadable_spec_file_through_the_cli(tmp_path):
+    bad = tmp_path / "spec.yaml"
+    bad.write_text("runs: [memit\n")  # not YAML
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "sphere_fast.cli", "study", "--spec", str(bad), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sphere-fast study: error: spec:"), proc.stderr
+    assert not out.exists()
+    missing = subprocess.run([sys.executable, "-m", "sphere_fast.cli", "study", "--spec", str(tmp_path / "no.yaml"),
+                              "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "cannot read" in missing.stderr and not out.exists()
+
+
+def test_shipped_spec_loads():
+    spec = load_spec(shipped_spec())
+    assert spec.horizon == 2000 and [r.name for r in spec.runs] == ["memit", "memit+sphere", "alphaedit",
+                                                                     "alphaedit+sphere"]
+    assert spec.runs[1].alpha == 0.8 and spec.runs[3].alpha == 0.5
+
+
+def test_resume_after_budget_stop_matches_an_uninterrupted_study(files, tok, tmp_path, monkeypatch):
+    spec = load_spec(spec_dict(files))
+    whole = run_study(spec, tmp_path / "whole", load=loader(tok), log=lambda m: None)
+    assert {s["state"] for s in whole.values()} == {"done"}
+
+    # The budget runs out during the first batch: the study stops at the next checkpoint.
+    real_edit, real_time, spent = Editor.edit_batch, study.time.time, []
+
+    def edit_batch(self, requests):
+        spent.append(1)
+        return real_edit(self, requests)
+
+    monkeypatch.setattr(Editor, "edit_batch", edit_batch)
+    monkeypatch.setattr(study.time, "time", lambda: real_time() + (3600.0 if spent else 0.0))
+    out = tmp_path / "stopped"
+    first = run_study(spec, out, budget_minutes=10, load=loader(tok), log=lambda m: None)
+    monkeypatch.undo()
+    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    assert first["memit"]["state"] == "paused" and first["memit"]["edits"] == 2  # stopped at the first checkpoint
+    assert "alphaedit+sphere" not in first or first["alphaedit+sphere"]["state"] == "pending"
+    half = write_report(out)  # a report from half-finished runs
+    assert (out / "report" / "study.md").exists() and any(p.name == "metrics.png" for p in half)
+    summary = read_json(out / "report" / "study.json")
+    assert summary["states"]["memit"]["state"] == "paused"
+
+    again = run_study(spec, out, load=loader(tok), log=lambda m: None)
+    assert {s["state"] for s in again.values()} == {"done"}
+    for run in ("memit", "alphaedit+sphere"):
+        a = read_csv(tmp_path / "whole" / "runs" / run / "edits.csv")
+        b = read_csv(out / "runs" / run / "edits.csv")
+        assert [r["edits"] for r in a] == [r["edits"] for r in b] == [0, 2, 4, 6]
+        for ra, rb in zip(a, b):
+            for key in ra:
+                if key.startswith("energy:") or key in ("efficacy", "locality", "perplexity", "kl"):
+                    assert ra[key] == rb[key], (run, key, ra[key], rb[key])
+    # Finished runs are not recomputed.
+    before = (out / "runs" / "memit" / "edits.csv").read_bytes()
+    run_study(spec, out, load=loader(tok), log=lambda m: None)
+    assert (out / "runs" / "memit" / "edits.csv").read_bytes() == before
+    written = {p.name for p in write_report(out)}
+    assert {"study.md", "study.json", "metrics.png", "general.png", "energy.png", "geometry.png"} <= written
+
+
+def test_another_spec_in_the_same_folder_is_refused(files, tok, tmp_path):
+    out = tmp_path / "out"
+    run_study(load_spec(spec_dict(files)), out, budget_minutes=0, load=loader(tok), log=lambda m: None)
+    with pytest.raises(StudySpecError) as info:
+        run_study(load_spec(spec_dict(files, seed=1)), out, load=loader(tok), log=lambda m: None)
+    assert info.value.field == "spec"
+
+
+def test_collapsed_run_is_recorded_and_the_study_goes_on(files, tok, tmp_path, monkeypatch):
+    real = Editor.edit_batch
+
+    def poisoned(self, requests):
+        info = real(self, requests)
+        if self.method == "memit" and self.batches_done == 2:
+            with torch.no_grad():
+                next(iter(self.edited_weights().values()))[0, 0] = float("nan")
+        return info
+
+    monkeypatch.setattr(Editor, "edit_batch", poisoned)
+    out = tmp_path / "out"
+    statuses = run_study(load_spec(spec_dict(files)), out, load=loader(tok), log=lambda m: None)
+    assert statuses["memit"]["state"] == "collapsed"
+    assert statuses["memit"]["edits"] == 2 and statuses["memit"]["collapsed_at"] == 4
+    assert "non-finite" in statuses["memit"]["reason"]
+    assert statuses["alphaedit+sphere"]["state"] == "done"
+    md = (write_report(out)[1]).read_text()
+    assert "collapsed" in md
+    # A collapsed run stays collapsed: calling again does not retry it.
+    assert run_study(load_spec(spec_dict(files)), out, load=loader(tok), log=lambda m: None)["memit"]["state"] == \
+        "collapsed"
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2], [1, 2]) is None
