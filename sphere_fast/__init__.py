@@ -5,6 +5,10 @@ Public API: :func:`sparse_projection` (drop-in for the reference),
 :func:`hyperspherical_energy`, :func:`normalized_gram`, :func:`available_backends`.
 Importing the package never compiles anything or touches a GPU.
 """
+from ._checkout import import_hub_kernels_first
+
+import_hub_kernels_first()  # before anything imports transformers (see _checkout)
+
 from .backends import BackendUnavailableError, available_backends
 from .eigensolver import ConvergenceError
 from .ops import hyperspherical_energy, normalized_gram

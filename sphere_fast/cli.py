@@ -411,14 +411,18 @@ def _study_jobs(args, spec, out: Path, runs: list[str]) -> None:
     run_study(spec, out, budget_minutes=0, only=runs[:1], log=lambda m: print(m, flush=True))  # baseline only
     threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
     groups = [runs[i::args.jobs] for i in range(args.jobs)]
-    base = [sys.executable, "-m", "sphere_fast.cli", "study", "--out", str(out), "--threads", str(threads)]
+    # Absolute paths, so the workers can start outside the current folder (a checkout root there
+    # would put its kernels/ folder on sys.path).
+    base = [sys.executable, "-m", "sphere_fast.cli", "study", "--out", str(out.resolve()), "--threads", str(threads)]
     if args.spec:
-        base += ["--spec", str(args.spec)]
-    for flag, value in (("--model", args.model), ("--data", args.data), ("--horizon", args.horizon),
+        base += ["--spec", str(Path(args.spec).resolve())]
+    model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
+    data = str(Path(args.data).resolve()) if args.data else None
+    for flag, value in (("--model", model), ("--data", data), ("--horizon", args.horizon),
                         ("--batch-size", args.batch_size), ("--budget-minutes", args.budget_minutes)):
         if value is not None:
             base += [flag, str(value)]
-    procs = [subprocess.Popen(base + ["--only", *group]) for group in groups if group]
+    procs = [subprocess.Popen(base + ["--only", *group], cwd=out.resolve()) for group in groups if group]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise CLIError("study", f"a worker process failed (exit codes {codes})")

@@ -5,17 +5,12 @@ TRITON_INTERPRET must be set before triton or any kernel module is imported
 in the first module pytest loads, and nowhere else. Helpers shared by the
 tests are in tests/helpers.py.
 
-pytest puts the repository root first on sys.path, where the kernels/ folder
-(installed as sphere_fast.kernels) would shadow the Hugging Face ``kernels``
-package that transformers (5.25 and later) imports whenever it is installed;
-that package is imported here first, from everywhere but the root.
+Importing sphere_fast next keeps the checkout's kernels/ folder from hiding the Hugging Face
+``kernels`` package that transformers imports (sphere_fast._checkout).
 """
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,20 +18,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def _import_hub_kernels() -> None:
-    root = Path(__file__).resolve().parents[1]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass  # not installed: transformers does not look for it either
-    finally:
-        sys.path[:] = saved
-
-
-_import_hub_kernels()
+import sphere_fast  # noqa: E402,F401  (before transformers: see the module docstring)
 
 
 @pytest.fixture(params=["cpu", "cuda"])
