@@ -19,7 +19,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+    # Last, not first: the root's kernels/ folder would shadow the Hugging Face kernels package,
+    # which transformers (5.25 and later) imports where it is installed.
+    sys.path.append(str(ROOT))
 
 # Environment variable choosing the benchmarks' shapes: "tiny" (the dry run), "cpu", "gpu".
 SHAPES_ENV = "SPHERE_FAST_BENCH_SHAPES"

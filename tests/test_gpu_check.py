@@ -1,14 +1,17 @@
 """scripts/gpu_check.sh as a dry run (no CUDA device): CI runs it so the GPU command cannot rot.
 
-One run of every step against a temporary $OUT (about a minute on two cores; the GPU steps skip,
-the rest runs at tiny shapes on CPU), then checks of what it wrote: the results JSON and markdown,
-the end-to-end chart and the logs, within the limits of what comes back from a GPU machine
-(at most 8 files, at most two folders deep). Two short runs check the budget and a step timeout.
+One run of every step against a temporary $OUT (about a minute on two cores; the GPU steps
+skip, the rest runs at tiny shapes on CPU) with the CUDA build made to fail, then checks of what it
+wrote: the results JSON and markdown, the end-to-end chart and the logs, within the limits of what
+comes back from a GPU machine (at most 8 files, at most two folders deep), and that the failed build
+took nothing else with it. Two short runs check the budget and a step timeout; --plan, which runs
+nothing, checks that the step plan fits the budget.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -18,9 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-GPU_STEPS = ("build", "tests", "bench-kernels", "bench-cuda")
-ALL_STEPS = ("probe", "build", "accuracy", "tests", "bench-kernels", "bench-cuda", "bench-projection", "bench-real",
-             "e2e")
+GPU_STEPS = ("install", "tests", "bench-cuda", "bench-kernels")
+ALL_STEPS = ("install", "probe", "build", "accuracy", "tests", "bench-cuda", "bench-kernels", "bench-projection", "e2e",
+             "bench-real")
 
 pytestmark = pytest.mark.slow
 
@@ -40,15 +43,19 @@ def results(out: Path) -> tuple[dict, str, Path]:
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    """The one full dry run, with a CUDA build that fails (as it may on a GPU machine)."""
     out = tmp_path_factory.mktemp("out")
-    proc = run_script(out, tmp_path_factory.mktemp("work"), "all", "--dry-run")
+    proc = run_script(out, tmp_path_factory.mktemp("work"), "all", "--dry-run", GPU_CHECK_FAIL_BUILD="1")
     return out, proc
 
 
-def test_dry_run_succeeds_and_says_so(dry_run):
+def test_dry_run_fails_only_the_build_and_says_so(dry_run):
     out, proc = dry_run
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-2000:]  # the failed build
     assert "DRY RUN" in proc.stdout
+    steps = {s["name"]: s for s in results(out)[0]["steps"]}
+    assert steps["build"]["status"] == "failed"
+    assert [name for name, s in steps.items() if s["status"] not in ("ok", "skipped")] == ["build"]
 
 
 def test_outputs_fit_what_comes_back_from_a_gpu_machine(dry_run):
@@ -76,6 +83,7 @@ def test_results_json_records_environment_and_every_step(dry_run):
     assert tuple(steps) == ALL_STEPS
     for name in GPU_STEPS:
         assert steps[name]["status"] == "skipped" and "CUDA device" in steps[name]["note"]
+    # What a failed build must leave working: accuracy, the Triton kernels, the benchmarks, e2e.
     for name in ("probe", "accuracy", "bench-projection", "bench-real", "e2e"):
         assert steps[name]["status"] == "ok", steps[name]
 
@@ -84,6 +92,7 @@ def test_accuracy_step_checked_the_contract(dry_run):
     out, _ = dry_run
     acc = results(out)[0]["accuracy"]
     assert acc["ok"] and acc["oracle"]["ok"]
+    assert acc["gram_backend"] == "triton"  # the Triton kernels ran, under the interpreter
     assert [(c["dtype"], c["spectrum"]) for c in acc["cases"]] == [
         ("float32", "decaying"), ("float32", "steep"), ("bfloat16", "decaying")]
     for case in acc["cases"]:
@@ -147,7 +156,7 @@ def test_logs_tarball_holds_each_step(dry_run):
     out, _ = dry_run
     with tarfile.open(out / "gpu-check-logs.tar.gz") as tar:
         names = set(tar.getnames())
-    for name in ("probe", "accuracy", "bench-projection", "bench-real", "e2e", "report"):
+    for name in ("probe", "build", "accuracy", "bench-projection", "bench-real", "e2e", "report"):
         assert f"./logs/{name}.log" in names
     assert "./steps.tsv" in names and "./accuracy.json" in names and "./e2e.json" in names
 
@@ -173,6 +182,55 @@ def test_a_step_that_times_out_is_recorded_and_the_run_fails(tmp_path):
     assert statuses["probe"]["status"] == "ok"
     assert statuses["accuracy"]["status"] == "timeout" and statuses["accuracy"]["timeout"] == 1
     assert statuses["tests"]["status"] == "skipped"  # the steps after it still ran their course
+
+
+def plan(*args: str, **env_extra: str) -> tuple[list[dict], int]:
+    """``--plan``'s rows (step, estimate, timeout, ends by, fits) and the seconds the steps may use."""
+    env = dict(os.environ, **env_extra)
+    env.pop("OUT", None)  # --plan needs none and writes nothing
+    proc = subprocess.run(["bash", str(SCRIPT), *args, "--plan"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header, *lines = proc.stdout.splitlines()
+    budget, reserve = map(int, re.search(r"budget (\d+)s, (\d+)s of it kept", header).groups())
+    rows = []
+    for line in lines:
+        name, runs, estimate, timeout, ends, fits = line.split(maxsplit=5)
+        rows.append({"name": name, "runs": runs, "estimate": int(estimate[:-1]), "timeout": int(timeout[:-1]),
+                     "ends": int(ends[:-1]), "fits": fits == "fits"})
+    return rows, budget - reserve
+
+
+def test_the_plan_fits_what_matters_into_the_budget():
+    rows, usable = plan("all")
+    names = [r["name"] for r in rows]
+    # Correctness before speed; the kernel and projection benchmarks one model shape per step.
+    assert names[:5] == ["install", "probe", "build", "accuracy", "tests"]
+    assert set(names) == {"install", "probe", "build", "accuracy", "tests", "bench-cuda", "e2e", "bench-real",
+                          "bench-kernels-llama3-8b", "bench-kernels-qwen2.5-32b", "bench-projection-llama3-8b",
+                          "bench-projection-qwen2.5-7b", "bench-projection-qwen2.5-32b"}
+    assert usable == 540 - 25
+    ends = 0
+    for row in rows:
+        ends += row["estimate"]
+        assert row["ends"] == ends and row["fits"] == (ends <= usable), row
+        assert 0 < row["estimate"] <= row["timeout"], row
+    fitting = [r["name"] for r in rows if r["fits"]]
+    assert fitting == names[: len(fitting)]  # the tail is what the budget may skip
+    assert {"tests", "bench-cuda", "bench-kernels-llama3-8b", "bench-projection-llama3-8b"} <= set(fitting)
+    # Each half fits whole.
+    for half in ("part1", "part2"):
+        rows, _ = plan(half)
+        assert all(r["fits"] for r in rows), rows
+
+
+def test_the_plan_follows_the_budget_and_timeout_overrides():
+    rows, usable = plan("all", GPU_CHECK_BUDGET_S="200", GPU_CHECK_TIMEOUT_TESTS="123")
+    assert usable == 200 - 25
+    assert [r["name"] for r in rows if r["fits"]] == ["install", "probe", "build", "accuracy"]
+    assert next(r for r in rows if r["name"] == "tests")["timeout"] == 123
+    rows, _ = plan("e2e")
+    assert [r["name"] for r in rows] == ["install", "probe", "build", "e2e"]
 
 
 def test_bad_arguments_are_refused():
