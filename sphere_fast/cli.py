@@ -385,6 +385,8 @@ def cmd_study(args) -> int:
         raise CLIError(command, str(exc)) from None
     set_threads(args.threads)
     out = Path(args.out)
+    if args.pilot_tasks:
+        return _pilot_tasks(spec, out)
     runs = [r.name for r in spec.runs if not args.only or r.name in args.only]
     try:
         if args.jobs > 1 and len(runs) > 1:
@@ -398,6 +400,18 @@ def cmd_study(args) -> int:
         raise CLIError(command, str(exc)) from None
     written = write_report(out)
     print("report: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _pilot_tasks(spec, out: Path) -> int:
+    from .harness.general_tasks import pilot
+    from .harness.report import write_json
+
+    model, tokenizer = _load_model(spec.model, dtype=spec.dtype, command="study")
+    result = pilot(model, tokenizer, seed=spec.seed, log=lambda m: print(m, flush=True))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "general_tasks_pilot.json", {"model": spec.model, "tasks": result})
+    print(f"wrote {out / 'general_tasks_pilot.json'}")
     return 0
 
 
@@ -567,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--only", nargs="+", default=(), metavar="RUN", help="run only these runs of the spec")
     study.add_argument("--budget-minutes", type=float, default=None,
                        help="stop cleanly at the next checkpoint once this many minutes are spent")
+    study.add_argument("--pilot-tasks", action="store_true",
+                       help="only score the unedited model on the paper's four general-ability tasks (BoolQ, RTE, "
+                            "NQ-open, GSM8K; a sample of each) into OUT/general_tasks_pilot.json")
     study.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes (default 1)")
     study.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
     study.set_defaults(handler=cmd_study)
