@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchutil import environment, sync  # noqa: E402
 
 from sphere_fast import SphereProjector  # noqa: E402
+from sphere_fast.files import atomic_path, atomic_write_text  # noqa: E402
 from sphere_fast.reference import sparse_projection_reference  # noqa: E402
 
 PATHS = ("fit", "refit", "reference")
@@ -463,10 +464,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xlim(0, max(b["batch"] for b in batches) * 1.35)
     fig.legend(ncol=len(COMPONENTS), fontsize=8, loc="lower center", frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main(argv=None) -> int:
@@ -484,9 +484,7 @@ def main(argv=None) -> int:
     args.stats_samples = args.stats_samples or (32 if args.tiny else 1000)
 
     def save(result: dict) -> None:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(result, indent=1))
         if args.png and result["batches"]:
             plot(result, args.png)
 

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from sphere_fast.files import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SPLIT = ("targets", "keys", "solve", "sphere", "apply", "cache", "stats", "total")
 
@@ -219,9 +221,7 @@ def write_results(label: str, result: dict, date: str, settings: str) -> tuple[P
     doc.update(device=f"{_cpu_name()}, {os.cpu_count()} cores visible", settings=settings)
     doc["runs"][label] = result
     for path, text in ((json_path, json.dumps(doc, indent=2) + "\n"), (json_path.with_suffix(".md"), _markdown(doc))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     return json_path, json_path.with_suffix(".md")
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 from collections import defaultdict
 from pathlib import Path
+
+# Last on the path: the installed package wins, and the GPU check's report is still written where its install failed.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+from sphere_fast.files import atomic_write_text  # noqa: E402
 
 FORMAT = "sphere_fast-gpu-check/1"
 PROJECTION_CASES = ["reference", "sparse_projection", "fit_apply", "refit_apply", "fit_apply_next", "refit"]
@@ -352,23 +354,10 @@ def gpu_check_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the file into the repository
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_gpu_check(work: Path, prefix: Path, *, mode: str, dry_run: bool) -> dict:
     result = gpu_check_result(work, mode=mode, dry_run=dry_run)
-    _write_atomic(prefix.with_name(prefix.name + ".json"), json.dumps(result, indent=1))
-    _write_atomic(prefix.with_name(prefix.name + ".md"), gpu_check_markdown(result))
+    atomic_write_text(prefix.with_name(prefix.name + ".json"), json.dumps(result, indent=1))
+    atomic_write_text(prefix.with_name(prefix.name + ".md"), gpu_check_markdown(result))
     return result
 
 

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from sphere_fast.files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 METRICS = ("efficacy", "generalization", "specificity", "locality")
@@ -113,9 +115,7 @@ def _write(kind: str, meta: dict, rows: list[dict]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"cpu-smollm2-{kind}-{meta['date']}"
     payload = {**meta, "rows": rows}
-    tmp = stem.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(stem.with_suffix(".json"))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(payload, indent=1) + "\n")
     md = [f"# SmolLM2-135M-Instruct, {kind} ({meta['split']} split)", "",
           f"- date {meta['date']}, commit {meta['commit']}, device: {meta['device']}",
           f"- {meta['n']} requests (first of `{meta['data']}`), batches of {meta['batch_size']}, all evaluated after "

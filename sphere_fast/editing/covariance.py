@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..files import atomic_path, file_sha256
 from . import paths
-from .paths import file_sha256
 from .model_utils import (
     get_module,
     model_device,
@@ -95,15 +93,8 @@ def _cache_file(cache_dir: Path, module_name: str, key: str) -> Path:
 def _save_atomic(path: Path, tensor: torch.Tensor, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"mom2": tensor.detach().cpu().contiguous()}, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        save_file({"mom2": tensor.detach().cpu().contiguous()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
 
 
 def _load(path: Path, key: str) -> torch.Tensor | None:

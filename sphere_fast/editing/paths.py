@@ -10,9 +10,10 @@ SPHERE_FAST_CACHE_DIR  covariance statistics, trained models (default:
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from ..files import file_sha256  # noqa: F401  (its former home, still imported from here)
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,12 +38,3 @@ def wikitext_path(split: str = "test") -> Path:
 
 def counterfact_path() -> Path:
     return data_dir() / "counterfact" / "easyedit_counterfact-edit.json"
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks: cache keys follow the data."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

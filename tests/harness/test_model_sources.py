@@ -332,3 +332,28 @@ def test_models_command_lists_named_and_cached_models(tiny, named_tiny, cache, c
     shutil.rmtree(cache / "models" / TINY)
     assert main(["models"]) == 0
     assert f"not cached (fetched and converted on first use): {cache / 'models' / TINY}" in capsys.readouterr().out
+
+
+def test_models_lists_a_train_lm_model_as_a_trained_model(tiny, cache, capsys):
+    from sphere_fast.harness import train_lm
+
+    entry = cache / "models" / "llama-h64-l2-test"
+    train_lm._save(tiny["model"], tiny["tokenizer"], {"heldout_perplexity": 12.5}, entry)  # what train() writes
+    assert (entry / MARKER).is_file() and train_lm.is_complete(entry)
+    assert json.loads((entry / MARKER).read_text())["source"] == {"kind": "train-lm"}
+
+    def row():
+        return next(r for r in model_sources.list_models() if r["name"] == entry.name)
+
+    assert row()["kind"] == "train-lm" and row()["cached"] and not row()["named"]
+    assert main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if entry.name in x)
+    assert "trained by sphere-fast train-lm" in line and "incomplete" not in line and "GGUF" not in line
+    # A model trained before train-lm wrote the marker is listed the same way.
+    (entry / MARKER).unlink()
+    assert train_lm.is_complete(entry) and row()["kind"] == "train-lm" and row()["cached"]
+    # A damaged one is seen as such, and trained again by ensure_model.
+    train_lm._save(tiny["model"], tiny["tokenizer"], {"heldout_perplexity": 12.5}, entry, overwrite=True)
+    with open(entry / "model.safetensors", "r+b") as fh:
+        fh.truncate(100)
+    assert not train_lm.is_complete(entry) and row()["kind"] == "train-lm" and not row()["cached"]

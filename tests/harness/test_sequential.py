@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from sphere_fast.editing.editor import Editor
 from sphere_fast.editing.hparams import default_hparams
-from sphere_fast.harness.sequential import latest_checkpoint, run_sequential
+from sphere_fast.harness.sequential import latest_checkpoint, load_checkpoint, prune_checkpoints, run_sequential, \
+    save_checkpoint
 
 from tests.editing.fixtures import one_thread, subject_end_requests, tiny_model, tiny_tokenizer
 
@@ -136,3 +142,81 @@ def test_argument_errors(tok, cache, tmp_path):
     with pytest.raises(ValueError, match="request"):
         run_sequential(editor(tok, cache), reqs[::-1], batch_size=1, checkpoint_dir=tmp_path / "c", resume=True,
                        progress=False)
+
+
+class Crash(Exception):
+    pass
+
+
+# Every step a checkpoint write takes: temporary folder, file writes, modes, renames, deletions.
+_STEPS = ((tempfile, "mkdtemp"), (safetensors.torch, "save_file"), (torch, "save"), (Path, "write_text"),
+          (os, "chmod"), (os, "rename"), (os, "replace"), (shutil, "rmtree"))
+
+
+def _stop_at(patch, step: int, kill: bool) -> list[str]:
+    """Make the ``step``-th of the calls in ``_STEPS`` raise; with ``kill`` nothing runs after it (no clean-up)."""
+    seen, dead = [], []
+
+    def wrap(owner, name):
+        real = getattr(owner, name)
+
+        def op(*args, **kwargs):
+            if dead and kill:
+                return None
+            if not dead:
+                seen.append(name)
+                if len(seen) == step:
+                    dead.append(name)
+                    raise Crash(f"{name} (step {step})")
+            return real(*args, **kwargs)
+
+        patch.setattr(owner, name, op)
+
+    for owner, name in _STEPS:
+        wrap(owner, name)
+    return seen
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["error", "kill"])
+@pytest.mark.parametrize("replace", [False, True], ids=["next-batch-and-prune", "same-batch"])
+def test_a_checkpoint_write_stopped_at_any_step_leaves_a_complete_checkpoint(tok, cache, tmp_path, monkeypatch,
+                                                                              kill, replace):
+    """save_checkpoint (and the prune after it) stopped at each step in turn: the newest checkpoint found is
+    complete, loads, and holds either the previous state or the new one, never a mixture or nothing."""
+    reqs = subject_end_requests(tok, 4)
+    ed = editor(tok, cache)
+    ed.edit_batch(reqs[:2])
+    pristine = tmp_path / "pristine"
+    save_checkpoint(ed, pristine, 1, batch_size=2, requests_hash="h")
+    before = {n: w.clone() for n, w in ed.edited_weights().items()}
+    ed.edit_batch(reqs[2:])
+    after = {n: w.clone() for n, w in ed.edited_weights().items()}
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+    outcomes = set()
+    for step in range(1, 100):
+        root = tmp_path / f"step-{step}"
+        shutil.copytree(pristine, root)
+        with monkeypatch.context() as patch:
+            seen = _stop_at(patch, step, kill)
+            try:
+                save_checkpoint(ed, root, 1 if replace else 2, batch_size=2, requests_hash="h")
+                if not replace:
+                    prune_checkpoints(root, keep_last=1)
+            except Crash:
+                pass
+        latest = latest_checkpoint(root)
+        assert latest is not None, f"no checkpoint after a stop at step {step} ({seen[-1]})"
+        reader = editor(tok, cache)
+        meta = load_checkpoint(reader, latest)
+        state = "new" if all(torch.equal(w, after[n]) for n, w in reader.edited_weights().items()) else "old"
+        expected = before if state == "old" else after
+        assert all(torch.equal(w, expected[n]) for n, w in reader.edited_weights().items()), f"step {step}"
+        assert meta["next_batch"] == (1 if replace or state == "old" else 2)
+        outcomes.add(state)
+        # The next write goes through whatever the stop left behind.
+        save_checkpoint(ed, root, 1 if replace else 2, batch_size=2, requests_hash="h")
+        assert json.loads((latest_checkpoint(root) / "meta.json").read_text())["next_batch"] == (1 if replace else 2)
+        if len(seen) < step:  # the write finished before this step: every step has been stopped once
+            break
+    assert step > 8 and outcomes == {"old", "new"}
