@@ -457,10 +457,13 @@ def cmd_models(args) -> int:
         print(f"  {row['name']:<10} {row['description']}")
         print(f"  {'':<10} from {row['source']}")
         print(f"  {'':<10} {state}: {row['path']}")
-    others = [r for r in rows if not r["named"]]
-    if others:
-        print("converted GGUF files (--model FILE.gguf):")
-        for row in others:
+    headings = {"gguf": "converted GGUF files (--model FILE.gguf):",
+                "train-lm": "trained by sphere-fast train-lm (--model DIR):", "saved": "other models in the cache:"}
+    for kind, heading in headings.items():
+        group = [r for r in rows if not r["named"] and r.get("kind", "gguf") == kind]
+        if group:
+            print(heading)
+        for row in group:
             state = f"{row['size'] / 2**20:.0f} MiB" if row["cached"] else "incomplete (rebuilt on next use)"
             print(f"  {row['name']}  {row['source']}, {state}: {row['path']}")
     return 0

@@ -347,8 +347,10 @@ def test_models_lists_a_train_lm_model_as_a_trained_model(tiny, cache, capsys):
 
     assert row()["kind"] == "train-lm" and row()["cached"] and not row()["named"]
     assert main(["models"]) == 0
-    line = next(x for x in capsys.readouterr().out.splitlines() if entry.name in x)
+    listing = capsys.readouterr().out
+    line = next(x for x in listing.splitlines() if entry.name in x)
     assert "trained by sphere-fast train-lm" in line and "incomplete" not in line and "GGUF" not in line
+    assert "trained by sphere-fast train-lm (--model DIR):" in listing and "converted GGUF files" not in listing
     # A model trained before train-lm wrote the marker is listed the same way.
     (entry / MARKER).unlink()
     assert train_lm.is_complete(entry) and row()["kind"] == "train-lm" and row()["cached"]
