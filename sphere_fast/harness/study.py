@@ -255,13 +255,15 @@ def _text_chunks(tokenizer, text_path: Path, tokens: int, seq_len: int) -> torch
 
 
 @torch.no_grad()
-def _next_token_logprobs(model, chunks: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    outs = []
-    for start in range(0, len(chunks), batch_size):
-        ids = chunks[start:start + batch_size].to(device)
-        outs.append(torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), dim=-1).cpu())
-    return torch.cat(outs)
+def _next_token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(model(input_ids=ids.to(next(model.parameters()).device)).logits[:, :-1].float(), -1)
+
+
+def _perplexity(model, chunks: torch.Tensor, batch_size: int) -> float:
+    nll = sum(float(-_next_token_logprobs(model, chunks[i:i + batch_size])
+                    .gather(-1, chunks[i:i + batch_size, 1:].unsqueeze(-1)).sum())
+              for i in range(0, len(chunks), batch_size))
+    return math.exp(nll / chunks[:, 1:].numel())
 
 
 class GeneralProbe:
@@ -291,23 +293,26 @@ class GeneralProbe:
 
     def measure(self) -> dict:
         spec, bs = self.spec, max(1, self.spec.eval_batch_size // 8)
-        edited = self._swap(self.originals)
-        try:
-            ref = _next_token_logprobs(self.model, self.chunks, bs)
-        finally:
-            self._swap(edited)
-        new = _next_token_logprobs(self.model, self.chunks, bs)
-        targets = self.chunks[:, 1:]
-        nll = -new.gather(-1, targets.unsqueeze(-1)).mean()
-        kl = (ref.exp() * (ref - new)).sum(-1).mean()
-        agree = (ref.argmax(-1) == new.argmax(-1)).float().mean()
+        nll = kl = agree = 0.0
+        for i in range(0, len(self.chunks), bs):  # a batch at a time: tokens x vocabulary is large
+            chunk = self.chunks[i:i + bs]
+            edited = self._swap(self.originals)
+            try:
+                ref = _next_token_logprobs(self.model, chunk)
+            finally:
+                self._swap(edited)
+            new = _next_token_logprobs(self.model, chunk)
+            nll += float(-new.gather(-1, chunk[:, 1:].unsqueeze(-1)).sum())
+            kl += float((ref.exp() * (ref - new)).sum())
+            agree += float((ref.argmax(-1) == new.argmax(-1)).sum())
+        positions = self.chunks[:, 1:].numel()
         known = self.baseline["retention"]
         preds = teacher_forced_predictions(self.model, self.tokenizer, known["prompts"], known["targets"],
                                            batch_size=spec.eval_batch_size)
         retained = sum(int(p == t) for p, t in preds) / len(preds) if preds else None
         texts = generate(self.model, self.tokenizer, self.baseline["fluency_prompts"],
                          max_new_tokens=spec.fluency_tokens, batch_size=spec.eval_batch_size)
-        return {"perplexity": math.exp(float(nll)), "kl": float(kl), "top1_agreement": float(agree),
+        return {"perplexity": math.exp(nll / positions), "kl": kl / positions, "top1_agreement": agree / positions,
                 "retention": retained, "fluency": sum(map(ngram_entropy, texts)) / len(texts)}
 
 
@@ -325,15 +330,13 @@ def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> d
     known = [c for c, (p, t) in zip(candidates, preds) if p == t][: spec.retention_max]
     fluency_prompts = [c.text for c in candidates[: spec.fluency_prompts]]
     perplexity_chunks = _text_chunks(tokenizer, _general_text(spec), spec.general_tokens, spec.general_seq_len)
-    logprobs = _next_token_logprobs(model, perplexity_chunks, max(1, spec.eval_batch_size // 8))
-    nll = -logprobs.gather(-1, perplexity_chunks[:, 1:].unsqueeze(-1)).mean()
     texts = generate(model, tokenizer, fluency_prompts, max_new_tokens=spec.fluency_tokens,
                      batch_size=spec.eval_batch_size)
     return {
         "retention": {"candidates": len(candidates), "known": len(known), "prompts": [c.text for c in known],
                       "targets": [c.target_true for c in known]},
         "fluency_prompts": fluency_prompts,
-        "general": {"perplexity": math.exp(float(nll)), "kl": 0.0, "top1_agreement": 1.0,
+        "general": {"perplexity": _perplexity(model, perplexity_chunks, max(1, spec.eval_batch_size // 8)), "kl": 0.0, "top1_agreement": 1.0,
                     "retention": 1.0 if known else None,
                     "fluency": sum(map(ngram_entropy, texts)) / len(texts)},
         "general_tokens": int(perplexity_chunks.numel()),
