@@ -84,7 +84,8 @@ def summarise(out: Path) -> dict:
     table, correlations, times, states = [], {}, {}, {}
     points = []  # (run, delta energy, delta accuracy)
     for name, run in runs.items():
-        states[name] = run["status"]
+        done = max((int(r["edits"]) for r in run["rows"]), default=0)  # status.json is written at checkpoints
+        states[name] = {**run["status"], "edits": max(done, int(run["status"].get("edits") or 0))}
         evals = run["evals"]
         if not evals:
             continue
@@ -111,7 +112,7 @@ def summarise(out: Path) -> dict:
                                                                                       or 0) for r in evals[1:]],
                            "batches_timed": len(timed)}
     fit = None
-    if len(points) >= 2:
+    if len(points) >= 3:
         xs, ys = [p[1] for p in points], [p[2] for p in points]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
