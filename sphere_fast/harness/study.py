@@ -397,6 +397,11 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     if status["state"] in ("done", "collapsed"):
         return status
     ckpt_dir = _work_dir(spec, out) / run.name / "checkpoints"
+    if status["state"] in ("running", "paused") and latest_checkpoint(ckpt_dir) is None:
+        # The checkpoints live in the cache, which a new machine does not have: the records stay and
+        # are replaced batch by batch as the run is redone from its start.
+        log(f"[{run.name}] no checkpoint in {ckpt_dir} (a new machine, or a cleared cache): "
+            f"editing again from 0 edits (the records showed {status.get('edits', 0)})")
     if status["state"] == "pending" and ckpt_dir.exists():
         import shutil
 
