@@ -90,7 +90,11 @@ def summarise(out: Path) -> dict:
         if not evals:
             continue
         first = evals[0]
-        for edits in sorted({0, *TABLE_AT, int(evals[-1]["edits"])}):
+        # The first evaluation at or after each of TABLE_AT (500 falls between evaluations every 200).
+        marks = {0, int(evals[-1]["edits"])}
+        marks |= {next(int(r["edits"]) for r in evals if int(r["edits"]) >= t) for t in TABLE_AT
+                  if int(evals[-1]["edits"]) >= t}
+        for edits in sorted(marks):
             row = _at(evals, edits)
             if row is not None:
                 table.append({"run": name, "edits": edits, "eval_requests": row.get("eval_requests"),
