@@ -22,8 +22,8 @@ projector with ``torch.linalg.eigh`` (as the editing layer computes it) against
 the package's eigensolver (the eigenpairs above the threshold, P = I - U U^T), and the per-batch
 solve (its d^3 product and ``torch.linalg.solve``); and it ranks the costs of a batch.
 
-The benchmark swaps the Editor's ``SphereProjector`` for :class:`PathProjector` and its clock for a
-synchronising one (module attributes of ``sphere_fast.editing.editor``, restored afterwards).
+The benchmark gives the Editor :class:`PathProjector` as its projector and a synchronising clock
+(the Editor's ``projector`` and ``clock`` arguments).
 ``--tiny`` runs a reduced configuration on CPU (the GPU check's dry run).
 
     python bench/bench_e2e.py --out e2e.json --png e2e.png [--tiny] [--requests N] [--steps N]
@@ -31,7 +31,6 @@ synchronising one (module attributes of ``sphere_fast.editing.editor``, restored
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import sys
@@ -210,27 +209,15 @@ class PathProjector:
 
 
 class SyncedClock:
-    """Stands in for the editor module's ``time``: ``perf_counter`` once the device's queued work is done,
-    so each of the Editor's timers holds the device work of its own step."""
+    """The Editor's clock: ``perf_counter`` once the device's queued work is done, so each of the
+    Editor's timers holds the device work of its own step."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def perf_counter(self) -> float:
+    def __call__(self) -> float:
         sync(self.device)
         return time.perf_counter()
-
-
-@contextlib.contextmanager
-def swapped_editor(device: torch.device):
-    from sphere_fast.editing import editor as editor_module
-
-    saved = editor_module.SphereProjector, editor_module.time
-    editor_module.SphereProjector, editor_module.time = PathProjector, SyncedClock(device)
-    try:
-        yield
-    finally:
-        editor_module.SphereProjector, editor_module.time = saved
 
 
 # --------------------------------------------------------------------------- measurements
@@ -376,27 +363,27 @@ def run(args, save) -> dict:
         corpus_file = Path(tmp) / "corpus.txt"
         corpus_file.write_text("\n".join(corpus) + "\n", encoding="utf-8")
         editor = Editor(model, tok, hp, method="alphaedit", sphere=True, stats_corpus=corpus_file,
-                        cache_dir=Path(tmp) / "cache", seed=0, progress=False)
+                        cache_dir=Path(tmp) / "cache", seed=0, progress=False, projector=PathProjector,
+                        clock=SyncedClock(device))
         W = editor.edited_weights()[editor.edited_module_names[0]]
         setup["prewarm_seconds"] = prewarm(tuple(W.shape), W.dtype, device, editor.eta, editor.alpha)
-        with swapped_editor(device):
-            for index, path in enumerate(PATHS):
-                PathProjector.path = path
-                PathProjector.seconds, PathProjector.methods = {"fit": 0.0, "apply": 0.0}, set()
-                requests = synthetic_requests(args.requests, seed=100 + index)
-                info = editor.edit_batch(requests)
-                entry = {"path": path, **batch_breakdown(info),
-                         "sphere_split": dict(PathProjector.seconds),
-                         "layers": {name: {k: v for k, v in layer.items() if k != "conv1d"}
-                                    for name, layer in info["layers"].items()},
-                         "methods": sorted(PathProjector.methods),
-                         "z_residual": [info["z_residual_before"], info["z_residual_after"]]}
-                entry["sphere_share"] = entry["components"]["sphere"] / entry["batch"]
-                result["batches"].append(entry)
-                print(f"batch {index} ({path:9s}): {entry['batch']:.2f} s, SPHERE {entry['components']['sphere']:.3f} s "
-                      f"({100 * entry['sphere_share']:.2f} %), one-time stats {entry['one_time_stats']:.1f} s",
-                      flush=True)
-                save(result)
+        for index, path in enumerate(PATHS):
+            PathProjector.path = path
+            PathProjector.seconds, PathProjector.methods = {"fit": 0.0, "apply": 0.0}, set()
+            requests = synthetic_requests(args.requests, seed=100 + index)
+            info = editor.edit_batch(requests)
+            entry = {"path": path, **batch_breakdown(info),
+                     "sphere_split": dict(PathProjector.seconds),
+                     "layers": {name: {k: v for k, v in layer.items() if k != "conv1d"}
+                                for name, layer in info["layers"].items()},
+                     "methods": sorted(PathProjector.methods),
+                     "z_residual": [info["z_residual_before"], info["z_residual_after"]]}
+            entry["sphere_share"] = entry["components"]["sphere"] / entry["batch"]
+            result["batches"].append(entry)
+            print(f"batch {index} ({path:9s}): {entry['batch']:.2f} s, SPHERE {entry['components']['sphere']:.3f} s "
+                  f"({100 * entry['sphere_share']:.2f} %), one-time stats {entry['one_time_stats']:.1f} s",
+                  flush=True)
+            save(result)
         result["summary"] = summarize(result)
         save(result)
         result["alphaedit_dd"] = alphaedit_dd_work(editor, hp, device, args.requests)

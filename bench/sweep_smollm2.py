@@ -90,7 +90,7 @@ def run_config(model, tokenizer, requests, hparams, *, method: str, sphere: bool
             print(f"    batch {len(batches)}: {seconds}", flush=True)
         edit_seconds = time.perf_counter() - t0
         after = evaluate(model, tokenizer, requests, reference=reference, batch_size=16)
-        null_dims = dict(editor._null_dim)
+        null_dims = {name: layer.get("nullspace_dim") for name, layer in info["layers"].items()}
     finally:
         with torch.no_grad():
             for name, weight in base_weights.items():

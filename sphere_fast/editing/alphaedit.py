@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from .compute import compute_keys
+from .strategy import Batch, LocateThenEdit
+
 
 def solve_dtype(device: torch.device, d: int) -> torch.dtype:
     """The dtype of the eigendecomposition and solve: float64 where it is cheap (CPU, or d <= 8192),
@@ -50,3 +53,49 @@ def alphaedit_update(K: torch.Tensor, R: torch.Tensor, P: torch.Tensor, cache_c:
     lhs.diagonal().add_(L2)
     rhs = Pd @ K @ R.T
     return torch.linalg.solve(lhs, rhs).T
+
+
+class AlphaEdit(LocateThenEdit):
+    """AlphaEdit: the null-space projector P of each layer's C0 and the accumulated ``cache_c``."""
+
+    name = "alphaedit"
+    default_alpha = 0.5  # paper, Appendix D.4.1
+
+    def __init__(self, hparams):
+        super().__init__(hparams)
+        self.P: dict[str, torch.Tensor] = {}
+        self.null_dim: dict[str, int] = {}
+        self.cache_c: dict[str, torch.Tensor] = {}
+
+    def has_key_statistics(self, name: str) -> bool:
+        return name in self.P
+
+    def set_key_statistics(self, name: str, C0: torch.Tensor) -> None:
+        self.P[name], self.null_dim[name] = nullspace_projector(C0, self.hparams.nullspace_threshold)
+        if name not in self.cache_c:
+            self.cache_c[name] = torch.zeros_like(self.P[name])
+
+    def layer_update(self, name, K, R, W):
+        return alphaedit_update(K, R, self.P[name], self.cache_c[name], self.hparams.L2)
+
+    def layer_info(self, name: str) -> dict:
+        return {"nullspace_dim": self.null_dim[name]}
+
+    def after_layers(self, batch: Batch) -> None:
+        # cache_c gathers the keys of the edited model (as the public code does, after all layers).
+        with batch.timed("cache"):
+            Ks = compute_keys(batch.model, batch.tokenizer, batch.requests, batch.hparams, batch.module_names,
+                              batch.templates)
+            grams = {}
+            for name in batch.module_names:
+                K = Ks[name].to(self.cache_c[name].device).T
+                grams[name] = (K @ K.T).to(self.cache_c[name].dtype)
+            for name, g in grams.items():  # no failure point past here
+                self.cache_c[name].add_(g)
+
+    def layer_state(self, name: str) -> dict:
+        return {"cache_c": self.cache_c[name].detach().cpu().clone()} if name in self.cache_c else {}
+
+    def load_layer_state(self, name: str, entry: dict, device) -> None:
+        if "cache_c" in entry:
+            self.cache_c[name] = entry["cache_c"].to(device).clone()

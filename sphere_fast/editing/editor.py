@@ -1,10 +1,11 @@
-"""Sequential MEMIT / AlphaEdit editing of a Hugging Face causal LM, with SPHERE.
+"""Sequential editing of a Hugging Face causal LM (MEMIT, AlphaEdit, ...), with SPHERE.
 
 One :class:`Editor` holds everything that persists between batches: the
-context templates, each edited layer's key statistics (MEMIT: C0; AlphaEdit:
-the null-space projector P and ``cache_c``) and, with SPHERE, each layer's
-:class:`~sphere_fast.projector.SphereProjector`. Per-layer state lives on that
-layer's device, so accelerate ``device_map`` sharding works unchanged.
+context templates, the method (an :class:`~.strategy.EditMethod` from
+:mod:`.methods`, with its own state, e.g. MEMIT's C0 or AlphaEdit's null-space
+projector P and ``cache_c``) and, with SPHERE, each layer's projector. Per-layer
+state lives on that layer's device, so accelerate ``device_map`` sharding works
+unchanged.
 
 A batch runs as in the official SPHERE code (an AlphaEdit fork): target values
 z for every request at the last edited layer; then, for each edited layer in
@@ -31,18 +32,16 @@ import torch
 from .._validation import all_finite, check_alpha, check_eta
 from ..projector import SphereProjector
 from . import paths
-from .alphaedit import alphaedit_update, nullspace_projector
-from .compute import compute_keys, compute_targets, context_templates, layer_outputs, validate_request
+from .compute import context_templates, validate_request
 from .covariance import layer_second_moments, load_cached
 from .hparams import EditHparams
-from .memit import memit_update
+from .methods import method_class
 from .model_utils import get_module, is_conv1d, oriented_weight, tokenizer_fingerprint, weights_fingerprint
 from .requests import EditRequest
+from .strategy import Batch
 
-METHODS = ("memit", "alphaedit")
 STATE_FORMAT = 1
 DEFAULT_ETA = 0.5
-DEFAULT_ALPHA = {"alphaedit": 0.5, "memit": 0.8}  # paper, Appendix D.4.1
 
 # Context templates per (weights, tokenizer, seed): shared by every Editor (and
 # so by both methods) on the same unedited model.
@@ -52,11 +51,11 @@ TIMED_PARTS = ("stats", "targets", "keys", "solve", "sphere", "apply", "cache")
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float], part: str):
-    """Add the block's wall time to ``seconds[part]``."""
-    start = time.perf_counter()
+def _timed(seconds: dict[str, float], part: str, clock):
+    """Add the block's time by ``clock`` to ``seconds[part]``."""
+    start = clock()
     yield
-    seconds[part] += time.perf_counter() - start
+    seconds[part] += clock() - start
 
 
 class Editor:
@@ -66,7 +65,7 @@ class Editor:
     ----------
     model, tokenizer : a transformers causal LM and its tokenizer.
     hparams : :class:`EditHparams` (see :func:`~sphere_fast.editing.hparams.load_hparams`).
-    method : "memit" or "alphaedit".
+    method : a name in :data:`~.methods.METHODS` ("memit", "alphaedit", ...).
     sphere : project each update with SPHERE; False gives the base method exactly.
     eta, alpha : SPHERE's cumulative ratio and suppression strength; None takes
         ``hparams.cumulative_ratio`` / ``suppression_strength``, then the paper's
@@ -75,25 +74,30 @@ class Editor:
         is such a file, else WikiText-2 test).
     cache_dir : where C0 is cached (default :func:`paths.cache_dir`).
     seed : seeds the context-template sampling.
+    projector : the class that fits SPHERE's projection (``fit(W, eta, alpha)``, ``refit(W)``,
+        ``apply_(W, B)``, ``rank``, state_dict round trip); benchmarks pass an instrumented one.
+    clock : the timer of ``info["seconds"]`` (default ``time.perf_counter``); benchmarks pass one that
+        synchronises the device first.
     """
 
     def __init__(self, model, tokenizer, hparams: EditHparams, *, method: str, sphere: bool = True,
                  eta: float | None = None, alpha: float | None = None, stats_corpus: str | Path | None = None,
-                 cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True):
+                 cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
+                 projector=SphereProjector, clock=time.perf_counter):
         if not isinstance(hparams, EditHparams):
             raise TypeError(f"hparams must be an EditHparams (see load_hparams), got {type(hparams).__name__}")
-        method = str(method).lower()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self._method_class = method_class(method)
         self.model = model
         self.tokenizer = tokenizer
         self.hparams = hparams
-        self.method = method
+        self.method = self._method_class.name
+        self.projector_class = projector
+        self.clock = clock
         self.sphere = bool(sphere)
         eta = eta if eta is not None else hparams.cumulative_ratio
         alpha = alpha if alpha is not None else hparams.suppression_strength
         self.eta = check_eta(DEFAULT_ETA if eta is None else eta)
-        self.alpha = check_alpha(DEFAULT_ALPHA[method] if alpha is None else alpha)
+        self.alpha = check_alpha(self._method_class.default_alpha if alpha is None else alpha)
         if stats_corpus is None:
             # mom2_dataset may name a local corpus file; names like "wikipedia" fall back to WikiText-2.
             named = Path(str(hparams.mom2_dataset)).expanduser()
@@ -122,10 +126,7 @@ class Editor:
         self._base_fp = weights_fingerprint(model)
         self._templates: list[list[str]] | None = None
         self._stats_keys: dict[str, str] = {}
-        self._C0: dict[str, torch.Tensor] = {}  # MEMIT
-        self._P: dict[str, torch.Tensor] = {}  # AlphaEdit
-        self._null_dim: dict[str, int] = {}
-        self._cache_c: dict[str, torch.Tensor] = {}  # AlphaEdit
+        self.edit_method = self._method_class(hparams)
         self._projectors: dict[str, SphereProjector] = {}
 
     # -- preparation -------------------------------------------------------------
@@ -142,23 +143,16 @@ class Editor:
         return self._templates
 
     def _stats_ready(self) -> bool:
-        store = self._C0 if self.method == "memit" else self._P
-        return all(name in store for name in self.edited_module_names)
+        return all(self.edit_method.has_key_statistics(name) for name in self.edited_module_names)
 
     def _set_stats(self, c0s: dict[str, torch.Tensor]) -> None:
         for name in self.edited_module_names:
-            c0 = c0s[name].to(self._weight(name).device)
-            if self.method == "memit":
-                self._C0[name] = c0
-            else:
-                self._P[name], self._null_dim[name] = nullspace_projector(c0, self.hparams.nullspace_threshold)
-                if name not in self._cache_c:
-                    self._cache_c[name] = torch.zeros_like(self._P[name])
+            self.edit_method.set_key_statistics(name, c0s[name].to(self._weight(name).device))
 
     def _prepare(self) -> None:
         """Templates and key statistics, from the unedited model (first batch only)."""
         self.templates  # noqa: B018 - computes and caches
-        if self._stats_ready():
+        if not self.edit_method.uses_key_statistics or self._stats_ready():
             return
         c0s, keys = layer_second_moments(
             self.model, self.tokenizer, self.edited_module_names, corpus=self.stats_corpus,
@@ -184,10 +178,12 @@ class Editor:
             raise ValueError("requests must not be empty")
         for i, req in enumerate(requests):
             validate_request(self.tokenizer, req, self.hparams.fact_token, f"requests[{i}]")
-        t_start = time.perf_counter()
+        t_start = self.clock()
         seconds = {"total": 0.0, **dict.fromkeys(TIMED_PARTS, 0.0)}
-        with _timed(seconds, "stats"):
+        with _timed(seconds, "stats", self.clock):
             self._prepare()
+        for name in self.edited_module_names:
+            self.edit_method.start(name, self._weight(name))
 
         snapshot = {name: self._weight(name).clone() for name in self.edited_module_names}
         projectors = {name: copy.copy(p) for name, p in self._projectors.items()}
@@ -200,85 +196,49 @@ class Editor:
             self._projectors = projectors
             raise
         self.batches_done += 1
-        seconds["total"] = time.perf_counter() - t_start
+        seconds["total"] = self.clock() - t_start
         info.update(batch_size=len(requests), seconds=seconds, batch_index=self.batches_done - 1)
         return info
 
     def _edit(self, requests: list[EditRequest], seconds: dict) -> dict:
-        hp, model, tok = self.hparams, self.model, self.tokenizer
-        templates = self.templates
-        z_layer = hp.layers[-1]
+        batch = Batch(model=self.model, tokenizer=self.tokenizer, hparams=self.hparams, requests=requests,
+                      templates=self.templates, module_names=list(self.edited_module_names), weight=self._weight,
+                      apply=lambda name, delta: self._apply(name, delta, seconds),
+                      timed=lambda part: _timed(seconds, part, self.clock))
+        return self.edit_method.run_batch(batch)
 
-        with _timed(seconds, "targets"):
-            results = compute_targets(model, tok, requests, hp, templates)
-            zs = torch.stack([r.z for r in results])  # [n, hidden]
+    def _apply(self, name: str, delta: torch.Tensor, seconds: dict) -> dict:
+        """Add one layer's update, projected with SPHERE when on; the layer's info."""
+        W = self._weight(name)
+        if tuple(delta.shape) != tuple(W.shape):
+            raise RuntimeError(f"{name}: update shape {tuple(delta.shape)} does not match the oriented "
+                               f"weight {tuple(W.shape)} (is hidden_size the module's output size?)")
         with torch.no_grad():
-            before = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
-
-        layers_info: dict[str, dict] = {}
-        with torch.no_grad():
-            for i, (layer, name) in enumerate(zip(hp.layers, self.edited_module_names)):
-                W = self._weight(name)
-                dev = W.device
-                with _timed(seconds, "keys"):
-                    K = compute_keys(model, tok, requests, hp, [name], templates)[name].to(dev).T  # [d_in, n]
-                    cur = layer_outputs(model, tok, requests, hp, z_layer).to(dev)
-                    R = (zs.to(dev) - cur).T / (len(hp.layers) - i)  # [hidden, n]
-
-                with _timed(seconds, "solve"):
-                    if self.method == "memit":
-                        delta = memit_update(K, R, self._C0[name], hp.mom2_update_weight)
+            delta = self.edit_method.before_projection(name, W, delta)
+            before_w = W.clone()
+            rank = None
+            if self.sphere:
+                with _timed(seconds, "sphere", self.clock):
+                    proj = self._projectors.get(name)
+                    if proj is None:
+                        proj = self.projector_class.fit(W, self.eta, self.alpha)
                     else:
-                        delta = alphaedit_update(K, R, self._P[name], self._cache_c[name], hp.L2)
-                    if tuple(delta.shape) != tuple(W.shape):
-                        raise RuntimeError(f"{name}: update shape {tuple(delta.shape)} does not match the oriented "
-                                           f"weight {tuple(W.shape)} (is hidden_size the module's output size?)")
-
-                before_w = W.clone()
-                rank = None
-                if self.sphere:
-                    with _timed(seconds, "sphere"):
-                        proj = self._projectors.get(name)
-                        if proj is None:
-                            proj = SphereProjector.fit(W, self.eta, self.alpha)
-                        else:
-                            proj = proj.refit(W)
-                        self._projectors[name] = proj
-                        rank = proj.rank
-                        proj.apply_(W, delta.to(torch.float32) if delta.dtype == torch.float64 else delta)
-                else:
-                    with _timed(seconds, "apply"):
-                        W.add_(delta.to(W.dtype))
-                if not all_finite(W):
-                    raise FloatingPointError(f"{name}: the update produced NaN/Inf weights")
-                layers_info[name] = {
-                    "rank": rank,
-                    "update_norm": float(delta.norm()),
-                    "projected_norm": float((W.float() - before_w.float()).norm()),
-                    "conv1d": is_conv1d(get_module(model, name)),
-                }
-                if self.method == "alphaedit":
-                    layers_info[name]["nullspace_dim"] = self._null_dim[name]
-
-            if self.method == "alphaedit":
-                # cache_c gathers the keys of the edited model (as the public code does, after all layers).
-                with _timed(seconds, "cache"):
-                    Ks = compute_keys(model, tok, requests, hp, self.edited_module_names, templates)
-                    grams = {}
-                    for name in self.edited_module_names:
-                        K = Ks[name].to(self._cache_c[name].device).T
-                        grams[name] = (K @ K.T).to(self._cache_c[name].dtype)
-                    for name, g in grams.items():  # no failure point past here
-                        self._cache_c[name].add_(g)
-            after = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
-
-        return {
-            "layers": layers_info,
-            "z_residual_before": before,
-            "z_residual_after": after,
-            "target_nll_before": [r.nll_before for r in results],
-            "target_nll_after": [r.nll_after for r in results],
-        }
+                        proj = proj.refit(W)
+                    self._projectors[name] = proj
+                    rank = proj.rank
+                    proj.apply_(W, delta.to(torch.float32) if delta.dtype == torch.float64 else delta)
+            else:
+                with _timed(seconds, "apply", self.clock):
+                    W.add_(delta.to(W.dtype))
+            if not all_finite(W):
+                raise FloatingPointError(f"{name}: the update produced NaN/Inf weights")
+            return {
+                "rank": rank,
+                "update_norm": float(delta.norm()),
+                "projected_norm": float((W.float() - before_w.float()).norm()),
+                "conv1d": is_conv1d(get_module(self.model, name)),
+                **self.edit_method.layer_info(name),
+            }
 
     # -- state -------------------------------------------------------------------
     def edited_weights(self) -> dict[str, torch.Tensor]:
@@ -289,9 +249,7 @@ class Editor:
         """Everything needed to resume (tensors on CPU and plain Python values)."""
         layers = {}
         for name in self.edited_module_names:
-            entry: dict = {}
-            if name in self._cache_c:
-                entry["cache_c"] = self._cache_c[name].detach().cpu().clone()
+            entry: dict = dict(self.edit_method.layer_state(name))
             proj = self._projectors.get(name)
             if proj is not None:
                 entry["projector"] = proj.state_dict()
@@ -329,7 +287,7 @@ class Editor:
             raise ValueError(f"state has no entry for edited module(s) {missing}")
         self._templates = copy.deepcopy(state["templates"])
         self._base_fp = state["base_fingerprint"]
-        self._C0, self._P, self._cache_c, self._projectors = {}, {}, {}, {}
+        self.edit_method, self._projectors = self._method_class(self.hparams), {}
         if weights_fingerprint(self.model) == state["base_fingerprint"]:
             self._prepare()
         else:
@@ -349,10 +307,9 @@ class Editor:
         for name in self.edited_module_names:
             entry = state["layers"][name]
             dev = self._weight(name).device
-            if "cache_c" in entry:
-                self._cache_c[name] = entry["cache_c"].to(dev).clone()
+            self.edit_method.load_layer_state(name, entry, dev)
             if "projector" in entry:
-                self._projectors[name] = SphereProjector.from_state_dict(entry["projector"], dev)
+                self._projectors[name] = self.projector_class.from_state_dict(entry["projector"], dev)
         self.batches_done = int(state["batches_done"])
         if "rng" in state and "torch" in state["rng"]:
             torch.set_rng_state(state["rng"]["torch"])

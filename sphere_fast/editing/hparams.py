@@ -35,11 +35,13 @@ MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Named models (sphere_fast.harness.model_sources) with shipped settings: name -> file stem.
 SHIPPED_MODELS = {"smollm2": "smollm2-135m"}
+# The methods default_hparams knows (the registry, editing.methods.METHODS, imports this module).
+METHOD_NAMES = ("memit", "alphaedit", "rect", "prune", "ft")
 
 
 @dataclass
 class EditHparams:
-    """Algorithm settings for MEMIT / AlphaEdit (+ SPHERE); names as in the public code."""
+    """Algorithm settings for MEMIT, AlphaEdit, RECT, PRUNE and FT (+ SPHERE); names as in the public code."""
 
     layers: list[int]
     rewrite_module_tmp: str
@@ -60,6 +62,9 @@ class EditHparams:
     mom2_update_weight: float = 15000.0  # MEMIT only
     nullspace_threshold: float = 2e-2  # AlphaEdit only
     L2: float = 10.0  # AlphaEdit only
+    lr: float = 5e-4  # FT only: Adam's learning rate
+    num_steps: int = 25  # FT only
+    norm_constraint: float | None = None  # FT only: L-infinity bound on the change; None (or false) for none
     cumulative_ratio: float | None = None  # SPHERE eta; None -> the Editor's default
     suppression_strength: float | None = None  # SPHERE alpha; None -> the Editor's default
     extra: dict = field(default_factory=dict)  # bookkeeping keys, kept for round trips
@@ -76,9 +81,9 @@ class EditHparams:
         return load_hparams({**self.to_dict(), **changes})
 
 
-_INT_FIELDS = ("v_loss_layer", "v_num_grad_steps", "mom2_n_samples")
+_INT_FIELDS = ("v_loss_layer", "v_num_grad_steps", "mom2_n_samples", "num_steps")
 _FLOAT_FIELDS = ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_update_weight",
-                 "nullspace_threshold", "L2", "cumulative_ratio", "suppression_strength")
+                 "nullspace_threshold", "L2", "lr", "norm_constraint", "cumulative_ratio", "suppression_strength")
 _STR_FIELDS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "ln_f_module", "lm_head_module",
                "fact_token", "mom2_dataset", "mom2_dtype")
 FIELDS = tuple(f.name for f in dataclasses.fields(EditHparams) if f.name != "extra")
@@ -109,6 +114,8 @@ def _check(hp: EditHparams) -> None:
     if isinstance(hp.layers, (int, str)) or not hasattr(hp.layers, "__iter__"):
         raise ValueError(f"hparam 'layers' must be a list of layer indices, got {hp.layers!r}")
     hp.layers = [_integer(v, "layers") for v in hp.layers]
+    if hp.norm_constraint is False:  # EasyEdit's FT files say "no constraint" so
+        hp.norm_constraint = None
     if not hp.layers:
         raise ValueError("hparam 'layers' must not be empty")
     if any(v < 0 for v in hp.layers) or any(b <= a for a, b in zip(hp.layers, hp.layers[1:])):
@@ -131,15 +138,17 @@ def _check(hp: EditHparams) -> None:
         raise ValueError(f"hparam 'mom2_dtype' must be one of {MOM2_DTYPES}, got {hp.mom2_dtype!r}")
     if hp.v_loss_layer < hp.layers[-1]:
         raise ValueError(f"hparam 'v_loss_layer' ({hp.v_loss_layer}) must be >= the last edited layer ({hp.layers[-1]})")
-    for name in ("v_num_grad_steps", "mom2_n_samples"):
+    for name in ("v_num_grad_steps", "mom2_n_samples", "num_steps"):
         if getattr(hp, name) < 1:
             raise ValueError(f"hparam {name!r} must be >= 1, got {getattr(hp, name)}")
-    for name in ("v_lr", "clamp_norm_factor"):
+    for name in ("v_lr", "clamp_norm_factor", "lr"):
         if getattr(hp, name) <= 0:
             raise ValueError(f"hparam {name!r} must be > 0, got {getattr(hp, name)}")
     for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "nullspace_threshold", "L2"):
         if getattr(hp, name) < 0:
             raise ValueError(f"hparam {name!r} must be >= 0, got {getattr(hp, name)}")
+    if hp.norm_constraint is not None and hp.norm_constraint <= 0:
+        raise ValueError(f"hparam 'norm_constraint' must be > 0 (or null for none), got {hp.norm_constraint}")
     if hp.cumulative_ratio is not None and not 0 < hp.cumulative_ratio <= 1:
         raise ValueError(f"hparam 'cumulative_ratio' (SPHERE eta) must be in (0, 1], got {hp.cumulative_ratio}")
     if hp.suppression_strength is not None and not 0 <= hp.suppression_strength <= 1:
@@ -241,11 +250,13 @@ def default_hparams(model, method: str) -> EditHparams:
     4/32 of the depth for Llama-like models, 13/48 for GPT-2, 3/28 for GPT-J, mom2_update_weight 15000, L2 10 for Llama-like and
     GPT models, 1 for Qwen2, v_lr 0.1 Llama / 0.5 others). Small models get the
     settings that work on tiny random models (docs/editing.md): v_lr 0.5,
-    mom2_update_weight 100, L2 0.01, few covariance samples.
+    mom2_update_weight 100, L2 0.01, few covariance samples. RECT and PRUNE
+    take MEMIT's settings; FT edits one layer at 21/32 of the depth (the public
+    Llama3-8B file) with its own lr, num_steps and no norm constraint.
     """
-    method = method.lower()
-    if method not in ("memit", "alphaedit"):
-        raise ValueError(f"method must be 'memit' or 'alphaedit', got {method!r}")
+    method = str(method).lower()
+    if method not in METHOD_NAMES:
+        raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}; got {method!r}")
     family = _family(model)
     config = model.config
     n_layers = int(config.num_hidden_layers)
@@ -255,6 +266,8 @@ def default_hparams(model, method: str) -> EditHparams:
     first = {"llama": 4 / 32, "gpt2": 13 / 48, "gptj": 3 / 28}[family]
     start = min(max(1, round(n_layers * first)), n_layers - count)
     layers = list(range(start, start + count))
+    if method == "ft":  # one layer, further up
+        layers = [min(round(n_layers * 21 / 32), n_layers - 1)]
     large = hidden >= 1024
     qwen = getattr(config, "model_type", "") == "qwen2"
     data = dict(
@@ -273,6 +286,6 @@ def default_hparams(model, method: str) -> EditHparams:
         mom2_update_weight=(20000.0 if family == "gpt2" else 15000.0) if large else 100.0,
         nullspace_threshold=2e-2,
         L2=(1.0 if qwen else 10.0) if large else 0.01,
-        alg_name="MEMIT" if method == "memit" else "AlphaEdit",
+        alg_name={"memit": "MEMIT", "alphaedit": "AlphaEdit", "rect": "RECT", "prune": "PRUNE", "ft": "FT"}[method],
     )
     return load_hparams(data)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .strategy import LocateThenEdit
+
 
 def memit_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, mom2_update_weight: float) -> torch.Tensor:
     """``R K^T (w C0 + K K^T)^-1`` as [d_out, d_in], float64."""
@@ -25,3 +27,23 @@ def memit_update(K: torch.Tensor, R: torch.Tensor, C0: torch.Tensor, mom2_update
     A = mom2_update_weight * C0.to(dt) + K @ K.T
     adj = torch.linalg.solve(A, K)  # A^-1 K, A symmetric
     return R @ adj.T
+
+
+class MEMIT(LocateThenEdit):
+    """MEMIT: the closed form above with C0 of each edited layer."""
+
+    name = "memit"
+    default_alpha = 0.8  # paper, Appendix D.4.1
+
+    def __init__(self, hparams):
+        super().__init__(hparams)
+        self.C0: dict[str, torch.Tensor] = {}
+
+    def has_key_statistics(self, name: str) -> bool:
+        return name in self.C0
+
+    def set_key_statistics(self, name: str, C0: torch.Tensor) -> None:
+        self.C0[name] = C0
+
+    def layer_update(self, name, K, R, W):
+        return memit_update(K, R, self.C0[name], self.hparams.mom2_update_weight)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sphere_fast.editing import compute as compute_mod
-from sphere_fast.editing import editor as editor_mod
 from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
 from sphere_fast.editing.compute import compute_keys, compute_targets, layer_outputs
 from sphere_fast.editing.editor import Editor
@@ -136,52 +134,49 @@ def test_sphere_off_is_the_base_method(tok, cache):
         assert torch.equal(oriented_weight(get_module(model, name)), runs["off"][name]), name
 
 
-def test_sphere_layer_order(tok, cache, monkeypatch):
-    """Per layer, ascending: keys on the current model, fit/refit on the current W, apply, then the next layer."""
-    events = []
-    real_keys, real_fit, real_refit, real_apply = (compute_mod.compute_keys, SphereProjector.fit,
-                                                   SphereProjector.refit, SphereProjector.apply_)
+def recording_projector(events: list, ptr_to_name: dict):
+    """A SphereProjector that records each fit, refit (with the weight it saw) and apply, by layer name."""
+
+    class Recording(SphereProjector):
+        @classmethod
+        def fit(cls, W, *a, **k):
+            events.append(("fit", ptr_to_name[W.data_ptr()], W.clone()))
+            return super().fit(W, *a, **k)
+
+        def refit(self, W, *a, **k):
+            events.append(("refit", ptr_to_name[W.data_ptr()], W.clone()))
+            return super().refit(W, *a, **k)
+
+        def apply_(self, W, B):
+            events.append(("apply", ptr_to_name[W.data_ptr()]))
+            return super().apply_(W, B)
+
+    return Recording
+
+
+def test_sphere_layer_order(tok, cache):
+    """Per layer, ascending: fit/refit on the current W, apply, then the next layer."""
+    events, ptr_to_name = [], {}
     model = tiny_model("llama", tok)
-    ptr_to_name = {}
-
-    def keys(*args, **kwargs):
-        events.append(("keys", tuple(args[4])))
-        return real_keys(*args, **kwargs)
-
-    def fit(cls, W, *a, **k):
-        events.append(("fit", ptr_to_name[W.data_ptr()], W.clone()))
-        return real_fit.__func__(cls, W, *a, **k)
-
-    def refit(self, W, *a, **k):
-        events.append(("refit", ptr_to_name[W.data_ptr()], W.clone()))
-        return real_refit(self, W, *a, **k)
-
-    def apply_(self, W, B):
-        events.append(("apply", ptr_to_name[W.data_ptr()]))
-        return real_apply(self, W, B)
-
-    monkeypatch.setattr(editor_mod, "compute_keys", keys)
-    monkeypatch.setattr(SphereProjector, "fit", classmethod(fit))
-    monkeypatch.setattr(SphereProjector, "refit", refit)
-    monkeypatch.setattr(SphereProjector, "apply_", apply_)
-    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True)
+    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True,
+                     projector=recording_projector(events, ptr_to_name))
     n1, n2 = ed.edited_module_names
     ptr_to_name.update({w.data_ptr(): n for n, w in ed.edited_weights().items()})
+    initial = {n: w.clone() for n, w in ed.edited_weights().items()}
     reqs = small(tok, 4)
     ed.edit_batch(reqs[:2])
     after_first = {n: w.clone() for n, w in ed.edited_weights().items()}
     ed.edit_batch(reqs[2:])
     kinds = [(e[0], e[1]) for e in events]
-    assert kinds == [
-        ("keys", (n1,)), ("fit", n1), ("apply", n1), ("keys", (n2,)), ("fit", n2), ("apply", n2), ("keys", (n1, n2)),
-        ("keys", (n1,)), ("refit", n1), ("apply", n1), ("keys", (n2,)), ("refit", n2), ("apply", n2), ("keys", (n1, n2)),
-    ]
+    assert kinds == [("fit", n1), ("apply", n1), ("fit", n2), ("apply", n2),
+                     ("refit", n1), ("apply", n1), ("refit", n2), ("apply", n2)]
     # Projectors are fitted on the live, current weight: batch 2 sees batch 1's updates.
     refits = [e for e in events if e[0] == "refit"]
     for _, name, W in refits:
         assert torch.equal(W, after_first[name])
     fits = [e for e in events if e[0] == "fit"]
-    assert not torch.equal(fits[0][2], after_first[n1])
+    assert torch.equal(fits[0][2], initial[n1]) and not torch.equal(fits[0][2], after_first[n1])
+    assert all(type(p).__name__ == "Recording" for p in ed._projectors.values())
 
 
 def test_nullspace_property(tok, cache):
@@ -209,7 +204,20 @@ def test_nullspace_property(tok, cache):
         assert (delta @ null).norm() >= 0.99 * delta.norm()
 
 
-def test_failed_batch_leaves_no_trace(tok, cache, monkeypatch):
+class FailingProjector(SphereProjector):
+    """Fails at the ``fail_at``-th apply (counted over the class), after the earlier layers were updated."""
+
+    applies = 0
+    fail_at = 0
+
+    def apply_(self, W, B):
+        FailingProjector.applies += 1
+        if FailingProjector.applies == FailingProjector.fail_at:
+            raise RuntimeError("injected failure in the second layer")
+        return super().apply_(W, B)
+
+
+def test_failed_batch_leaves_no_trace(tok, cache):
     """A failure in the second layer restores every weight and the projectors; a retry equals a clean run."""
     reqs = small(tok, 4)
     clean_model = tiny_model("llama", tok)
@@ -218,22 +226,14 @@ def test_failed_batch_leaves_no_trace(tok, cache, monkeypatch):
     clean.edit_batch(reqs[2:])
 
     model = tiny_model("llama", tok)
-    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True)
+    FailingProjector.applies, FailingProjector.fail_at = 0, 4  # batch 1: applies 1-2; batch 2: fails at its second
+    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True, projector=FailingProjector)
     ed.edit_batch(reqs[:2])
     before = params_copy(model)
     state = ed.state_dict()
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected failure in the second layer")
-        return alphaedit_update(*args, **kwargs)
-
-    monkeypatch.setattr(editor_mod, "alphaedit_update", failing)
     with pytest.raises(RuntimeError, match="injected"):
         ed.edit_batch(reqs[2:])
-    assert len(calls) == 2
+    assert FailingProjector.applies == 4
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     after_state = ed.state_dict()
@@ -241,7 +241,6 @@ def test_failed_batch_leaves_no_trace(tok, cache, monkeypatch):
     for n in ed.edited_module_names:
         assert torch.equal(after_state["layers"][n]["cache_c"], state["layers"][n]["cache_c"])
         assert torch.equal(after_state["layers"][n]["projector"]["basis"], state["layers"][n]["projector"]["basis"])
-    monkeypatch.setattr(editor_mod, "alphaedit_update", alphaedit_update)
     ed.edit_batch(reqs[2:])
     for n, w in ed.edited_weights().items():
         assert torch.equal(w, clean.edited_weights()[n]), n
