@@ -99,6 +99,15 @@ def check_positive(value, name: str) -> float:
     return value
 
 
+def check_positive_int(value, name: str, *, none_ok: bool = False) -> int | None:
+    """A positive int (a bool is not one), or None when ``none_ok``; ValueError naming ``name`` otherwise."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if none_ok else ''}, got {value!r}")
+    return value
+
+
 def real_number(value, name: str) -> float:
     """A finite real number (a Python number or a one-element tensor), as float."""
     if isinstance(value, torch.Tensor):

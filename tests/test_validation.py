@@ -1,10 +1,11 @@
-"""The shared finiteness check: a fast reduction with an exact fallback."""
+"""The shared checks: finiteness (a fast reduction with an exact fallback) and positive integers."""
+import re
 import warnings
 
 import pytest
 import torch
 
-from sphere_fast._validation import all_finite, check_finite
+from sphere_fast._validation import all_finite, check_finite, check_positive_int
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -47,3 +48,16 @@ def test_a_parameter_is_checked_without_autograd_or_warnings():
         assert all_finite(W)
         W.data[1, 2] = float("nan")
         assert not all_finite(W)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.0, True, "4", None])
+def test_positive_int_is_refused_with_its_name(value):
+    with pytest.raises(ValueError, match=rf"^steps must be a positive integer, got {re.escape(repr(value))}$"):
+        check_positive_int(value, "steps")
+
+
+def test_positive_int_passes_through_and_none_when_allowed():
+    assert check_positive_int(7, "steps") == 7
+    assert check_positive_int(None, "keep_last", none_ok=True) is None
+    with pytest.raises(ValueError, match="keep_last must be a positive integer or None, got 0"):
+        check_positive_int(0, "keep_last", none_ok=True)

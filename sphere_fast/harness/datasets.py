@@ -46,6 +46,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .._validation import check_positive_int
 from ..editing.requests import EditRequest
 
 SCHEMAS = ("auto", "counterfact", "easyedit", "zsre")
@@ -312,8 +313,7 @@ def load_requests(
     Raises FileNotFoundError for a missing file and :class:`DatasetError`
     naming the file, record index and field for a malformed one.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    check_positive_int(limit, "limit", none_ok=True)
     path = Path(path)
     records = _read_records(path)
     return parse_records(records, schema=schema, source=str(path), limit=limit, invalid=invalid)
@@ -364,8 +364,7 @@ def synthetic_requests(tokenizer, n: int, seed: int = 0) -> list[EditRequest]:
     data measures agreement with labels the model has never seen; compare
     it with the unedited model's score.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
+    check_positive_int(n, "n")
     rng = random.Random(seed)
     relations = {k: (p, r, _single_token_words(tokenizer, a)) for k, (p, r, a) in _RELATIONS.items()}
     names = sorted(relations)

@@ -75,6 +75,7 @@ def run_demo(
     """
     import torch
 
+    from .._validation import check_positive_int
     from ..editing import paths
     from ..editing.hparams import default_hparams, load_hparams, shipped_for_model
     from .datasets import load_requests, synthetic_requests
@@ -88,9 +89,8 @@ def run_demo(
     sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
     edits = sizes["edits"] if edits is None else edits
     batch_size = sizes["batch_size"] if batch_size is None else batch_size
-    for name, value in (("edits", edits), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_int(edits, "edits")
+    check_positive_int(batch_size, "batch_size")
     if save_model_dir is not None:
         save_model_dir = check_save_dir(save_model_dir)
     if train_config is not None and str(model) != TRAINED_MODEL:

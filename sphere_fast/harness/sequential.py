@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import files
+from .._validation import check_positive_int
 from ..editing.requests import EditRequest
 
 CHECKPOINT_PREFIX = "batch-"
@@ -130,13 +131,9 @@ def run_sequential(editor, requests: Sequence[EditRequest], *, batch_size: int, 
     (a time budget); a later call with ``resume=True`` continues.
     """
     requests = list(requests)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
-                                         or checkpoint_every < 1):
-        raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
-    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
-        raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(checkpoint_every, "checkpoint_every", none_ok=True)
+    check_positive_int(keep_last, "keep_last", none_ok=True)
     if (checkpoint_every is not None or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_dir is required with checkpoint_every or resume")
     if not requests:

@@ -54,6 +54,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .._validation import check_positive_int
 from ..editing import paths
 from ..files import file_sha256
 from .model_sources import TRAIN_LM_FILES, TRAIN_LM_SOURCE, entry_is_complete, read_marker, write_marker, \
@@ -90,9 +91,7 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "seq_len",
                      "batch_size", "steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
         if self.vocab_size < 300:
