@@ -1,4 +1,5 @@
-"""Shared test set-up: the Triton interpreter on machines without a GPU, and the ``device`` fixture.
+"""Shared test set-up: the Triton interpreter on machines without a GPU, and the ``device`` and
+``one_thread`` fixtures.
 
 TRITON_INTERPRET must be set before triton or any kernel module is imported
 (``@triton.jit`` picks the interpreter when it decorates), so it is set here,
@@ -27,3 +28,15 @@ def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device on this machine")
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module's tests (the test machines' cores are shared; two contended threads
+    are several times slower than one). Modules ask for it with ``pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -14,17 +14,14 @@ import yaml
 from sphere_fast.cli import main
 from sphere_fast.editing import paths
 from sphere_fast.harness.report import read_csv
-from tests.editing.fixtures import one_thread
 
-pytestmark = pytest.mark.skipif(
-    not (paths.counterfact_path().exists() and paths.wikitext_path("test").exists()),
-    reason=f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)",
-)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = [
+    pytest.mark.skipif(
+        not (paths.counterfact_path().exists() and paths.wikitext_path("test").exists()),
+        reason=f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture(scope="module")

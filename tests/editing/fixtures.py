@@ -10,7 +10,6 @@ transformers configs with seeded random weights.
     reqs = subject_end_requests(tok, 10)         # prompts that end at the subject, 1-token targets
     reqs = counterfact_requests(5)               # full CounterFact prompts
     top1 = teacher_forced_top1(model, tok, reqs) # fraction of target tokens predicted (argmax)
-    one_thread()                                 # generator for a fixture: torch on one thread
 """
 from __future__ import annotations
 
@@ -182,14 +181,3 @@ def teacher_forced_top1(model, tok, requests, *, prompts=None) -> float:
         hits += sum(int(p == t) for p, t in zip(pred, tgt))
         total += len(tgt)
     return hits / total
-
-
-def one_thread():
-    """Generator for a fixture: run on one torch thread (the test machines' cores are shared;
-    two contended threads are several times slower than one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

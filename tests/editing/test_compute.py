@@ -21,12 +21,10 @@ from sphere_fast.editing.hparams import default_hparams
 from sphere_fast.editing.memit import memit_update
 from sphere_fast.editing.model_utils import get_module
 
-from .fixtures import counterfact_requests, one_thread, subject_end_requests, tiny_model, tiny_tokenizer
+from .fixtures import counterfact_requests, subject_end_requests, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["no-bos", "bos"])

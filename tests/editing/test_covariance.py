@@ -9,7 +9,7 @@ import torch
 from sphere_fast.editing import covariance as cov
 from sphere_fast.editing.model_utils import get_module, weights_fingerprint
 
-from .fixtures import one_thread, tiny_model, tiny_tokenizer
+from .fixtures import tiny_model, tiny_tokenizer
 
 NAME = "model.layers.1.mlp.down_proj"
 TEXTS = [
@@ -21,9 +21,7 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

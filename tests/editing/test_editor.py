@@ -19,7 +19,6 @@ from sphere_fast.projector import SphereProjector
 
 from .fixtures import (
     counterfact_requests,
-    one_thread,
     subject_end_requests,
     teacher_forced_top1,
     tiny_model,
@@ -29,9 +28,7 @@ from .fixtures import (
 N_SAMPLES = 64  # C0 from 64 WikiText lines (~8k tokens): enough for a 512-d key space
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

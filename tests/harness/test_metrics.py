@@ -17,14 +17,11 @@ from sphere_fast.harness.metrics import (
     special_prefix,
     teacher_forced_predictions,
 )
-from tests.editing.fixtures import one_thread
 
 WORDS = ["<pad>", "<bos>", "the", "capital", "of", "France", "is", "Rome", "city", "big", "has", "nice",
          "Italy", "Paris", "hello"]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class WordTokenizer:

@@ -20,7 +20,6 @@ from sphere_fast.harness.model_sources import (
     MARKER, NAMED_MODELS, ModelSourceError, NamedModel, cached_model, load_model, resolve_model, save_model,
 )
 from sphere_fast.editing.paths import file_sha256
-from tests.editing.fixtures import one_thread
 from tests.harness.fixtures import write_llama_gguf, write_wheel
 
 TINY = "tinyllama-test"
@@ -28,9 +27,7 @@ TINY_PACKAGE = "sphere-fast-tiny-model"
 TINY_MEMBER = "sphere_fast_tiny_model/tiny.gguf"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

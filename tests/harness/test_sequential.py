@@ -16,12 +16,10 @@ from sphere_fast.editing.hparams import default_hparams
 from sphere_fast.harness.sequential import latest_checkpoint, load_checkpoint, prune_checkpoints, run_sequential, \
     save_checkpoint
 
-from tests.editing.fixtures import one_thread, subject_end_requests, tiny_model, tiny_tokenizer
+from tests.editing.fixtures import subject_end_requests, tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import torch
 
 from sphere_fast.editing import paths
 from sphere_fast.harness.model_sources import ModelSourceError, load_model, resolve_model, save_model
-from tests.editing.fixtures import one_thread
 
 pytestmark = [
     pytest.mark.slow,
@@ -29,15 +28,11 @@ pytestmark = [
         not (paths.counterfact_path().exists() and paths.wikitext_path("test").exists()),
         reason=f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)",
     ),
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 EDITED_LAYERS = [4, 5]
 N_FACTS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

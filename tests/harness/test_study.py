@@ -14,14 +14,9 @@ from sphere_fast.harness.report import read_csv, read_json
 from sphere_fast.harness.study import StudySpecError, load_spec, run_study, shipped_spec
 from sphere_fast.harness.study_report import spearman, write_report
 
-from tests.editing.fixtures import counterfact_requests, one_thread, subject_end_requests, tiny_model, tiny_tokenizer
+from tests.editing.fixtures import counterfact_requests, subject_end_requests, tiny_model, tiny_tokenizer
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    yield from one_thread()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from tests.editing.fixtures import one_thread
 
 from sphere_fast.editing import paths
 from sphere_fast.harness import train_lm
@@ -14,9 +13,7 @@ from sphere_fast.harness.train_lm import PRESETS, TrainConfig, detokenize, ensur
 
 TINY = PRESETS["tiny"].replace(steps=12)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
