@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .alphaedit import AlphaEdit
 from .memit import MEMIT
+from .rect import RECT
 from .strategy import EditMethod
 
-METHODS: dict[str, type[EditMethod]] = {cls.name: cls for cls in (MEMIT, AlphaEdit)}
+METHODS: dict[str, type[EditMethod]] = {cls.name: cls for cls in (MEMIT, AlphaEdit, RECT)}
 
 
 def method_class(name: str) -> type[EditMethod]:
