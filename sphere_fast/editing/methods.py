@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from .alphaedit import AlphaEdit
 from .memit import MEMIT
+from .prune import PRUNE
 from .rect import RECT
 from .strategy import EditMethod
 
-METHODS: dict[str, type[EditMethod]] = {cls.name: cls for cls in (MEMIT, AlphaEdit, RECT)}
+METHODS: dict[str, type[EditMethod]] = {cls.name: cls for cls in (MEMIT, AlphaEdit, RECT, PRUNE)}
 
 
 def method_class(name: str) -> type[EditMethod]:

@@ -1,6 +1,8 @@
-"""The editing methods as strategies: the registry, and RECT against a float64 transcription of
-its formula (small matrices) and on tiny models through the Editor."""
+"""The editing methods as strategies: the registry, and RECT and PRUNE against float64
+transcriptions of their formulas (small matrices) and on tiny models through the Editor."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from sphere_fast.editing.editor import Editor
 from sphere_fast.editing.hparams import METHOD_NAMES, default_hparams
 from sphere_fast.editing.methods import METHODS, method_class
+from sphere_fast.editing.prune import PRUNE, restrained_correction
 from sphere_fast.editing.rect import RECT, rect_mask
 
 from .fixtures import subject_end_requests, tiny_model, tiny_tokenizer
@@ -36,13 +39,13 @@ def make_editor(model, tok, cache, method, *, sphere=False, **hp):
 
 
 def test_registry_rejects_an_unknown_name_listing_the_known_ones(tok):
-    assert list(METHODS) == ["memit", "alphaedit", "rect"]
+    assert list(METHODS) == ["memit", "alphaedit", "rect", "prune"]
     assert set(METHODS) <= set(METHOD_NAMES)  # default_hparams knows every registered method
     assert method_class("RECT") is RECT
     for call in (lambda: method_class("rome"),
                  lambda: Editor(tiny_model("llama", tok), tok, default_hparams(tiny_model("llama", tok), "memit"),
                                 method="rome")):
-        with pytest.raises(ValueError, match="memit, alphaedit, rect; got 'rome'"):
+        with pytest.raises(ValueError, match="memit, alphaedit, rect, prune; got 'rome'"):
             call()
     with pytest.raises(ValueError, match="memit, alphaedit, rect, prune, ft; got 'rome'"):
         default_hparams(tiny_model("llama", tok), "rome")
@@ -83,3 +86,71 @@ def test_rect_edits_only_the_masked_entries(tok, cache):
         changed = int((w != before[n]).sum())
         assert 0 < changed <= w.numel() - int(w.numel() * 60 / 100) + 1, n
         assert info["layers"][n]["update_norm"] > 0
+
+
+# -- PRUNE ---------------------------------------------------------------------------------------------
+
+
+def restrain_float64(D, sigma_max):
+    U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
+    S = torch.where(S > sigma_max, S.log() - math.log(sigma_max) + sigma_max, S)
+    return U @ torch.diag(S) @ Vh
+
+
+def test_prune_singular_values_match_the_float64_formula():
+    gen = torch.Generator().manual_seed(2)
+    U, _ = torch.linalg.qr(torch.randn(41, 41, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(67, 41, generator=gen, dtype=torch.float64))
+    S = torch.tensor([40.0, 12.0, 5.5, 3.0] + [0.5] * 37, dtype=torch.float64)
+    D = U @ torch.diag(S) @ V.T
+    correction, count = restrained_correction(D, 4.0)
+    assert count == 3
+    expected = restrain_float64(D, 4.0)
+    assert torch.allclose(D + correction, expected, rtol=0, atol=1e-12 * float(S[0]))
+    restrained = torch.linalg.svdvals(D + correction)
+    assert torch.allclose(restrained[:3], torch.log(S[:3]) - math.log(4.0) + 4.0, atol=1e-12)
+    zero, none = restrained_correction(D, 50.0)
+    assert none == 0 and not zero.any()
+
+
+def test_prune_restrains_the_accumulated_change():
+    """before_projection turns this batch's delta into the one that leaves W - W0 restrained."""
+    gen = torch.Generator().manual_seed(3)
+    W0 = torch.randn(29, 47, generator=gen, dtype=torch.float64) * 0.1
+    method = PRUNE(None)
+    method.start("w", W0)
+    sigma_max = float(torch.linalg.matrix_norm(W0, ord=2))
+    assert method.sigma_max["w"] == sigma_max
+    W = W0 + torch.randn(29, 47, generator=gen, dtype=torch.float64)  # earlier batches' change
+    delta = torch.randn(29, 47, generator=gen, dtype=torch.float64) * 3
+    new = method.before_projection("w", W, delta)
+    assert torch.allclose(W + new - W0, restrain_float64(W + delta - W0, sigma_max), atol=1e-10)
+    assert method.layer_info("w")["restrained_singular_values"] > 0
+    method.start("w", W)  # W0 is the weight of the first batch only
+    assert torch.equal(method.W0["w"], W0)
+
+
+def test_prune_on_a_model_restrains_what_memit_would_add(tok, cache):
+    """Edited weights scaled down so MEMIT's first update exceeds sigma_max(W0): PRUNE's first-layer change
+    has MEMIT's singular values, compressed by the formula; its state holds W0."""
+    changes = {}
+    for method in ("memit", "prune"):
+        model = tiny_model("llama", tok)
+        ed = make_editor(model, tok, cache, method)
+        with torch.no_grad():
+            for w in ed.edited_weights().values():
+                w.mul_(0.05)
+        W0 = {n: w.clone() for n, w in ed.edited_weights().items()}
+        info = ed.edit_batch(subject_end_requests(tok, 3))
+        first = ed.edited_module_names[0]
+        changes[method] = (ed.edited_weights()[first] - W0[first]).double()
+        if method == "prune":
+            assert info["layers"][first]["restrained_singular_values"] > 0
+            state = ed.state_dict()["layers"][first]
+            assert torch.equal(state["W0"], W0[first])
+            sigma_max = state["sigma_max"]
+    memit_s = torch.linalg.svdvals(changes["memit"])
+    expected = torch.where(memit_s > sigma_max, memit_s.log() - math.log(sigma_max) + sigma_max, memit_s)
+    got = torch.linalg.svdvals(changes["prune"])
+    top = int((memit_s > 1e-3 * memit_s[0]).sum())  # the update's rank; below that fp32 rounding
+    assert torch.allclose(got[:top], expected[:top], rtol=1e-4)
