@@ -288,7 +288,7 @@ class Editor:
         self._templates = copy.deepcopy(state["templates"])
         self._base_fp = state["base_fingerprint"]
         self.edit_method, self._projectors = self._method_class(self.hparams), {}
-        if weights_fingerprint(self.model) == state["base_fingerprint"]:
+        if not self.edit_method.uses_key_statistics or weights_fingerprint(self.model) == state["base_fingerprint"]:
             self._prepare()
         else:
             c0s = {}

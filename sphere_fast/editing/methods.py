@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from .alphaedit import AlphaEdit
+from .ft import FT
 from .memit import MEMIT
 from .prune import PRUNE
 from .rect import RECT
 from .strategy import EditMethod
 
-METHODS: dict[str, type[EditMethod]] = {cls.name: cls for cls in (MEMIT, AlphaEdit, RECT, PRUNE)}
+METHODS: dict[str, type[EditMethod]] = {cls.name: cls for cls in (MEMIT, AlphaEdit, RECT, PRUNE, FT)}
 
 
 def method_class(name: str) -> type[EditMethod]:

@@ -1,4 +1,4 @@
-"""The editing methods as strategies: the registry, and RECT and PRUNE against float64
+"""The editing methods as strategies: the registry, and RECT, PRUNE and FT against float64
 transcriptions of their formulas (small matrices) and on tiny models through the Editor."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sphere_fast.editing.editor import Editor
+from sphere_fast.editing.ft import clamp_change_, target_nlls
 from sphere_fast.editing.hparams import METHOD_NAMES, default_hparams
 from sphere_fast.editing.methods import METHODS, method_class
 from sphere_fast.editing.prune import PRUNE, restrained_correction
@@ -39,13 +40,13 @@ def make_editor(model, tok, cache, method, *, sphere=False, **hp):
 
 
 def test_registry_rejects_an_unknown_name_listing_the_known_ones(tok):
-    assert list(METHODS) == ["memit", "alphaedit", "rect", "prune"]
-    assert set(METHODS) <= set(METHOD_NAMES)  # default_hparams knows every registered method
+    assert list(METHODS) == ["memit", "alphaedit", "rect", "prune", "ft"]
+    assert tuple(METHODS) == METHOD_NAMES  # default_hparams knows every registered method
     assert method_class("RECT") is RECT
     for call in (lambda: method_class("rome"),
                  lambda: Editor(tiny_model("llama", tok), tok, default_hparams(tiny_model("llama", tok), "memit"),
                                 method="rome")):
-        with pytest.raises(ValueError, match="memit, alphaedit, rect, prune; got 'rome'"):
+        with pytest.raises(ValueError, match="memit, alphaedit, rect, prune, ft; got 'rome'"):
             call()
     with pytest.raises(ValueError, match="memit, alphaedit, rect, prune, ft; got 'rome'"):
         default_hparams(tiny_model("llama", tok), "rome")
@@ -67,7 +68,8 @@ def rect_mask_float64(delta, W):
 def test_rect_mask_matches_the_float64_rule(shape):
     gen = torch.Generator().manual_seed(1)
     W = torch.randn(shape, generator=gen)
-    delta = torch.randn(shape, generator=gen, dtype=torch.float64) * torch.rand(shape, generator=gen, dtype=torch.float64)
+    scale = torch.rand(shape, generator=gen, dtype=torch.float64)
+    delta = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
     mask = rect_mask(delta, W)
     assert torch.equal(mask, rect_mask_float64(delta, W))
     n = delta.numel()
@@ -154,3 +156,52 @@ def test_prune_on_a_model_restrains_what_memit_would_add(tok, cache):
     got = torch.linalg.svdvals(changes["prune"])
     top = int((memit_s > 1e-3 * memit_s[0]).sum())  # the update's rank; below that fp32 rounding
     assert torch.allclose(got[:top], expected[:top], rtol=1e-4)
+
+
+# -- FT ------------------------------------------------------------------------------------------------
+
+
+def test_ft_constraint_matches_the_float64_clamp():
+    gen = torch.Generator().manual_seed(4)
+    start = torch.randn(31, 17, generator=gen)
+    W = start + 0.1 * torch.randn(31, 17, generator=gen)
+    expected = torch.minimum(torch.maximum(W.double(), start.double() - 0.03), start.double() + 0.03)
+    view = W.T.clone().T  # a non-contiguous view, like GPT-2's oriented Conv1D weight
+    clamp_change_(view, start, 0.03)
+    assert torch.allclose(view.double(), expected, rtol=0, atol=1e-7)  # fp32 rounding of start -/+ eps
+    assert float((view - start).abs().max()) <= 0.03 + 1e-7
+
+
+def test_ft_fits_the_targets_within_its_constraint(tok, cache):
+    model = tiny_model("llama", tok)
+    reqs = subject_end_requests(tok, 3)
+    ed = make_editor(model, tok, cache, "ft", lr=1e-2, num_steps=10, norm_constraint=2e-3)
+    assert len(ed.edited_module_names) == 1  # FT-L: one layer
+    before = {n: w.clone() for n, w in ed.edited_weights().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    info = ed.edit_batch(reqs)
+    assert sum(info["target_nll_after"]) < sum(info["target_nll_before"]) - 0.5, info
+    for n, w in ed.edited_weights().items():
+        change = (w - before[n]).abs().max()
+        assert 0 < float(change) <= 2e-3 * (1 + 1e-3), n
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad():
+        assert torch.allclose(target_nlls(model, tok, reqs), torch.tensor(info["target_nll_after"]))
+
+
+def test_ft_with_sphere_projects_the_total_change(tok, cache):
+    """SPHERE on: the applied change is the projection of the fine-tuned change (alpha 0 gives FT exactly)."""
+    reqs = subject_end_requests(tok, 2)
+    runs = {}
+    for label, kw in {"off": {"sphere": False}, "alpha0": {"sphere": True}, "on": {"sphere": True}}.items():
+        model = tiny_model("llama", tok)
+        hp = default_hparams(model, "ft").replace(mom2_n_samples=64, lr=1e-2, num_steps=3)
+        ed = Editor(model, tok, hp, method="ft", cache_dir=cache, progress=False,
+                    alpha=0.0 if label == "alpha0" else None, **kw)
+        start = {n: w.clone() for n, w in ed.edited_weights().items()}
+        info = ed.edit_batch(reqs)
+        runs[label] = ({n: w - start[n] for n, w in ed.edited_weights().items()}, info)
+    for n, change in runs["off"][0].items():
+        assert torch.equal(change, runs["alpha0"][0][n])
+        layer = runs["on"][1]["layers"][n]
+        assert layer["rank"] >= 1 and layer["projected_norm"] < layer["update_norm"]

@@ -46,7 +46,7 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["alphaedit", "memit", "rect", "prune"])
+@pytest.mark.parametrize("method", ["alphaedit", "memit", "rect", "prune", "ft"])
 def test_resume_reproduces_uninterrupted_run(tok, cache, tmp_path, method):
     reqs = subject_end_requests(tok, 6)
     full = editor(tok, cache, method)
