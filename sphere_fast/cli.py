@@ -19,19 +19,17 @@ transformers, the editor) happen inside the handlers.
 ``edit`` writes into ``--out`` the files of
 :func:`sphere_fast.harness.running.run_edit` (``edits.csv``, ``edits.png``,
 ``metrics/``, ``summary.json``, ``checkpoints/``), plus ``run.json`` (the
-run's settings, checked on ``--resume``) and, with ``--save-model DIR``, the
-edited model as a Hugging Face directory.
+run's settings, checked on ``--resume``: :func:`~sphere_fast.harness.running.record_run`)
+and, with ``--save-model DIR``, the edited model as a Hugging Face directory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-import threading
-import time
 from pathlib import Path
 
 MODEL_HELP = "local Hugging Face directory, .gguf file, or named model (see `sphere-fast models`)"
-RUN_KEYS = ("model", "data", "method", "sphere", "eta", "alpha", "edits", "batch_size", "hparams", "seed", "schema")
 
 
 class CLIError(SystemExit):
@@ -42,72 +40,39 @@ class CLIError(SystemExit):
         self.message = message
 
 
-def _progress(label: str, stop: threading.Event) -> None:
-    """A spinner with elapsed seconds on stderr while a long call runs."""
-    start = time.perf_counter()
-    marks = "|/-\\"
-    i = 0
-    while not stop.wait(0.5):
-        sys.stderr.write(f"\r  {label} {marks[i % 4]} {time.perf_counter() - start:6.1f} s")
-        sys.stderr.flush()
-        i += 1
-    sys.stderr.write("\r" + " " * (len(label) + 20) + "\r")
-
-
-def _timed(label: str, fn, *, spinner: bool):
-    stop = threading.Event()
-    thread = None
-    if spinner and sys.stderr.isatty():
-        thread = threading.Thread(target=_progress, args=(label, stop), daemon=True)
-        thread.start()
-    elif spinner:
-        print(f"  running {label} ...", file=sys.stderr, flush=True)
-    start = time.perf_counter()
+@contextlib.contextmanager
+def _user_errors(command: str, errors, message=str):
+    """Inside the block, ``errors`` become a CLIError saying ``message(exc)``."""
     try:
-        out = fn()
-        _sync()
-        return out, time.perf_counter() - start
-    finally:
-        stop.set()
-        if thread:
-            thread.join()
+        yield
+    except errors as exc:
+        raise CLIError(command, message(exc)) from None
 
 
-def _sync() -> None:
-    import torch
+def _quiet_transformers() -> None:
+    """No progress bars from transformers either (weight loading; downloads through huggingface_hub)."""
+    from transformers.utils import logging
 
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------- bench-projection
 
 
 def cmd_bench_projection(args) -> int:
-    import torch
+    from .harness.bench_projection import bench_projection
 
-    from . import SphereProjector, sparse_projection
-    from .reference import sparse_projection_reference
-    from .synthetic import synthetic_weight
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    n, d = args.shape or ((4096, 14336) if device.type == "cuda" else (2048, 7168))
-    dtype = getattr(torch, args.dtype)
-    print(f"sphere-fast bench-projection: W [{n} x {d}] {args.dtype}, {args.spectrum} spectrum, "
-          f"eta={args.eta} alpha={args.alpha}, device {device}")
-    W = synthetic_weight(n, d, spectrum=args.spectrum, dtype=dtype, device=device, seed=args.seed)
-    B = 1e-3 * synthetic_weight(n, d, spectrum="gaussian", dtype=dtype, device=device, seed=args.seed + 1)
-
-    sparse_projection(W, B, args.eta, args.alpha)  # warm-up: first-call allocations and thread start-up
-    fast, t_fast = _timed("sphere_fast fit + apply", lambda: sparse_projection(W, B, args.eta, args.alpha), spinner=False)
-    t_fit = _timed("fit", lambda: SphereProjector.fit(W, args.eta, args.alpha), spinner=False)[1]
-    print(f"  sphere_fast sparse_projection  {t_fast:9.3f} s   (fit alone {t_fit:.3f} s)  r = {fast[2].shape[1]}")
-    if not args.skip_reference:
-        ref, t_ref = _timed(f"reference (d x d eigh, d={d})", lambda: sparse_projection_reference(W.float(), B.float(), args.eta, args.alpha), spinner=True)
-        print(f"  reference sparse_projection    {t_ref:9.3f} s   r = {ref[2].shape[1]}")
-        print(f"  speed-up                       {t_ref / t_fast:9.1f} x")
-    if not args.skip_error:
-        # float64 ground truth on the small Gram side (exact in exact arithmetic).
-        P = SphereProjector.fit(W.double(), args.eta, args.alpha, backend="torch", method="dense")
-        err = float((fast[0].double() - P.apply(B.double())).norm() / B.double().norm())
-        print(f"  float64 rank {P.rank} (trace {P.trace:.6f}); ||B_proj - B_proj_fp64|| / ||B|| = {err:.2e}")
+    result = bench_projection(shape=args.shape, spectrum=args.spectrum, dtype=args.dtype, eta=args.eta,
+                              alpha=args.alpha, device=_device(args.device, "bench-projection"), seed=args.seed,
+                              reference=not args.skip_reference, error=not args.skip_error)
+    print(f"  sphere_fast sparse_projection  {result['seconds']:9.3f} s   (fit alone {result['fit_seconds']:.3f} s)  "
+          f"r = {result['rank']}")
+    if "reference_seconds" in result:
+        print(f"  reference sparse_projection    {result['reference_seconds']:9.3f} s   r = {result['reference_rank']}")
+        print(f"  speed-up                       {result['reference_seconds'] / result['seconds']:9.1f} x")
+    if "error" in result:
+        print(f"  float64 rank {result['float64_rank']} (trace {result['float64_trace']:.6f}); "
+              f"||B_proj - B_proj_fp64|| / ||B|| = {result['error']:.2e}")
     return 0
 
 
@@ -156,20 +121,16 @@ def _resolve_model(spec: str | Path, command: str = "edit", flag: str = "--model
     """The Hugging Face directory for ``--model`` (fetched and converted once if needed), or a CLIError."""
     from .harness.model_sources import ModelSourceError, resolve_model
 
-    try:
+    with _user_errors(command, ModelSourceError, lambda exc: f"{flag} {exc.spec!r}: {exc.reason}"):
         return resolve_model(spec, log=_note(command))
-    except ModelSourceError as exc:
-        raise CLIError(command, f"{flag} {exc.spec!r}: {exc.reason}") from None
 
 
 def _load_model(spec: str | Path, *, device=None, dtype: str = "float32", command: str = "edit"):
     """``(model, tokenizer)`` for ``--model``, with the model source's errors as CLIErrors."""
     from .harness.model_sources import ModelSourceError, load_model
 
-    try:
+    with _user_errors(command, ModelSourceError, lambda exc: f"--model {exc.spec!r}: {exc.reason}"):
         return load_model(spec, device=device, dtype=dtype, log=_note(command))
-    except ModelSourceError as exc:
-        raise CLIError(command, f"--model {exc.spec!r}: {exc.reason}") from None
 
 
 def _check_save_model(path: str | None, command: str) -> Path | None:
@@ -177,58 +138,37 @@ def _check_save_model(path: str | None, command: str) -> Path | None:
 
     if path is None:
         return None
-    try:
+    with _user_errors(command, ValueError, lambda exc: f"--save-model: {exc}"):
         return check_save_dir(path)
-    except ValueError as exc:
-        raise CLIError(command, f"--save-model: {exc}") from None
 
 
 def _save_edited_model(model, tokenizer, path: Path, source: dict, command: str) -> None:
     from .harness.model_sources import save_model
 
-    try:
+    with _user_errors(command, ValueError, lambda exc: f"--save-model: {exc}"):
         save_model(model, tokenizer, path, source=source)
-    except ValueError as exc:
-        raise CLIError(command, f"--save-model: {exc}") from None
     print(f"wrote the edited model to {path}")
 
 
-def _load_hparams(source: str, command: str):
-    from .editing.hparams import load_hparams
+def _load_hparams(source: str, method: str, command: str):
+    from .harness.running import choose_hparams
 
-    try:
-        return load_hparams(source)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(command, f"--hparams {source!r}: {exc}") from None
+    with _user_errors(command, (FileNotFoundError, ValueError), lambda exc: f"--hparams {source!r}: {exc}"):
+        return choose_hparams(None, method, source=source)
 
 
 def _shipped_hparams(args, model_path: Path) -> str | None:
     """The shipped settings of ``--model`` (a named model, by name or converted directory) for
     ``--method`` and ``--sphere``, or None."""
-    from .editing.hparams import shipped_for_model
     from .harness.model_sources import named_model
+    from .harness.running import hparams_source
 
-    return shipped_for_model(named_model(args.model, model_path), args.method, sphere=args.sphere)
-
-
-def _check_resume(out: Path, settings: dict, command: str) -> None:
-    from .harness.report import read_json, write_json
-
-    path = out / "run.json"
-    if path.exists():
-        old = read_json(path)
-        diff = [k for k in RUN_KEYS if old.get(k) != settings.get(k)]
-        if diff:
-            details = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
-            raise CLIError(command, f"--resume: {out} holds a different run ({details})")
-    elif not (out / "checkpoints").exists():
-        print(f"sphere-fast {command}: note: --resume: nothing to resume in {out}, starting a new run", file=sys.stderr)
-    write_json(path, settings)
+    return hparams_source(args.method, sphere=args.sphere, model_name=named_model(args.model, model_path))
 
 
 def cmd_edit(args) -> int:
     from .harness.datasets import DatasetError, load_requests
-    from .harness.running import metric_line, run_edit
+    from .harness.running import metric_line, record_run, run_edit
 
     command = "edit"
     data = Path(args.data)
@@ -247,41 +187,38 @@ def cmd_edit(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
+        with _user_errors(command, DatasetError, lambda exc: f"--data: {exc}"):
             requests = load_requests(data, limit=args.edits, schema=args.schema, invalid="skip")
-        except DatasetError as exc:
-            raise CLIError(command, f"--data: {exc}") from None
     for w in caught:
         print(f"sphere-fast edit: note: {w.message}", file=sys.stderr)
     if len(requests) < args.edits:
         raise CLIError(command, f"--edits {args.edits}: {data} holds only {len(requests)} editable requests")
 
-    hparams = None if args.hparams is None else _load_hparams(args.hparams, command)
+    # A given --hparams is read before the model is fetched; without one the model's shipped settings,
+    # else None: run_edit sizes them to the model.
+    hparams = None if args.hparams is None else _load_hparams(args.hparams, args.method, command)
     hparams_source = args.hparams
     model_path = _resolve_model(args.model, command)
     if hparams is None:
         hparams_source = _shipped_hparams(args, model_path)
         if hparams_source is not None:
-            hparams = _load_hparams(hparams_source, command)
+            hparams = _load_hparams(hparams_source, args.method, command)
             _note(command)(f"note: the shipped settings {hparams_source} (pass --hparams to choose others)")
     settings = {"model": str(model_path.resolve()), "data": str(data.resolve()), "method": args.method,
                 "sphere": args.sphere, "eta": args.eta, "alpha": args.alpha, "edits": args.edits,
                 "batch_size": args.batch_size, "hparams": hparams_source, "seed": args.seed, "schema": args.schema,
                 "eval_every": args.eval_every, "stats_corpus": args.stats_corpus, "dtype": args.dtype}
-    if args.resume:
-        _check_resume(out, settings, command)
-    else:
-        from .harness.report import write_json
-
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "run.json", settings)
+    with _user_errors(command, ValueError, lambda exc: f"--resume: {exc}"):
+        record_run(out, settings, resume=args.resume, log=lambda message: _note(command)(f"note: --resume: {message}"))
 
     import torch
 
     torch.manual_seed(args.seed)
+    if args.quiet:
+        _quiet_transformers()
     device = _device(args.device, command)
     model, tokenizer = _load_model(model_path, device=device, dtype=args.dtype, command=command)
-    try:
+    with _user_errors(command, FileNotFoundError):
         summary = run_edit(
             model=model, tokenizer=tokenizer, requests=requests, method=args.method, sphere=args.sphere, out=out,
             batch_size=args.batch_size, eval_every=args.eval_every, hparams=hparams, eta=args.eta, alpha=args.alpha,
@@ -290,8 +227,6 @@ def cmd_edit(args) -> int:
             fluency=args.fluency, progress=not args.quiet, run_info={"settings": settings},
             title=f"{args.method}{' + SPHERE' if args.sphere else ''}",
         )
-    except FileNotFoundError as exc:
-        raise CLIError(command, str(exc)) from None
     print(f"done: {summary['edits']} edits in {summary['batches']} batches; after: {metric_line(summary['after'])}")
     print(f"mean energy drift {_mean(summary['energy_drift'].values()):+.4%}; "
           f"edit time {summary['edit_seconds']:.1f} s, SPHERE share "
@@ -319,15 +254,15 @@ def cmd_train_lm(args) -> int:
 
     command = "train-lm"
     device = _device(args.device, command)
+    if args.quiet:
+        _quiet_transformers()
     cfg = train_lm.PRESETS[args.preset] if args.preset else train_lm.default_config(device)
     overrides = {k: getattr(args, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                                "intermediate_size", "seq_len", "batch_size", "steps", "lr", "seed")
                  if getattr(args, k) is not None}
-    try:
+    with _user_errors(command, (ValueError, FileNotFoundError)):
         cfg = cfg.replace(**overrides)
         path, info, reused = train_lm.ensure_model(cfg, device=device, progress=not args.quiet, force=args.force)
-    except (ValueError, FileNotFoundError) as exc:
-        raise CLIError(command, str(exc)) from None
     print(("reused cached model " if reused else "trained model ") + str(path))
     print(f"  parameters {info['parameters']:,}, train tokens {info['train_tokens']:,}, "
           f"held-out perplexity {info['heldout_perplexity']:.2f} on {info['heldout_tokens']:,} tokens, "
@@ -352,6 +287,8 @@ def cmd_demo(args) -> int:
     if args.hparams is not None and not Path(args.hparams).exists():
         raise CLIError(command, f"--hparams {args.hparams!r}: file not found")
     save_dir = _check_save_model(args.save_model, command)
+    if args.quiet:
+        _quiet_transformers()
     model = args.model or DEFAULT_MODEL
     if model != TRAINED_MODEL:
         model = _resolve_model(model, command)
@@ -379,16 +316,14 @@ def cmd_study(args) -> int:
         raise CLIError(command, "--out is required (or --report DIR)")
     source = args.spec or shipped_spec()
     overrides = {"model": args.model, "data": args.data, "horizon": args.horizon, "batch_size": args.batch_size}
-    try:
+    with _user_errors(command, StudySpecError):
         spec = load_spec(source, **overrides)
-    except StudySpecError as exc:
-        raise CLIError(command, str(exc)) from None
     set_threads(args.threads)
     out = Path(args.out)
     if args.pilot_tasks:
         return _pilot_tasks(spec, out)
     runs = [r.name for r in spec.runs if not args.only or r.name in args.only]
-    try:
+    with _user_errors(command, StudySpecError):
         if args.jobs > 1 and len(runs) > 1:
             _study_jobs(args, spec, out, runs)
         else:
@@ -396,8 +331,6 @@ def cmd_study(args) -> int:
                                  log=lambda m: print(m, flush=True))
             for name, status in statuses.items():
                 print(f"{name}: {status['state']} at {status['edits']} edits")
-    except StudySpecError as exc:
-        raise CLIError(command, str(exc)) from None
     written = write_report(out)
     print("report: " + ", ".join(str(p) for p in written))
     return 0
@@ -473,23 +406,40 @@ def cmd_models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .harness.bench_projection import CPU_SHAPE, GPU_SHAPE
+    from .harness.demo import CPU_SIZES, GPU_SIZES
+
     parser = argparse.ArgumentParser(prog="sphere-fast", description=__doc__.splitlines()[0])
+    # Arguments that edit, demo and train-lm share (argparse parents).
+    device_quiet = argparse.ArgumentParser(add_help=False)
+    device_quiet.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    device_quiet.add_argument("--quiet", action="store_true", help="no progress bars")
+    seeded = argparse.ArgumentParser(add_help=False)
+    seeded.add_argument("--seed", type=int, default=0)
+
+    def by_device(key: str) -> str:  # the demo's default sizes, as run_demo picks them
+        cpu, gpu = CPU_SIZES[key], GPU_SIZES[key]
+        return f"{cpu}" if cpu == gpu else f"{cpu} on a CPU, {gpu} on a GPU"
+
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench-projection", help="time the reference projection against sphere_fast on one layer")
+    bench = sub.add_parser(
+        "bench-projection", parents=[seeded],
+        help="time the reference projection against sphere_fast on one layer")
     bench.add_argument("--shape", type=int, nargs=2, metavar=("N", "D"),
-                       help="weight shape (default 2048 7168 on CPU, 4096 14336 on a GPU)")
+                       help=f"weight shape (default {' '.join(map(str, CPU_SHAPE))} on CPU, "
+                            f"{' '.join(map(str, GPU_SHAPE))} on a GPU)")
     bench.add_argument("--spectrum", choices=("decaying", "steep", "gaussian"), default="decaying",
                        help="singular-value profile of the synthetic weight (see sphere_fast.synthetic)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
     bench.add_argument("--eta", type=float, default=0.5)
     bench.add_argument("--alpha", type=float, default=0.5)
     bench.add_argument("--device", default=None)
-    bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--skip-reference", action="store_true", help="do not run the slow reference")
     bench.add_argument("--skip-error", action="store_true", help="do not compute the float64 error")
     bench.set_defaults(handler=cmd_bench_projection)
     edit = sub.add_parser(
-        "edit", help="sequentially edit a model with MEMIT/AlphaEdit (+ SPHERE) and record metrics",
+        "edit", parents=[device_quiet, seeded],
+        help="sequentially edit a model with MEMIT/AlphaEdit (+ SPHERE) and record metrics",
         description="Sequential knowledge editing of a Hugging Face causal LM (a local directory, a .gguf file or "
                     "a named model), with evaluation, checkpoints, a CSV per batch and a plot.",
     )
@@ -516,16 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write the edited model to DIR as a Hugging Face directory (DIR must be new or empty)")
     edit.add_argument("--keep-checkpoints", type=_positive_int, default=None, metavar="N",
                       help="keep only the newest N checkpoints (default: all; each holds d x d state per layer)")
-    edit.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     edit.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     edit.add_argument("--eval-batch-size", type=_positive_int, default=16)
     edit.add_argument("--fluency", action="store_true", help="also measure generation n-gram entropy")
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--quiet", action="store_true", help="no progress bars")
     edit.set_defaults(handler=cmd_edit)
 
     train = sub.add_parser(
-        "train-lm", help="train (or reuse) the small WikiText-2 Llama model used by tests and the demo",
+        "train-lm", parents=[device_quiet],
+        help="train (or reuse) the small WikiText-2 Llama model used by tests and the demo",
         description="Train a small Llama-architecture LM and byte-level BPE tokenizer on WikiText-2, cached by "
                     "config, seed, device type and data hash under the cache directory.",
     )
@@ -539,14 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--lr", "lr", float), ("--seed", "seed", int),
     ):
         train.add_argument(flag, dest=field, type=kind, default=None, help=f"override the preset's {field}")
-    train.add_argument("--device", default=None)
     train.add_argument("--force", action="store_true", help="retrain even if cached")
     train.add_argument("--out", default=None, help="also copy the model directory here")
-    train.add_argument("--quiet", action="store_true")
     train.set_defaults(handler=cmd_train_lm)
 
     demo = sub.add_parser(
-        "demo", help="edit CounterFact with AlphaEdit with and without SPHERE on a real model (smollm2), compare",
+        "demo", parents=[device_quiet, seeded],
+        help="edit CounterFact with AlphaEdit with and without SPHERE on a real model (smollm2), compare",
     )
     demo.add_argument("--model", default=None,
                       help=f"{MODEL_HELP}, or train-lm (the small WikiText-2 model of `sphere-fast train-lm`); "
@@ -554,16 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--save-model", default=None, metavar="DIR",
                       help="write the AlphaEdit + SPHERE edited model to DIR as a Hugging Face directory")
     demo.add_argument("--edits", type=_positive_int, default=None,
-                      help="edit-split requests to edit (default 20 on a CPU, 200 on a GPU)")
-    demo.add_argument("--batch-size", type=_positive_int, default=None, help="edits per batch (default 20)")
+                      help=f"edit-split requests to edit (default {by_device('edits')})")
+    demo.add_argument("--batch-size", type=_positive_int, default=None,
+                      help=f"edits per batch (default {by_device('batch_size')})")
     demo.add_argument("--out", default="out/demo", help="output directory (default ./out/demo)")
-    demo.add_argument("--device", default=None)
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--synthetic", action="store_true", help="use synthetic requests even if CounterFact is present")
     demo.add_argument("--hparams", default=None,
                       help="YAML/JSON hparams file (default: the shipped AlphaEdit file for smollm2, else sized to "
                            "the model with L2 10)")
-    demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(handler=cmd_demo)
 
     study = sub.add_parser(

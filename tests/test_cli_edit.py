@@ -332,3 +332,29 @@ def test_demo_uses_smollm2_unless_told_otherwise(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="train_config applies to model='train-lm' only"):
         demo.run_demo(model="smollm2", train_config=PRESETS["tiny"], out=tmp_path / "d2")
     assert not (tmp_path / "d2").exists()
+
+
+def test_quiet_stops_the_transformers_progress_bars_too(monkeypatch, tmp_path):
+    from transformers.utils import logging
+
+    from sphere_fast.harness import demo, model_sources
+
+    monkeypatch.setattr(model_sources, "resolve_model", lambda spec, log=None: tmp_path / str(spec))
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: {})
+    logging.enable_progress_bar()
+    try:
+        assert main(["demo", "--device", "cpu", "--out", str(tmp_path / "d")]) == 0
+        assert logging.is_progress_bar_enabled()
+        assert main(["demo", "--device", "cpu", "--quiet", "--out", str(tmp_path / "d")]) == 0
+        assert not logging.is_progress_bar_enabled()
+    finally:
+        logging.enable_progress_bar()
+
+
+def test_demo_help_gives_the_sizes_run_demo_uses(capsys):
+    from sphere_fast.harness.demo import CPU_SIZES, GPU_SIZES
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {CPU_SIZES['edits']} on a CPU, {GPU_SIZES['edits']} on a GPU)" in text

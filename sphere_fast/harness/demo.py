@@ -77,11 +77,10 @@ def run_demo(
 
     from .._validation import check_positive_int
     from ..editing import paths
-    from ..editing.hparams import default_hparams, load_hparams, shipped_for_model
     from .datasets import load_requests, synthetic_requests
     from .model_sources import check_save_dir, load_model, named_model, resolve_model, save_model
     from .report import format_table, plot_comparison, read_csv, write_json
-    from .running import run_edit
+    from .running import choose_hparams, hparams_source, run_edit
 
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +121,7 @@ def run_demo(
     n_batches = -(-len(requests) // batch_size)
     eval_every = max(1, n_batches // 4)
     # Both runs use the AlphaEdit settings, so that SPHERE is the only difference between them.
-    shipped = shipped_for_model(named_model(model, model_dir), "alphaedit", sphere=False)
+    source = hparams_source("alphaedit", sphere=False, given=hparams_file, model_name=named_model(model, model_dir))
     examples = requests[:EXAMPLES]
     prompts = [p for req in examples for p in _example_prompts(req)]
     continuations = {"unedited": _continue(base.to(device), tokenizer, prompts)}
@@ -134,10 +133,7 @@ def run_demo(
             shutil.rmtree(run_dir)
         edited, tokenizer = load_model(model_dir, device=device)
         torch.manual_seed(seed)
-        if hparams_file is not None or shipped is not None:
-            hparams = load_hparams(hparams_file if hparams_file is not None else shipped)
-        else:
-            hparams = default_hparams(edited, "alphaedit").replace(**DEMO_OVERRIDES)
+        hparams = choose_hparams(edited, "alphaedit", source=source, default_overrides=DEMO_OVERRIDES)
         if device.type == "cuda" and hparams.mom2_n_samples < sizes["stats_lines"]:
             hparams = hparams.replace(mom2_n_samples=sizes["stats_lines"])
         if hparams_overrides:
@@ -181,7 +177,7 @@ def run_demo(
         "batch_size": batch_size,
         "device": str(device),
         "table": table_rows,
-        "hparams_source": str(hparams_file) if hparams_file is not None else (shipped or "default_hparams"),
+        "hparams_source": source or "default_hparams",
         "continuations": example_rows,
         "runs": {k: {kk: v[kk] for kk in ("before", "after", "energy_drift", "edit_seconds", "sphere_seconds",
                                            "sphere_share", "hparams")} for k, v in summaries.items()},

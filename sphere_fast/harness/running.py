@@ -8,8 +8,9 @@
     summary.json                  final metrics, energy drift, timings
     checkpoints/                  run_sequential's checkpoints (every ``eval_every`` batches)
 
-``sphere-fast edit`` adds ``run.json`` (its settings, checked on ``--resume``)
-and, with ``--save-model``, the edited model.
+``sphere-fast edit`` adds ``run.json`` (its settings, written and checked on
+``--resume`` by :func:`record_run`) and, with ``--save-model``, the edited model.
+:func:`hparams_source` and :func:`choose_hparams` choose a run's hyperparameters.
 """
 from __future__ import annotations
 
@@ -19,11 +20,52 @@ from typing import Any, Sequence
 
 from ..editing import paths
 from ..editing.editor import Editor
-from ..editing.hparams import default_hparams
+from ..editing.hparams import EditHparams, default_hparams, load_hparams, shipped_for_model
 from .metrics import evaluate, layer_energies, neighborhood_predictions
 from .report import METRIC_COLUMNS as METRICS
-from .report import energy_drift, plot_run, read_csv, write_csv, write_json
+from .report import energy_drift, plot_run, read_csv, read_json, write_csv, write_json
 from .sequential import run_sequential
+
+# The settings a resumed run must share with the run recorded in its folder's run.json.
+RUN_KEYS = ("model", "data", "method", "sphere", "eta", "alpha", "edits", "batch_size", "hparams", "seed", "schema")
+
+
+def hparams_source(method: str, *, sphere: bool, given: str | Path | None = None,
+                   model_name: str | None = None) -> str | None:
+    """Where a run's hyperparameters come from: ``given`` (a YAML/JSON file or shipped name), else the
+    shipped settings of the named model ``model_name`` for ``method`` and ``sphere``, else None (sized to
+    the model by :func:`choose_hparams`)."""
+    if given is not None:
+        return str(given)
+    return shipped_for_model(model_name, method, sphere=sphere)
+
+
+def choose_hparams(model, method: str, *, source: str | Path | None = None,
+                   default_overrides: dict | None = None) -> EditHparams:
+    """The hyperparameters loaded from ``source`` (see :func:`hparams_source`), or when it is None,
+    :func:`~sphere_fast.editing.hparams.default_hparams` for ``model`` with ``default_overrides``."""
+    if source is not None:
+        return load_hparams(source)
+    hparams = default_hparams(model, method)
+    return hparams.replace(**default_overrides) if default_overrides else hparams
+
+
+def record_run(out: str | Path, settings: dict, *, resume: bool, log=print) -> None:
+    """Write the run's ``settings`` to ``out/run.json``. With ``resume``, a run.json already there must
+    agree on :data:`RUN_KEYS` (ValueError naming each difference); a folder with neither it nor checkpoints
+    starts a new run, and ``log`` says so."""
+    out = Path(out)
+    path = out / "run.json"
+    if resume and path.exists():
+        old = read_json(path)
+        diff = [k for k in RUN_KEYS if old.get(k) != settings.get(k)]
+        if diff:
+            details = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
+            raise ValueError(f"{out} holds a different run ({details})")
+    elif resume and not (out / "checkpoints").exists():
+        log(f"nothing to resume in {out}, starting a new run")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, settings)
 
 
 def run_edit(
@@ -63,7 +105,7 @@ def run_edit(
     n_batches = -(-len(requests) // batch_size)
     csv_path, png_path = out / "edits.csv", out / "edits.png"
     if hparams is None:
-        hparams = default_hparams(model, method)
+        hparams = choose_hparams(model, method)
     if stats_corpus is None and paths.wikitext_path("test").exists():
         stats_corpus = paths.wikitext_path("test")
 

@@ -1,0 +1,37 @@
+"""The run-file policy of a sequential run (run.json and --resume) and the hyperparameter choice."""
+from __future__ import annotations
+
+import pytest
+
+from sphere_fast.editing.hparams import load_hparams
+from sphere_fast.harness.report import read_json
+from sphere_fast.harness.running import RUN_KEYS, choose_hparams, hparams_source, record_run
+
+SETTINGS = {key: 1 for key in RUN_KEYS} | {"eval_every": 1}
+
+
+def test_record_run_writes_and_a_resume_must_match(tmp_path):
+    out = tmp_path / "run"
+    record_run(out, SETTINGS, resume=False)
+    assert read_json(out / "run.json") == SETTINGS
+    # Settings outside RUN_KEYS may change on a resume; those in it may not.
+    record_run(out, SETTINGS | {"eval_every": 2}, resume=True)
+    assert read_json(out / "run.json")["eval_every"] == 2
+    with pytest.raises(ValueError, match=r"holds a different run \(batch_size: was 1, now 2; seed: was 1, now 3\)"):
+        record_run(out, SETTINGS | {"batch_size": 2, "seed": 3}, resume=True)
+    assert read_json(out / "run.json")["batch_size"] == 1
+
+
+def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path):
+    said = []
+    record_run(tmp_path / "new", SETTINGS, resume=True, log=said.append)
+    assert said == [f"nothing to resume in {tmp_path / 'new'}, starting a new run"]
+    assert read_json(tmp_path / "new" / "run.json") == SETTINGS
+
+
+def test_hparams_come_from_the_given_source_then_the_named_model():
+    assert hparams_source("memit", sphere=True, given="AlphaEdit/llama3-8b", model_name="smollm2") == \
+        "AlphaEdit/llama3-8b"
+    assert hparams_source("alphaedit", sphere=True, model_name="smollm2") == "SPHERE/smollm2-135m"
+    assert hparams_source("alphaedit", sphere=True, model_name=None) is None
+    assert choose_hparams(None, "memit", source="MEMIT/smollm2-135m") == load_hparams("MEMIT/smollm2-135m")
