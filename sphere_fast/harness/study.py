@@ -30,11 +30,11 @@ import torch
 
 from ..editing import paths
 from ..editing.editor import Editor
-from ..editing.hparams import default_hparams, load_hparams, shipped_for_model
 from .datasets import DatasetError, load_requests
 from .metrics import evaluate, generate, layer_energies, neighborhood_predictions, ngram_entropy, \
     teacher_forced_predictions
 from .report import read_csv, read_json, write_csv, write_json
+from .running import choose_hparams, hparams_source
 from .sequential import latest_checkpoint, run_sequential
 
 # Method names a spec may use: (editing method, SPHERE on).
@@ -358,8 +358,9 @@ def _status(run_dir: Path) -> dict:
 
 
 def _run_hparams(spec: StudySpec, run: RunSpec, model, model_name: str | None):
-    source = run.hparams or shipped_for_model(model_name, run.base_method, sphere=run.sphere)
-    hp = load_hparams(source) if source else default_hparams(model, run.base_method)
+    source = hparams_source(run.base_method, sphere=run.sphere, given=run.hparams, model_name=model_name)
+    hp = choose_hparams(model, run.base_method, source=source)
+    # The spec's overrides apply whatever the source (tests shrink the shipped settings with them).
     return hp.replace(**spec.hparams_overrides) if spec.hparams_overrides else hp
 
 
