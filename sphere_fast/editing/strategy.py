@@ -11,7 +11,7 @@ PRUNE share; they differ only in their closed form and their hooks.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
@@ -35,7 +35,6 @@ class Batch:
     weight: Callable[[str], torch.Tensor]
     apply: Callable[[str, torch.Tensor], dict]
     timed: Callable[[str], contextlib.AbstractContextManager]
-    info: dict = field(default_factory=dict)
 
 
 class EditMethod:
