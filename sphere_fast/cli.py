@@ -29,6 +29,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+METHOD_NAMES = ("memit", "alphaedit", "rect", "prune", "ft")  # editing.methods.METHODS, without importing torch
 MODEL_HELP = "local Hugging Face directory, .gguf file, or named model (see `sphere-fast models`)"
 
 
@@ -446,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--model", required=True, help=MODEL_HELP)
     edit.add_argument("--data", required=True, help="CounterFact / EasyEdit / ZsRE JSON file")
     edit.add_argument("--schema", default="auto", choices=("auto", "counterfact", "easyedit", "zsre"))
-    edit.add_argument("--method", required=True, choices=("memit", "alphaedit"))
+    edit.add_argument("--method", required=True, choices=METHOD_NAMES,
+                      help="editing method (rect and prune edit with MEMIT's update, then restrain it)")
     edit.add_argument("--sphere", action=argparse.BooleanOptionalAction, default=True,
                       help="project each update with SPHERE (default: on)")
     edit.add_argument("--eta", type=_unit_interval, default=None, help="SPHERE cumulative ratio (default 0.5)")

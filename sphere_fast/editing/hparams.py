@@ -199,20 +199,25 @@ def shipped_hparams(name: str) -> Path:
     raise ValueError(f"no shipped hparams named {name!r}; available: {available}")
 
 
+# The editing methods (sphere_fast.editing.methods.METHODS, kept here as names: no import cycle).
+SHIPPED_METHODS = ("memit", "alphaedit", "rect", "prune", "ft")
+
+
 def shipped_for_model(model_name: str | None, method: str, *, sphere: bool) -> str | None:
     """The shipped settings for a named model and method (e.g. ``"SPHERE/smollm2-135m"``), or None.
 
     AlphaEdit + SPHERE takes the SPHERE file (AlphaEdit's settings with eta and
-    alpha), AlphaEdit alone the AlphaEdit file, MEMIT (with or without SPHERE)
-    the MEMIT file. None when ``model_name`` has no shipped settings.
+    alpha), AlphaEdit alone the AlphaEdit file, MEMIT, RECT and PRUNE (with or
+    without SPHERE) the MEMIT file: the two edit with MEMIT's update. None when
+    ``model_name`` has no shipped settings, and for FT, which has none shipped yet.
     """
     method = method.lower()
-    if method not in ("memit", "alphaedit"):
-        raise ValueError(f"method must be 'memit' or 'alphaedit', got {method!r}")
+    if method not in SHIPPED_METHODS:
+        raise ValueError(f"method must be one of {', '.join(SHIPPED_METHODS)}, got {method!r}")
     stem = SHIPPED_MODELS.get(model_name) if model_name is not None else None
-    if stem is None:
+    if stem is None or method == "ft":
         return None
-    folder = "MEMIT" if method == "memit" else ("SPHERE" if sphere else "AlphaEdit")
+    folder = ("SPHERE" if sphere else "AlphaEdit") if method == "alphaedit" else "MEMIT"
     name = f"{folder}/{stem}"
     shipped_hparams(name)  # raises if the file is missing from the package
     return name

@@ -30,6 +30,7 @@ import torch
 
 from ..editing import paths
 from ..editing.editor import Editor
+from ..editing.methods import METHODS as EDIT_METHODS
 from .datasets import DatasetError, load_requests
 from .metrics import evaluate, generate, layer_energies, neighborhood_predictions, ngram_entropy, \
     teacher_forced_predictions
@@ -38,8 +39,7 @@ from .running import choose_hparams, hparams_source
 from .sequential import latest_checkpoint, run_sequential
 
 # Method names a spec may use: (editing method, SPHERE on).
-METHODS = {"memit": ("memit", False), "memit+sphere": ("memit", True),
-           "alphaedit": ("alphaedit", False), "alphaedit+sphere": ("alphaedit", True)}
+METHODS = {f"{name}{'+sphere' if sphere else ''}": (name, sphere) for name in EDIT_METHODS for sphere in (False, True)}
 GENERAL_METRICS = ("perplexity", "kl", "top1_agreement", "retention", "fluency")
 
 

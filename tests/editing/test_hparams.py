@@ -132,7 +132,7 @@ def test_shipped_for_model(method, sphere, expected):
     assert shipped_hparams(expected) == CONFIGS_DIR / f"{expected}.yaml"
     assert shipped_for_model("llama3-8b", method, sphere=sphere) is None  # a file stem, not a named model
     assert shipped_for_model(None, method, sphere=sphere) is None
-    with pytest.raises(ValueError, match="method must be 'memit' or 'alphaedit', got 'rome'"):
+    with pytest.raises(ValueError, match="method must be one of memit, alphaedit, rect, prune, ft, got 'rome'"):
         shipped_for_model("smollm2", "rome", sphere=sphere)
 
 
@@ -234,3 +234,15 @@ def test_default_hparams_match_public_files_at_full_size(config, expected):
     hp = default_hparams(model, "alphaedit")
     for key, value in expected.items():
         assert getattr(hp, key) == pytest.approx(value), key
+
+
+def test_every_method_has_its_shipped_settings_or_none():
+    from sphere_fast.cli import METHOD_NAMES
+    from sphere_fast.editing.hparams import SHIPPED_METHODS
+    from sphere_fast.editing.methods import METHODS
+
+    assert SHIPPED_METHODS == METHOD_NAMES == tuple(METHODS)
+    for method in ("rect", "prune"):  # MEMIT's update, then their restraint: MEMIT's settings
+        for sphere in (False, True):
+            assert shipped_for_model("smollm2", method, sphere=sphere) == "MEMIT/smollm2-135m"
+    assert shipped_for_model("smollm2", "ft", sphere=True) is None  # sized to the model

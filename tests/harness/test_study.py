@@ -178,3 +178,14 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2], [1, 2]) is None
+
+
+def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path):
+    runs = [{"name": "rect+sphere", "method": "rect+sphere"}, {"name": "prune", "method": "prune"},
+            {"name": "ft+sphere", "method": "ft+sphere", "alpha": 0.5}]
+    statuses = run_study(load_spec(spec_dict(files, runs=runs, horizon=2, full_eval_at=[2])), tmp_path / "out",
+                         load=loader(tok), log=lambda m: None)
+    assert {name: s["state"] for name, s in statuses.items()} == {r["name"]: "done" for r in runs}
+    for run in runs:
+        rows = read_csv(tmp_path / "out" / "runs" / run["name"] / "edits.csv")
+        assert [r["edits"] for r in rows] == [0, 2] and 0.0 <= rows[-1]["efficacy"] <= 1.0
