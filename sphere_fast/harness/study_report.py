@@ -231,13 +231,15 @@ def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
         fig, axes = plt.subplots(1, len(layers), figsize=(3.6 * len(layers), 3.2), squeeze=False)
         for ax, layer in zip(axes[0], layers):
             for run, data in runs.items():
-                pts = [(int(r["edits"]), float(r[layer])) for r in data["rows"] if r.get(layer) not in (None, "")]
-                if pts:
-                    ax.plot(*zip(*pts), color=colour[run], label=run)
+                rows = [r for r in data["rows"] if r.get(layer) not in (None, "")]
+                if rows:  # relative to the unedited layer: the changes are small next to the energy
+                    base = float(rows[0][layer])
+                    ax.plot([int(r["edits"]) for r in rows], [float(r[layer]) / base - 1 for r in rows],
+                            color=colour[run], label=run)
             ax.set_title(layer[len("energy:"):].replace("model.layers.", "L"), fontsize=8)
             ax.set_xlabel("edits")
             ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel("hyperspherical energy")
+        axes[0][0].set_ylabel("hyperspherical energy, E / E0 - 1")
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, folder / "energy.png"))
