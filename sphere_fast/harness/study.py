@@ -234,13 +234,14 @@ def spec_requests(spec: StudySpec) -> list:
     return requests
 
 
-def eval_indices(spec: StudySpec, edits: int) -> list[int]:
-    """Which edited requests an evaluation after ``edits`` edits scores (sorted indices)."""
+def eval_indices(spec: StudySpec, edits: int, skip: set[int] = frozenset()) -> list[int]:
+    """Which edited requests an evaluation after ``edits`` requests scores (sorted indices; ``skip``:
+    requests that were not edited)."""
     if edits <= spec.eval_sample or edits in spec.full_eval_at or edits == spec.horizon:
-        return list(range(edits))
+        return [i for i in range(edits) if i not in skip]
     order = list(range(spec.horizon))
     random.Random(spec.seed).shuffle(order)
-    return sorted([i for i in order if i < edits][:spec.eval_sample])
+    return sorted([i for i in order if i < edits and i not in skip][:spec.eval_sample])
 
 
 # --------------------------------------------------------------------------- general abilities
@@ -411,6 +412,8 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     torch.manual_seed(spec.seed)
     editor = Editor(model, tokenizer, hp, method=run.base_method, sphere=run.sphere, eta=run.eta, alpha=run.alpha,
                     cache_dir=paths.cache_dir(), seed=spec.seed, progress=False)
+    skipped = uneditable(requests, tokenizer, hp.fact_token)
+    skip = set(skipped)
     originals = {k: v.detach().clone() for k, v in editor.edited_weights().items()}
     first_layer = next(iter(originals))
     geometry_before = _geometry(originals[first_layer], seed=spec.seed)
@@ -425,7 +428,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
         rows = {0: row0}
         write_csv(csv_path, [rows[0]])
     write_json(run_dir / "status.json", {**status, "state": "running", "run": dataclasses.asdict(run),
-                                         "hparams": hp.to_dict()})
+                                         "hparams": hp.to_dict(), "skipped": skipped})
     eval_batches = spec.eval_every // spec.batch_size
 
     def on_batch(index: int, batch, info: dict) -> None:
@@ -441,7 +444,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
         row.update({f"energy:{k}": v for k, v in layer_energies(weights).items()})
         if number % eval_batches == 0 or edits == spec.horizon:
             t0 = time.perf_counter()
-            idx = eval_indices(spec, edits)
+            idx = eval_indices(spec, edits, skip)
             metrics = evaluate(model, tokenizer, [requests[i] for i in idx], batch_size=spec.eval_batch_size,
                                reference=[reference[i] for i in idx])
             t1 = time.perf_counter()
@@ -465,7 +468,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
 
     stop = (lambda: time.time() >= deadline) if deadline is not None else None
     try:
-        run_sequential(editor, requests, batch_size=spec.batch_size, checkpoint_every=eval_batches,
+        run_sequential(_SkipUnedited(editor, requests, skip), requests, batch_size=spec.batch_size, checkpoint_every=eval_batches,
                        checkpoint_dir=ckpt_dir, resume=True, keep_last=1, on_batch=on_batch, progress=False,
                        should_stop=stop)
     except (Collapsed, torch.linalg.LinAlgError, RuntimeError) as exc:
@@ -483,9 +486,39 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     if state == "done":
         _write_geometry(run_dir / "geometry.json", geometry_before,
                         _geometry(editor.edited_weights()[first_layer], seed=spec.seed), first_layer)
-    status = {"state": state, "edits": done, "run": dataclasses.asdict(run), "hparams": hp.to_dict()}
+    status = {"state": state, "edits": done, "run": dataclasses.asdict(run), "hparams": hp.to_dict(),
+              "skipped": skipped}
     write_json(run_dir / "status.json", status)
     return status
+
+
+class _SkipUnedited:
+    """The Editor, given each batch without the requests it cannot edit (their subject does not
+    tokenise inside the prompt, say): the request list, and so its batches and checkpoints, stay
+    those of the data file, and the skipped requests are left out of every evaluation."""
+
+    def __init__(self, editor, requests: Sequence, skip: set[int]):
+        self._editor = editor
+        self._skip = {id(requests[i]) for i in skip}
+
+    def edit_batch(self, requests):
+        return self._editor.edit_batch([r for r in requests if id(r) not in self._skip])
+
+    def __getattr__(self, name):  # checkpoints: state_dict, load_state_dict, edited_weights
+        return getattr(self._editor, name)
+
+
+def uneditable(requests: Sequence, tokenizer, fact_token: str) -> dict[int, str]:
+    """Indices of the requests the Editor would refuse, with the reason."""
+    from ..editing.compute import validate_request
+
+    out = {}
+    for i, request in enumerate(requests):
+        try:
+            validate_request(tokenizer, request, fact_token, f"request {i}")
+        except ValueError as exc:
+            out[i] = str(exc)
+    return out
 
 
 def _is_collapse(exc: BaseException) -> bool:

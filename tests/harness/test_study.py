@@ -189,3 +189,17 @@ def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path):
     for run in runs:
         rows = read_csv(tmp_path / "out" / "runs" / run["name"] / "edits.csv")
         assert [r["edits"] for r in rows] == [0, 2] and 0.0 <= rows[-1]["efficacy"] <= 1.0
+
+
+def test_a_request_the_editor_refuses_is_skipped_and_left_out_of_evaluations(files, tok, tmp_path):
+    records = json.loads((files / "edit.json").read_text())
+    records[3]["prompt"] = records[3]["prompt"].replace(records[3]["subject"], records[3]["subject"] + "'s")
+    records[3]["subject"] = records[3]["subject"] + "'"  # no longer a token boundary inside the prompt
+    data = tmp_path / "edit.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    statuses = run_study(load_spec(spec_dict(files, data=str(data), runs=["memit"])), out, load=loader(tok),
+                         log=lambda m: None)
+    assert statuses["memit"]["state"] == "done" and [int(k) for k in statuses["memit"]["skipped"]] == [3]
+    final = read_json(out / "runs" / "memit" / "metrics" / "edits_00006.json")
+    assert final["metrics"]["n_requests"] == 5
