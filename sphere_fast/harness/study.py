@@ -282,15 +282,7 @@ class GeneralProbe:
         self.originals = originals
 
     def _swap(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from ..editing.model_utils import get_module, oriented_weight
-
-        old = {}
-        with torch.no_grad():
-            for name, w in weights.items():
-                current = oriented_weight(get_module(self.model, name))
-                old[name] = current.clone()
-                current.copy_(w)
-        return old
+        return set_weights(self.model, weights)
 
     def measure(self) -> dict:
         spec, bs = self.spec, max(1, self.spec.eval_batch_size // 8)
@@ -530,18 +522,22 @@ def _is_collapse(exc: BaseException) -> bool:
                                          "not positive definite", "failed to converge"))
 
 
-def _restore(model, weights: dict[str, torch.Tensor]) -> None:
+def set_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy ``weights`` (module name -> [out, in] weight) into ``model``; returns copies of what they replaced."""
     from ..editing.model_utils import get_module, oriented_weight
 
+    old = {}
     with torch.no_grad():
         for name, w in weights.items():
-            oriented_weight(get_module(model, name)).copy_(w)
+            current = oriented_weight(get_module(model, name))
+            old[name] = current.clone()
+            current.copy_(w)
+    return old
 
 
-def prepare(spec: StudySpec, out: Path, load: Callable[[], tuple], model_name: str | None,
+def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], tuple],
             log: Callable[[str], None] = print):
-    """Model, tokenizer, requests, baseline (computed once) and the unedited neighbourhood predictions."""
-    requests = spec_requests(spec)
+    """Model, tokenizer, baseline (computed once) and the unedited neighbourhood predictions."""
     model, tokenizer = load()
     baseline_path = out / "baseline.json"
     ref_path = _work_dir(spec, out) / "reference.json"
@@ -562,7 +558,7 @@ def prepare(spec: StudySpec, out: Path, load: Callable[[], tuple], model_name: s
                                "general": time.perf_counter() - t2}
         write_json(ref_path, reference)
         write_json(baseline_path, baseline)
-    return model, tokenizer, requests, baseline, reference
+    return model, tokenizer, baseline, reference
 
 
 def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None = None, only: Sequence[str] = (),
@@ -594,7 +590,7 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
         write_json(spec_path, {"spec": spec.to_dict(), "key": spec.key(), "commit": _commit()})
-    model, tokenizer, requests, baseline, reference = prepare(spec, out, load, model_name, log)
+    model, tokenizer, baseline, reference = prepare(spec, out, requests, load, log)
     from ..editing.model_utils import get_module, oriented_weight
 
     statuses = {}
@@ -612,7 +608,7 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
                                          requests=requests, baseline=baseline, reference=reference,
                                          deadline=deadline, log=log)
         finally:
-            _restore(model, pristine)  # the next run starts from the unedited model
+            set_weights(model, pristine)  # the next run starts from the unedited model
     return statuses
 
 
