@@ -115,7 +115,7 @@ def git_commit() -> dict:
         return {"id": os.environ["GPU_CHECK_COMMIT"], "dirty": None}
     commit = _run(["git", "rev-parse", "HEAD"])
     if commit is None:
-        return {"id": os.environ.get("GPU_CHECK_COMMIT") or None, "dirty": None}
+        return {"id": None, "dirty": None}
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
     return {"id": commit, "dirty": bool(dirty) if dirty is not None else None}
 
