@@ -16,9 +16,10 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .compute import compute_keys, compute_targets, layer_outputs
+from .compute import compute_keys, layer_outputs
 from .hparams import EditHparams
 from .requests import EditRequest
+from .targets import TargetPlan, compute_targets
 
 
 @dataclass
@@ -94,7 +95,7 @@ class LocateThenEdit(EditMethod):
         hp, model, tok, requests = batch.hparams, batch.model, batch.tokenizer, batch.requests
         z_layer = hp.layers[-1]
         with batch.timed("targets"):
-            results = compute_targets(model, tok, requests, hp, batch.templates)
+            results = compute_targets(model, tok, requests, TargetPlan.from_hparams(hp), batch.templates)
             zs = torch.stack([r.z for r in results])  # [n, hidden]
         with torch.no_grad():
             before = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())

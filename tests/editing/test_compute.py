@@ -5,12 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sphere_fast.editing import compute
+from sphere_fast.editing import targets
 from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
 from sphere_fast.editing.compute import (
     KL_PROMPTS,
     compute_keys,
-    compute_targets,
     context_templates,
     layer_outputs,
     lookup_index,
@@ -20,6 +19,7 @@ from sphere_fast.editing.compute import (
 from sphere_fast.editing.hparams import default_hparams
 from sphere_fast.editing.memit import memit_update
 from sphere_fast.editing.model_utils import get_module
+from sphere_fast.editing.targets import TargetPlan, compute_targets
 
 from .fixtures import counterfact_requests, subject_end_requests, tiny_model, tiny_tokenizer
 
@@ -105,9 +105,9 @@ def test_batched_targets_equal_one_at_a_time(model_tok):
     hp = default_hparams(model, "alphaedit").replace(v_num_grad_steps=6)
     reqs = subject_end_requests(tok, 3)
     templates = context_templates(model, tok, seed=0)
-    batched = compute_targets(model, tok, reqs, hp, templates)
+    batched = compute_targets(model, tok, reqs, TargetPlan.from_hparams(hp), templates)
     for req, got in zip(reqs, batched):
-        alone = compute_targets(model, tok, [req], hp, templates)[0]
+        alone = compute_targets(model, tok, [req], TargetPlan.from_hparams(hp), templates)[0]
         torch.testing.assert_close(got.z, alone.z, rtol=1e-4, atol=1e-5)
         assert got.steps == alone.steps
         delta = got.z - got.init
@@ -188,13 +188,13 @@ def plain_target(model, tok, req, hp, templates):
 def spy_on_steps(monkeypatch):
     """Record, for every optimisation forward: (rows fed, positions fed per row, width of the whole rows, windowed)."""
     calls = []
-    real = compute._Steps.forward
+    real = targets._Steps.forward
 
     def forward(self, delta):
         calls.append((len(self.sel), self.input_ids.shape[1], self.width, self.windowed))
         return real(self, delta)
 
-    monkeypatch.setattr(compute._Steps, "forward", forward)
+    monkeypatch.setattr(targets._Steps, "forward", forward)
     return calls
 
 
@@ -209,7 +209,7 @@ def test_targets_match_the_plain_optimisation(arch, monkeypatch):
     reqs = counterfact_requests(3)
     templates = context_templates(model, tok, seed=0)
     calls = spy_on_steps(monkeypatch)
-    got = compute_targets(model, tok, reqs, hp, templates)
+    got = compute_targets(model, tok, reqs, TargetPlan.from_hparams(hp), templates)
     assert calls and all(windowed and fed < width for _, fed, width, windowed in calls)
     for req, result in zip(reqs, got):
         z, steps, losses = plain_target(model, tok, req, hp, templates)
@@ -235,7 +235,7 @@ def test_converged_requests_leave_the_batch(monkeypatch):
     assert min(plain_steps) < 5 and max(plain_steps) == hp.v_num_grad_steps - 1
 
     calls = spy_on_steps(monkeypatch)
-    got = compute_targets(model, tok, reqs, hp, templates)
+    got = compute_targets(model, tok, reqs, TargetPlan.from_hparams(hp), templates)
     assert [r.steps for r in got] == plain_steps
     for result, (z, _, losses) in zip(got, plain):
         torch.testing.assert_close(result.z, z, rtol=1e-5, atol=1e-5 * float(z.abs().max()))
@@ -253,17 +253,17 @@ def test_whole_rows_when_the_window_disagrees(monkeypatch):
     hp = default_hparams(model, "alphaedit").replace(v_num_grad_steps=4)
     reqs = counterfact_requests(2)
     templates = [["{}"], ["A day. {}"]]
-    windowed = compute_targets(model, tok, reqs, hp, templates)
-    monkeypatch.setattr(compute._Steps, "agrees", lambda self, labels, kl: False)
+    windowed = compute_targets(model, tok, reqs, TargetPlan.from_hparams(hp), templates)
+    monkeypatch.setattr(targets._Steps, "agrees", lambda self, labels, kl: False)
     calls = spy_on_steps(monkeypatch)
     with pytest.warns(UserWarning, match="whole prompts"):
-        whole = compute_targets(model, tok, reqs, hp, templates)
+        whole = compute_targets(model, tok, reqs, TargetPlan.from_hparams(hp), templates)
     assert calls[0][3] and not any(w for *_, w in calls[1:])
     assert all(fed == width for _, fed, width, _ in calls[1:])
     for a, b in zip(windowed, whole):
         torch.testing.assert_close(a.z, b.z, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="group"):
-        compute_targets(model, tok, reqs, hp, templates, group=0)
+        compute_targets(model, tok, reqs, TargetPlan.from_hparams(hp), templates, group=0)
 
 
 def test_keys_and_layer_outputs_stop_after_the_module_they_read(model_tok):
@@ -309,7 +309,7 @@ def test_keys_and_layer_outputs_stop_after_the_module_they_read(model_tok):
 def test_clamp_holds_with_a_large_step(model_tok):
     model, tok = model_tok
     hp = default_hparams(model, "alphaedit").replace(v_num_grad_steps=5, v_lr=50.0, clamp_norm_factor=0.1)
-    for r in compute_targets(model, tok, subject_end_requests(tok, 2), hp, [["{}"]]):
+    for r in compute_targets(model, tok, subject_end_requests(tok, 2), TargetPlan.from_hparams(hp), [["{}"]]):
         assert (r.z - r.init).norm() <= 0.1 * r.init.norm() * (1 + 1e-5)
         assert (r.z - r.init).norm() >= 0.1 * r.init.norm() * (1 - 1e-3)  # the clamp was reached
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
-from sphere_fast.editing.compute import compute_keys, compute_targets, layer_outputs
+from sphere_fast.editing.compute import compute_keys, layer_outputs
 from sphere_fast.editing.editor import Editor
 from sphere_fast.editing.hparams import default_hparams
 from sphere_fast.editing.model_utils import get_module, oriented_weight
 from sphere_fast.editing.requests import EditRequest
+from sphere_fast.editing.targets import TargetPlan, compute_targets
 from sphere_fast.projector import SphereProjector
 
 from .fixtures import (
@@ -118,7 +119,7 @@ def test_sphere_off_is_the_base_method(tok, cache):
     P = {n: nullspace_projector(ref.key_statistics(n), hp.nullspace_threshold)[0] for n in names}
     cache_c = {n: torch.zeros(512, 512) for n in names}
     for batch in (reqs[:3], reqs[3:]):
-        zs = torch.stack([r.z for r in compute_targets(model, tok, batch, hp, templates)])
+        zs = torch.stack([r.z for r in compute_targets(model, tok, batch, TargetPlan.from_hparams(hp), templates)])
         for i, name in enumerate(names):
             K = compute_keys(model, tok, batch, hp, [name], templates)[name].T
             R = (zs - layer_outputs(model, tok, batch, hp, hp.layers[-1])).T / (len(names) - i)
