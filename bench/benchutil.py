@@ -54,10 +54,10 @@ def _extension_pool(device: torch.device):
     """The CUDA extension's memory-pool counter, when the extension is loaded (else None)."""
     if device.type != "cuda":
         return None
-    from sphere_fast import _cuda
+    from sphere_fast.backends import cuda_extension
 
     try:
-        ext = _cuda.load_extension()
+        ext = cuda_extension()
     except ImportError:
         return None
     return lambda reset: ext.mempool_used(device.index if device.index is not None else torch.cuda.current_device(),
@@ -99,7 +99,8 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _run(cmd: list[str]) -> str | None:
+def command_output(cmd: list[str]) -> str | None:
+    """The stripped stdout of ``cmd``, or None when it is not installed, fails or runs past 30 s."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
@@ -113,15 +114,15 @@ def git_commit() -> dict:
     """HEAD and whether tracked files differ from it; GPU_CHECK_COMMIT when set (a copy's .git may be stale)."""
     if os.environ.get("GPU_CHECK_COMMIT"):
         return {"id": os.environ["GPU_CHECK_COMMIT"], "dirty": None}
-    commit = _run(["git", "rev-parse", "HEAD"])
+    commit = command_output(["git", "rev-parse", "HEAD"])
     if commit is None:
         return {"id": None, "dirty": None}
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    dirty = command_output(["git", "status", "--porcelain", "--untracked-files=no"])
     return {"id": commit, "dirty": bool(dirty) if dirty is not None else None}
 
 
 def nvcc_version() -> str | None:
-    out = _run([os.environ.get("CUDACXX") or "nvcc", "--version"])
+    out = command_output([os.environ.get("CUDACXX") or "nvcc", "--version"])
     match = re.search(r"release ([\d.]+)", out or "")
     return match.group(1) if match else None
 
@@ -149,7 +150,7 @@ def environment() -> dict:
             capability=list(torch.cuda.get_device_capability(0)),
             multiprocessors=props.multi_processor_count,
             memory_gib=round(props.total_memory / 2**30, 1),
-            driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+            driver=command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         )
     return env
 

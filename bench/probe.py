@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchutil import _run, environment  # noqa: E402
+from benchutil import command_output, environment  # noqa: E402
 
 from sphere_fast import available_backends  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     env = environment()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env["backends"] = {device: available_backends(device)}
-    env["nvidia_smi"] = _run(["nvidia-smi"])
+    env["nvidia_smi"] = command_output(["nvidia-smi"])
     env["build_prerequisites"] = build_prerequisites()
     for key in ("device", "date", "commit", "python", "torch", "torch_cuda", "triton", "transformers", "nvcc",
                 "driver", "capability", "multiprocessors", "memory_gib"):

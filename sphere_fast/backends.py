@@ -82,14 +82,20 @@ def backend_status(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "cuda":
         if device.type != "cuda":
             return False, f"the CUDA extension needs a CUDA tensor, got a tensor on {device}"
-        from . import _cuda
-
         try:
-            _cuda.load_extension()
+            cuda_extension()
         except ImportError as exc:
             return False, str(exc)
         return True, ""
     raise ValueError(f"backend must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {name!r}")
+
+
+def cuda_extension():
+    """The compiled extension ``sphere_fast._C``, loaded on first use; ImportError saying what was looked
+    for and how to build it when it is absent."""
+    from . import _cuda
+
+    return _cuda.load_extension()
 
 
 def requested_backend(backend: str | None) -> str:

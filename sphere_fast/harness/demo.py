@@ -250,10 +250,10 @@ def format_examples(rows: list[dict]) -> str:
 
 def plot_examples(table_rows: list[dict], example_rows: list[dict], path: Path, *, title: str) -> None:
     """What the demo prints, as a PNG: the metrics table as bars, the continuations as text."""
-    from .report import _figure, _save_png
+    from .report import figure, save_png
 
     metrics = ("efficacy", "generalization", "specificity", "locality")
-    plt, fig, (ax_bar, ax_text) = _figure(2)
+    plt, fig, (ax_bar, ax_text) = figure(2)
     fig.set_size_inches(17, 7)
     width = 0.8 / max(1, len(table_rows))
     for i, row in enumerate(table_rows):
@@ -268,7 +268,7 @@ def plot_examples(table_rows: list[dict], example_rows: list[dict], path: Path, 
     ax_text.text(0, 1, format_examples(example_rows).strip("\n"), va="top", ha="left", family="monospace",
                  fontsize=6.5, transform=ax_text.transAxes, wrap=False)
     fig.suptitle(title, fontsize=10)
-    _save_png(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def _trained_model(train_config, device, progress: bool, log) -> tuple[Path, dict]:

@@ -127,7 +127,8 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str,
 # --------------------------------------------------------------------------- plots
 
 
-def _figure(ncols: int):
+def figure(ncols: int):
+    """(pyplot, figure, axes) of one row of ``ncols`` plots, on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -137,7 +138,8 @@ def _figure(ncols: int):
     return plt, fig, axes[0]
 
 
-def _save_png(plt, fig, path: str | Path) -> None:
+def save_png(plt, fig, path: str | Path) -> None:
+    """Write ``fig`` to ``path`` as a PNG, atomically, and close it."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -147,7 +149,7 @@ def _save_png(plt, fig, path: str | Path) -> None:
 
 def plot_run(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> None:
     """Metrics (left) and each edited layer's energy relative to the first row (right) against edits."""
-    plt, fig, (ax_m, ax_e) = _figure(2)
+    plt, fig, (ax_m, ax_e) = figure(2)
     evaluated = [r for r in rows if any(r.get(k) is not None for k in METRIC_COLUMNS)]
     for key in METRIC_COLUMNS:
         pts = [(r["edits"], r[key]) for r in evaluated if r.get(key) is not None]
@@ -172,12 +174,12 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str 
     ax_e.set_title("energy of the edited weights", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save_png(plt, fig, path)
+    save_png(plt, fig, path)
 
 
 def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *, title: str = "") -> None:
     """Several runs: mean energy drift, efficacy and specificity/locality against edits."""
-    plt, fig, (ax_e, ax_eff, ax_spec) = _figure(3)
+    plt, fig, (ax_e, ax_eff, ax_spec) = figure(3)
     for label, rows in runs.items():
         if not rows:
             continue
@@ -204,4 +206,4 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str |
         ax.set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save_png(plt, fig, path)
+    save_png(plt, fig, path)
