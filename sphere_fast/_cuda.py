@@ -147,8 +147,7 @@ def top_eigenpairs(
     trace = val.check_positive(trace, "trace")
     eta = val.check_eta(eta)
     tol = DEFAULT_TOL[G.dtype] if tol is None else val.check_positive(tol, "tol")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    val.check_positive_int(max_iter, "max_iter")
     if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
         raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:

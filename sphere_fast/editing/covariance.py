@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from .._validation import check_positive_int
 from ..files import atomic_path, file_sha256
 from . import paths
 from .model_utils import (
@@ -133,8 +134,7 @@ def compute_second_moments(model, tok, module_names: Sequence[str], texts: Seque
     The forward ends at the last named module; texts run in length-sorted
     batches of at most ``batch_tokens`` padded tokens.
     """
-    if isinstance(batch_tokens, bool) or not isinstance(batch_tokens, int) or batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}")
+    check_positive_int(batch_tokens, "batch_tokens")
     encoded = tok(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
     encoded = [ids for ids in encoded if ids]
     sums: dict[str, torch.Tensor] = {}

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from .._validation import check_positive_int
 from ..editing.model_utils import model_device, pad_token_id, right_pad
 from ..editing.requests import EditRequest
 from ..ops import hyperspherical_energy
@@ -97,8 +98,7 @@ def teacher_forced_predictions(
     """
     if len(prompts) != len(targets):
         raise ValueError(f"got {len(prompts)} prompts but {len(targets)} targets")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_positive_int(batch_size, "batch_size")
     prefix = special_prefix(tokenizer)
     encoded = [encode_pair(tokenizer, p, t, prefix) for p, t in zip(prompts, targets)]
     pad = pad_token_id(tokenizer)

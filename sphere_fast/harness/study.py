@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .._validation import check_positive_int
 from ..editing import paths
 from ..editing.editor import Editor
 from ..editing.methods import METHODS as EDIT_METHODS
@@ -112,6 +113,15 @@ _INT_FIELDS = ("horizon", "batch_size", "eval_every", "eval_sample", "general_to
                "retention_candidates", "retention_max", "fluency_prompts", "fluency_tokens", "eval_batch_size")
 
 
+def _positive_int(field: str, value: Any, name: str | None = None) -> None:
+    """check_positive_int of ``value`` (called ``name``, else ``field``), failing as the spec's error for
+    ``field``; the message names the field once."""
+    try:
+        check_positive_int(value, name or field)
+    except ValueError as exc:
+        raise StudySpecError(field, str(exc).removeprefix(f"{field} ")) from None
+
+
 def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
     """A :class:`StudySpec` from a YAML/JSON file or a dict; ``overrides`` replace its keys.
 
@@ -149,8 +159,8 @@ def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
         if data.get(name) in (None, "", []):
             raise StudySpecError(name, "is required")
     for name in _INT_FIELDS:
-        if name in data and (isinstance(data[name], bool) or not isinstance(data[name], int) or data[name] < 1):
-            raise StudySpecError(name, f"must be a positive integer, got {data[name]!r}")
+        if name in data:
+            _positive_int(name, data[name])
     if not isinstance(data.get("seed", 0), int) or isinstance(data.get("seed", 0), bool):
         raise StudySpecError("seed", f"must be an integer, got {data['seed']!r}")
     data["runs"] = tuple(_run_spec(r, i) for i, r in enumerate(_as_list(data["runs"], "runs")))
@@ -158,8 +168,8 @@ def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
     if len(set(names)) != len(names):
         raise StudySpecError("runs", f"run names must be unique, got {names}")
     data["full_eval_at"] = tuple(_as_list(data.get("full_eval_at", (1000, 2000)), "full_eval_at"))
-    if any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in data["full_eval_at"]):
-        raise StudySpecError("full_eval_at", f"must be positive edit counts, got {list(data['full_eval_at'])}")
+    for i, edits in enumerate(data["full_eval_at"]):
+        _positive_int("full_eval_at", edits, f"full_eval_at[{i}]")
     if not isinstance(data.get("hparams_overrides", {}), dict):
         raise StudySpecError("hparams_overrides", "must be a mapping of hparams keys to values")
     spec = StudySpec(**data)
