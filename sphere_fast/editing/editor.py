@@ -110,14 +110,17 @@ class Editor:
         self.progress = progress
 
         n_layers = int(model.config.num_hidden_layers)
-        if hparams.v_loss_layer >= n_layers:
+        if hparams.v_loss_layer is None and self._method_class.uses_target_values:
+            raise ValueError(f"hparam 'v_loss_layer' is required for {self._method_class.name} (its target values)")
+        if hparams.v_loss_layer is not None and hparams.v_loss_layer >= n_layers:
             raise ValueError(f"hparam 'v_loss_layer' ({hparams.v_loss_layer}) must be < the model's {n_layers} layers")
         if hparams.layers[-1] >= n_layers:
             raise ValueError(f"hparam 'layers' {hparams.layers} must be < the model's {n_layers} layers")
         self.edited_module_names = [hparams.rewrite_module_tmp.format(l) for l in hparams.layers]
         for name in self.edited_module_names:
             oriented_weight(get_module(model, name))  # raises for unsupported module types
-        for name in [hparams.layer_module_tmp.format(l) for l in (*hparams.layers, hparams.v_loss_layer)]:
+        loss_layers = () if hparams.v_loss_layer is None else (hparams.v_loss_layer,)
+        for name in [hparams.layer_module_tmp.format(l) for l in (*hparams.layers, *loss_layers)]:
             get_module(model, name)
         get_module(model, hparams.ln_f_module)
         get_module(model, hparams.lm_head_module)

@@ -1,13 +1,20 @@
-"""FT-L: fine-tuning of the edited MLP output weight(s) on the batch's targets.
+"""FT: fine-tuning of the edited MLP output weight(s) on the batch's targets.
 
-As the public SPHERE code's FT baseline (ROME's FT-L): Adam on the edited
-weights only (``lr``, ``num_steps``; the public Llama3-8B settings are layer 21,
-25 steps, lr 5e-4), no step once the loss is below 1e-2, and an optional
-L-infinity constraint ``norm_constraint`` that clamps every entry to within
-epsilon of its value before the batch. The loss is the mean over requests of
-the target tokens' mean NLL, teacher-forced after the prompt. The weights are
-then put back and the batch's total change is added through the Editor, so
-SPHERE projects it when on.
+As the public SPHERE code's FT baseline: Adam on the edited weights only
+(``lr``, ``num_steps``, ``weight_decay``; the public Llama3-8B settings are
+layer 21, 25 steps, lr 5e-4), no step once the loss is below 1e-2, and an
+optional L-infinity constraint ``norm_constraint`` that clamps every entry to
+within epsilon of its value before the batch. ``objective_optimization`` picks
+the loss, each a mean over requests:
+
+- ``"prompt_last"`` (FT-L, the public code's): the mean NLL of the target's
+  tokens all read at the prompt's last position;
+- ``"target_new"`` (FT-M): the target tokens' mean NLL, teacher-forced after
+  the prompt.
+
+The weights are then put back and the batch's total change is added through
+the Editor, so SPHERE projects it when on. ``target_nll_*`` in the batch info
+are always the teacher-forced NLLs: what the edited model says.
 """
 from __future__ import annotations
 
@@ -19,6 +26,11 @@ from .model_utils import get_module, model_device, pad_token_id, right_pad
 from .strategy import Batch, EditMethod
 
 STOP_LOSS = 1e-2
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax in at least float32 (bf16/fp16 models), float64 for float64 models."""
+    return F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
 
 
 def clamp_change_(W: torch.Tensor, W_start: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,9 +50,27 @@ def target_nlls(model, tok, requests) -> torch.Tensor:
     logits = model(input_ids=ids, attention_mask=mask).logits
     nlls = []
     for i, (start, length) in enumerate(spans):
-        logp = F.log_softmax(logits[i, start - 1:start + length - 1].float(), dim=-1)
+        logp = _log_probs(logits[i, start - 1:start + length - 1])
         nlls.append(-logp.gather(1, ids[i, start:start + length, None]).mean())
     return torch.stack(nlls)
+
+
+def prompt_last_nlls(model, tok, requests) -> torch.Tensor:
+    """Each request's mean NLL of its target tokens read at the prompt's last position ([n], differentiable)."""
+    seqs, targets = [], []
+    for req in requests:
+        seqs.append(tok(fill(req.prompt, req.subject)[0])["input_ids"])
+        targets.append(target_ids(tok, req.target_new))
+    ids, mask = right_pad(seqs, pad_token_id(tok), model_device(model))
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    nlls = []
+    for i, (seq, target) in enumerate(zip(seqs, targets)):
+        logp = _log_probs(logits[i, len(seq) - 1])
+        nlls.append(-logp[torch.tensor(target, device=logp.device)].mean())
+    return torch.stack(nlls)
+
+
+OBJECTIVES = {"prompt_last": prompt_last_nlls, "target_new": target_nlls}
 
 
 class FT(EditMethod):
@@ -48,6 +78,7 @@ class FT(EditMethod):
 
     name = "ft"
     uses_key_statistics = False
+    uses_target_values = False
 
     def run_batch(self, batch: Batch) -> dict:
         hp, model = batch.hparams, batch.model
@@ -60,13 +91,13 @@ class FT(EditMethod):
                 p.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
-            opt = torch.optim.Adam(params, lr=hp.lr)
+            opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+            objective = OBJECTIVES[hp.objective_optimization]
+            with torch.no_grad():
+                nll_before = target_nlls(model, batch.tokenizer, batch.requests).tolist()
             with batch.timed("solve"), torch.enable_grad():
                 for step in range(hp.num_steps):
-                    nlls = target_nlls(model, batch.tokenizer, batch.requests)
-                    if step == 0:
-                        nll_before = nlls.detach().tolist()
-                    loss = nlls.mean()
+                    loss = objective(model, batch.tokenizer, batch.requests).mean()
                     losses.append(float(loss.detach()))
                     if losses[-1] < STOP_LOSS:
                         break

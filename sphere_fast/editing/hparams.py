@@ -31,6 +31,7 @@ BOOKKEEPING_KEYS = frozenset({
     "sequential_edit", "context_template_length_params",
 })
 FACT_TOKENS = ("subject_last", "last")
+FT_OBJECTIVES = ("prompt_last", "target_new")
 MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Named models (sphere_fast.harness.model_sources) with shipped settings: name -> file stem.
@@ -49,7 +50,7 @@ class EditHparams:
     mlp_module_tmp: str
     ln_f_module: str
     lm_head_module: str
-    v_loss_layer: int
+    v_loss_layer: int | None = None  # locate-then-edit methods only (FT files have none)
     fact_token: str = "subject_last"
     v_num_grad_steps: int = 25
     v_lr: float = 0.5
@@ -65,6 +66,8 @@ class EditHparams:
     lr: float = 5e-4  # FT only: Adam's learning rate
     num_steps: int = 25  # FT only
     norm_constraint: float | None = None  # FT only: L-infinity bound on the change; None (or false) for none
+    weight_decay: float = 0.0  # FT only: Adam's weight decay
+    objective_optimization: str = "prompt_last"  # FT only: FT-L ("prompt_last") or FT-M ("target_new")
     cumulative_ratio: float | None = None  # SPHERE eta; None -> the Editor's default
     suppression_strength: float | None = None  # SPHERE alpha; None -> the Editor's default
     extra: dict = field(default_factory=dict)  # bookkeeping keys, kept for round trips
@@ -83,9 +86,10 @@ class EditHparams:
 
 _INT_FIELDS = ("v_loss_layer", "v_num_grad_steps", "mom2_n_samples", "num_steps")
 _FLOAT_FIELDS = ("v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "mom2_update_weight",
-                 "nullspace_threshold", "L2", "lr", "norm_constraint", "cumulative_ratio", "suppression_strength")
+                 "nullspace_threshold", "L2", "lr", "norm_constraint", "weight_decay", "cumulative_ratio",
+                 "suppression_strength")
 _STR_FIELDS = ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "ln_f_module", "lm_head_module",
-               "fact_token", "mom2_dataset", "mom2_dtype")
+               "fact_token", "mom2_dataset", "mom2_dtype", "objective_optimization")
 FIELDS = tuple(f.name for f in dataclasses.fields(EditHparams) if f.name != "extra")
 
 
@@ -121,7 +125,9 @@ def _check(hp: EditHparams) -> None:
     if any(v < 0 for v in hp.layers) or any(b <= a for a, b in zip(hp.layers, hp.layers[1:])):
         raise ValueError(f"hparam 'layers' must be distinct non-negative indices in ascending order, got {hp.layers}")
     for name in _INT_FIELDS:
-        setattr(hp, name, _integer(getattr(hp, name), name))
+        value = getattr(hp, name)
+        if value is not None or name != "v_loss_layer":
+            setattr(hp, name, _integer(value, name))
     for name in _FLOAT_FIELDS:
         value = getattr(hp, name)
         if value is not None:
@@ -129,6 +135,8 @@ def _check(hp: EditHparams) -> None:
     for name in _STR_FIELDS:
         if not isinstance(getattr(hp, name), str):
             raise ValueError(f"hparam {name!r} must be a string, got {getattr(hp, name)!r}")
+    # EasyEdit's and the public SPHERE code's FT files name the parameter, the others the module.
+    hp.rewrite_module_tmp = hp.rewrite_module_tmp.removesuffix(".weight")
     for name in ("rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp"):
         if getattr(hp, name).count("{}") != 1:
             raise ValueError(f"hparam {name!r} must contain one '{{}}' for the layer index, got {getattr(hp, name)!r}")
@@ -136,7 +144,10 @@ def _check(hp: EditHparams) -> None:
         raise ValueError(f"hparam 'fact_token' must be one of {FACT_TOKENS}, got {hp.fact_token!r}")
     if hp.mom2_dtype not in MOM2_DTYPES:
         raise ValueError(f"hparam 'mom2_dtype' must be one of {MOM2_DTYPES}, got {hp.mom2_dtype!r}")
-    if hp.v_loss_layer < hp.layers[-1]:
+    if hp.objective_optimization not in FT_OBJECTIVES:
+        raise ValueError(f"hparam 'objective_optimization' must be one of {FT_OBJECTIVES}, "
+                         f"got {hp.objective_optimization!r}")
+    if hp.v_loss_layer is not None and hp.v_loss_layer < hp.layers[-1]:
         raise ValueError(f"hparam 'v_loss_layer' ({hp.v_loss_layer}) must be >= the last edited layer ({hp.layers[-1]})")
     for name in ("v_num_grad_steps", "mom2_n_samples", "num_steps"):
         if getattr(hp, name) < 1:
@@ -144,7 +155,7 @@ def _check(hp: EditHparams) -> None:
     for name in ("v_lr", "clamp_norm_factor", "lr"):
         if getattr(hp, name) <= 0:
             raise ValueError(f"hparam {name!r} must be > 0, got {getattr(hp, name)}")
-    for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "nullspace_threshold", "L2"):
+    for name in ("v_weight_decay", "kl_factor", "mom2_update_weight", "nullspace_threshold", "L2", "weight_decay"):
         if getattr(hp, name) < 0:
             raise ValueError(f"hparam {name!r} must be >= 0, got {getattr(hp, name)}")
     if hp.norm_constraint is not None and hp.norm_constraint <= 0:

@@ -44,6 +44,7 @@ class EditMethod:
     name: ClassVar[str] = ""
     default_alpha: ClassVar[float] = 0.8
     uses_key_statistics: ClassVar[bool] = True
+    uses_target_values: ClassVar[bool] = True  # needs hparams.v_loss_layer
 
     def __init__(self, hparams: EditHparams):
         self.hparams = hparams
