@@ -1,5 +1,5 @@
-"""Shared test set-up: the Triton interpreter on machines without a GPU, and the ``device`` and
-``one_thread`` fixtures.
+"""Shared test set-up: the Triton interpreter on machines without a GPU, and the ``device``,
+``one_thread``, ``tok`` and ``stats_cache`` fixtures.
 
 TRITON_INTERPRET must be set before triton or any kernel module is imported
 (``@triton.jit`` picks the interpreter when it decorates), so it is set here,
@@ -40,3 +40,19 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny tokenizer of tests/editing/fixtures.py with a Llama-style BOS (targets must not pick it up),
+    one per module."""
+    from tests.editing.fixtures import tiny_tokenizer
+
+    return tiny_tokenizer(bos=True)
+
+
+@pytest.fixture(scope="module")
+def stats_cache(tmp_path_factory):
+    """A folder for the Editor's C0 statistics (``cache_dir``), shared by a module's tests so each is computed
+    once."""
+    return tmp_path_factory.mktemp("stats")

@@ -14,21 +14,11 @@ from sphere_fast.editing.methods import METHODS, method_class
 from sphere_fast.editing.prune import PRUNE, restrained_correction
 from sphere_fast.editing.rect import RECT, rect_mask
 
-from .fixtures import subject_end_requests, tiny_model, tiny_tokenizer
+from .fixtures import subject_end_requests, tiny_model
 
 FAST = {"mom2_n_samples": 64, "v_num_grad_steps": 4}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(bos=True)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("stats")
 
 
 def make_editor(model, tok, cache, method, *, sphere=False, **hp):
@@ -78,10 +68,10 @@ def test_rect_mask_matches_the_float64_rule(shape):
     assert torch.equal(kept, torch.where(mask, delta, 0.0))
 
 
-def test_rect_edits_only_the_masked_entries(tok, cache):
+def test_rect_edits_only_the_masked_entries(tok, stats_cache):
     """Without SPHERE, each layer's weight changes in exactly 40 % (+1) of its entries."""
     model = tiny_model("llama", tok)
-    ed = make_editor(model, tok, cache, "rect")
+    ed = make_editor(model, tok, stats_cache, "rect")
     before = {n: w.clone() for n, w in ed.edited_weights().items()}
     info = ed.edit_batch(subject_end_requests(tok, 3))
     for n, w in ed.edited_weights().items():
@@ -132,13 +122,13 @@ def test_prune_restrains_the_accumulated_change():
     assert torch.equal(method.W0["w"], W0)
 
 
-def test_prune_on_a_model_restrains_what_memit_would_add(tok, cache):
+def test_prune_on_a_model_restrains_what_memit_would_add(tok, stats_cache):
     """Edited weights scaled down so MEMIT's first update exceeds sigma_max(W0): PRUNE's first-layer change
     has MEMIT's singular values, compressed by the formula; its state holds W0."""
     changes = {}
     for method in ("memit", "prune"):
         model = tiny_model("llama", tok)
-        ed = make_editor(model, tok, cache, method)
+        ed = make_editor(model, tok, stats_cache, method)
         with torch.no_grad():
             for w in ed.edited_weights().values():
                 w.mul_(0.05)
@@ -172,10 +162,10 @@ def test_ft_constraint_matches_the_float64_clamp():
     assert float((view - start).abs().max()) <= 0.03 + 1e-7
 
 
-def test_ft_fits_the_targets_within_its_constraint(tok, cache):
+def test_ft_fits_the_targets_within_its_constraint(tok, stats_cache):
     model = tiny_model("llama", tok)
     reqs = subject_end_requests(tok, 3)
-    ed = make_editor(model, tok, cache, "ft", lr=1e-2, num_steps=10, norm_constraint=2e-3)
+    ed = make_editor(model, tok, stats_cache, "ft", lr=1e-2, num_steps=10, norm_constraint=2e-3)
     assert len(ed.edited_module_names) == 1  # FT-L: one layer
     before = {n: w.clone() for n, w in ed.edited_weights().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -189,14 +179,14 @@ def test_ft_fits_the_targets_within_its_constraint(tok, cache):
         assert torch.allclose(target_nlls(model, tok, reqs), torch.tensor(info["target_nll_after"]))
 
 
-def test_ft_with_sphere_projects_the_total_change(tok, cache):
+def test_ft_with_sphere_projects_the_total_change(tok, stats_cache):
     """SPHERE on: the applied change is the projection of the fine-tuned change (alpha 0 gives FT exactly)."""
     reqs = subject_end_requests(tok, 2)
     runs = {}
     for label, kw in {"off": {"sphere": False}, "alpha0": {"sphere": True}, "on": {"sphere": True}}.items():
         model = tiny_model("llama", tok)
         hp = default_hparams(model, "ft").replace(mom2_n_samples=64, lr=1e-2, num_steps=3)
-        ed = Editor(model, tok, hp, method="ft", cache_dir=cache, progress=False,
+        ed = Editor(model, tok, hp, method="ft", cache_dir=stats_cache, progress=False,
                     alpha=0.0 if label == "alpha0" else None, **kw)
         start = {n: w.clone() for n, w in ed.edited_weights().items()}
         info = ed.edit_batch(reqs)

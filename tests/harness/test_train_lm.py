@@ -22,12 +22,6 @@ def _need_wikitext():
         pytest.skip(f"WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def _weights(path):
     from safetensors.torch import load_file
 
