@@ -1,9 +1,9 @@
 """sphere-fast: SPHERE's projection benchmarked, and sequential editing with it.
 
 bench-projection   time the reference projection against sphere_fast on one layer
-edit               sequentially edit a model with MEMIT/AlphaEdit (+ SPHERE) and record metrics
+edit               sequentially edit a model with MEMIT, AlphaEdit, RECT, PRUNE or FT (+ SPHERE), with metrics
 train-lm           train (or reuse) the small WikiText-2 Llama model used by tests and the demo
-demo               AlphaEdit with and without SPHERE on a real model (smollm2), compared
+demo               one method (AlphaEdit by default) with and without SPHERE on a real model (smollm2), compared
 study              several methods over thousands of sequential edits, resumable, then a report
 models             the named models and the converted models in the cache
 
@@ -293,7 +293,7 @@ def cmd_demo(args) -> int:
     model = args.model or DEFAULT_MODEL
     if model != TRAINED_MODEL:
         model = _resolve_model(model, command)
-    run_demo(model=model, edits=args.edits, batch_size=args.batch_size, out=args.out, device=device, seed=args.seed,
+    run_demo(model=model, method=args.method, edits=args.edits, batch_size=args.batch_size, out=args.out, device=device, seed=args.seed,
              synthetic=args.synthetic, progress=not args.quiet, hparams_file=args.hparams, save_model_dir=save_dir)
     return 0
 
@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench_projection)
     edit = sub.add_parser(
         "edit", parents=[device_quiet, seeded],
-        help="sequentially edit a model with MEMIT/AlphaEdit (+ SPHERE) and record metrics",
+        help="sequentially edit a model with MEMIT, AlphaEdit, RECT, PRUNE or FT (+ SPHERE) and record metrics",
         description="Sequential knowledge editing of a Hugging Face causal LM (a local directory, a .gguf file or "
                     "a named model), with evaluation, checkpoints, a CSV per batch and a plot.",
     )
@@ -495,13 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo", parents=[device_quiet, seeded],
-        help="edit CounterFact with AlphaEdit with and without SPHERE on a real model (smollm2), compare",
+        help="edit CounterFact with AlphaEdit (or --method) with and without SPHERE on a real model (smollm2), "
+             "compare",
     )
+    demo.add_argument("--method", default="alphaedit", choices=METHOD_NAMES,
+                      help="editing method, run with and without SPHERE (default alphaedit)")
     demo.add_argument("--model", default=None,
                       help=f"{MODEL_HELP}, or train-lm (the small WikiText-2 model of `sphere-fast train-lm`); "
                            "default smollm2")
     demo.add_argument("--save-model", default=None, metavar="DIR",
-                      help="write the AlphaEdit + SPHERE edited model to DIR as a Hugging Face directory")
+                      help="write the --method + SPHERE edited model to DIR as a Hugging Face directory")
     demo.add_argument("--edits", type=_positive_int, default=None,
                       help=f"edit-split requests to edit (default {by_device('edits')})")
     demo.add_argument("--batch-size", type=_positive_int, default=None,
@@ -509,8 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output directory (default ./out/demo)")
     demo.add_argument("--synthetic", action="store_true", help="use synthetic requests even if CounterFact is present")
     demo.add_argument("--hparams", default=None,
-                      help="YAML/JSON hparams file (default: the shipped AlphaEdit file for smollm2, else sized to "
-                           "the model with L2 10)")
+                      help="YAML/JSON hparams file (default: the shipped file of --method for smollm2, else sized "
+                           "to the model with L2 10)")
     demo.set_defaults(handler=cmd_demo)
 
     study = sub.add_parser(

@@ -59,6 +59,7 @@ class AlphaEdit(LocateThenEdit):
     """AlphaEdit: the null-space projector P of each layer's C0 and the accumulated ``cache_c``."""
 
     name = "alphaedit"
+    label = "AlphaEdit"
     default_alpha = 0.5  # paper, Appendix D.4.1
 
     def __init__(self, hparams):

@@ -77,6 +77,7 @@ class FT(EditMethod):
     """Fine-tuning of the edited weights; no key statistics."""
 
     name = "ft"
+    label = "FT"
     uses_key_statistics = False
     uses_target_values = False
 

@@ -33,6 +33,7 @@ class MEMIT(LocateThenEdit):
     """MEMIT: the closed form above with C0 of each edited layer."""
 
     name = "memit"
+    label = "MEMIT"
     default_alpha = 0.8  # paper, Appendix D.4.1
 
     def __init__(self, hparams):

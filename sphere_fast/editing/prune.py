@@ -35,6 +35,7 @@ class PRUNE(MEMIT):
     """MEMIT whose accumulated change is restrained after every layer update."""
 
     name = "prune"
+    label = "PRUNE"
 
     def __init__(self, hparams):
         super().__init__(hparams)

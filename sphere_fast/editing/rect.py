@@ -27,6 +27,7 @@ class RECT(MEMIT):
     """MEMIT with each update rectified to its largest relative changes."""
 
     name = "rect"
+    label = "RECT"
 
     def before_projection(self, name, W, delta):
         return torch.where(rect_mask(delta, W), delta, torch.zeros_like(delta))

@@ -42,6 +42,7 @@ class EditMethod:
     """One editing method. Subclasses set ``name`` and ``default_alpha`` (SPHERE's alpha from the paper)."""
 
     name: ClassVar[str] = ""
+    label: ClassVar[str] = ""  # as papers write it, for tables and figures
     default_alpha: ClassVar[float] = 0.8
     uses_key_statistics: ClassVar[bool] = True
     uses_target_values: ClassVar[bool] = True  # needs hparams.v_loss_layer

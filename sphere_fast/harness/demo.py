@@ -1,4 +1,4 @@
-"""``sphere-fast demo``: AlphaEdit with and without SPHERE on a real model.
+"""``sphere-fast demo``: an editing method (AlphaEdit by default) with and without SPHERE on a real model.
 
 1. Take the model: by default the named model ``smollm2`` (SmolLM2-135M-Instruct,
    fetched and converted once, see :mod:`.model_sources`); any local Hugging Face
@@ -8,9 +8,11 @@
    folder (EasyEdit's flat file; synthetic requests about invented subjects when
    the folder is absent or ``synthetic=True``). Defaults are sized by device
    (:data:`CPU_SIZES`, :data:`GPU_SIZES`; measured times are in bench/results).
-3. Edit them sequentially in batches of ``batch_size`` with AlphaEdit, once
-   without SPHERE and once with it (eta 0.5, alpha 0.5), each from a fresh copy
-   of the unedited model, with the model's shipped AlphaEdit settings
+3. Edit them sequentially in batches of ``batch_size`` with ``method``
+   (AlphaEdit unless told; any of :data:`~sphere_fast.editing.methods.METHODS`),
+   once without SPHERE and once with it (eta 0.5, the method's alpha: 0.5 for
+   AlphaEdit, 0.8 for the others), each from a fresh copy of the unedited
+   model, with the model's shipped settings for the method without SPHERE
    (:func:`~sphere_fast.editing.hparams.shipped_for_model`), else the hyperparameters
    :func:`~sphere_fast.editing.hparams.default_hparams` derives for the model
    with :data:`DEMO_OVERRIDES` (or a ``hparams`` file).
@@ -23,7 +25,7 @@
    model and by each edited one.
 5. Write ``demo.png`` (metrics against edits), ``demo_examples.png`` (the
    table and the continuations), ``demo.json`` and each run's own files (see
-   :mod:`.running`) under ``out``; with ``save_model_dir``, the AlphaEdit + SPHERE
+   :mod:`.running`) under ``out``; with ``save_model_dir``, the method + SPHERE
    edited model as a Hugging Face directory.
 
 The numbers are whatever this model and data give.
@@ -34,7 +36,7 @@ import shutil
 import time
 from pathlib import Path
 
-RUNS = (("AlphaEdit", False), ("AlphaEdit + SPHERE", True))
+DEFAULT_METHOD = "alphaedit"
 DEFAULT_MODEL = "smollm2"
 TRAINED_MODEL = "train-lm"  # the small WikiText-2 model of sphere_fast.harness.train_lm
 # Models without shipped settings get default_hparams with these changes. default_hparams gives small
@@ -48,6 +50,7 @@ CONTINUATION_TOKENS = 8
 def run_demo(
     *,
     model: str | Path = DEFAULT_MODEL,
+    method: str = DEFAULT_METHOD,
     edits: int | None = None,
     batch_size: int | None = None,
     out: str | Path = "out/demo",
@@ -66,8 +69,9 @@ def run_demo(
     ``model`` is a named model, a local directory, a ``.gguf`` file or
     :data:`TRAINED_MODEL`, for which ``train_config`` replaces the device's
     default :class:`~.train_lm.TrainConfig`;
+    ``method`` names the editing method (:func:`~sphere_fast.editing.methods.method_class`);
     ``hparams_file`` (YAML/JSON or shipped name) replaces the model's shipped
-    AlphaEdit settings or the model-sized defaults with
+    settings for it or the model-sized defaults with
     :data:`DEMO_OVERRIDES`; ``hparams_overrides`` then replaces single keys.
     ``edits`` and ``batch_size`` default to :data:`CPU_SIZES` or :data:`GPU_SIZES`
     by device; on a CPU the C0 corpus is the hparams' ``mom2_n_samples`` lines,
@@ -77,6 +81,7 @@ def run_demo(
 
     from .._validation import check_positive_int
     from ..editing import paths
+    from ..editing.methods import method_class
     from .datasets import load_requests, synthetic_requests
     from .model_sources import check_save_dir, load_model, named_model, resolve_model, save_model
     from .report import format_table, plot_comparison, read_csv, write_json
@@ -90,6 +95,8 @@ def run_demo(
     batch_size = sizes["batch_size"] if batch_size is None else batch_size
     check_positive_int(edits, "edits")
     check_positive_int(batch_size, "batch_size")
+    method_label = method_class(method).label  # ValueError naming the known methods
+    method = method_class(method).name
     if save_model_dir is not None:
         save_model_dir = check_save_dir(save_model_dir)
     if train_config is not None and str(model) != TRAINED_MODEL:
@@ -120,26 +127,26 @@ def run_demo(
 
     n_batches = -(-len(requests) // batch_size)
     eval_every = max(1, n_batches // 4)
-    # Both runs use the AlphaEdit settings, so that SPHERE is the only difference between them.
-    source = hparams_source("alphaedit", sphere=False, given=hparams_file, model_name=named_model(model, model_dir))
+    # Both runs use the method's settings without SPHERE, so that SPHERE is the only difference between them.
+    source = hparams_source(method, sphere=False, given=hparams_file, model_name=named_model(model, model_dir))
     examples = requests[:EXAMPLES]
     prompts = [p for req in examples for p in _example_prompts(req)]
     continuations = {"unedited": _continue(base.to(device), tokenizer, prompts)}
     del base
     summaries, rows = {}, {}
-    for label, sphere in RUNS:
-        run_dir = out / ("alphaedit_sphere" if sphere else "alphaedit")
+    for label, sphere in ((method_label, False), (f"{method_label} + SPHERE", True)):
+        run_dir = out / (f"{method}_sphere" if sphere else method)
         if run_dir.exists():  # a fresh comparison every time
             shutil.rmtree(run_dir)
         edited, tokenizer = load_model(model_dir, device=device)
         torch.manual_seed(seed)
-        hparams = choose_hparams(edited, "alphaedit", source=source, default_overrides=DEMO_OVERRIDES)
+        hparams = choose_hparams(edited, method, source=source, default_overrides=DEMO_OVERRIDES)
         if device.type == "cuda" and hparams.mom2_n_samples < sizes["stats_lines"]:
             hparams = hparams.replace(mom2_n_samples=sizes["stats_lines"])
         if hparams_overrides:
             hparams = hparams.replace(**hparams_overrides)
         summaries[label] = run_edit(
-            model=edited, tokenizer=tokenizer, requests=requests, method="alphaedit", sphere=sphere, out=run_dir,
+            model=edited, tokenizer=tokenizer, requests=requests, method=method, sphere=sphere, out=run_dir,
             batch_size=batch_size, hparams=hparams, eval_every=eval_every, seed=seed, progress=progress,
             run_info={"model_dir": str(model_dir), "data": data_name}, title=label, log=log,
         )
@@ -147,7 +154,7 @@ def run_demo(
         continuations[label] = _continue(edited, tokenizer, prompts)
         if sphere and save_model_dir is not None:
             save_model(edited, tokenizer, save_model_dir,
-                       source={"kind": "edited", "base_model": str(model_dir), "method": "alphaedit", "sphere": True,
+                       source={"kind": "edited", "base_model": str(model_dir), "method": method, "sphere": True,
                                "edits": len(requests), "data": data_name})
             log(f"demo: wrote the {label} edited model to {save_model_dir}")
         del edited
@@ -173,6 +180,7 @@ def run_demo(
         "model_dir": str(model_dir),
         "model": model_info,
         "data": data_name,
+        "method": method,
         "edits": len(requests),
         "batch_size": batch_size,
         "device": str(device),
@@ -188,7 +196,7 @@ def run_demo(
     result["wall_seconds"] = time.perf_counter() - t0
     write_json(out / "demo.json", result)
     log("")
-    log(f"{len(requests)} edits ({data_name}), AlphaEdit, batches of {batch_size}; top-1 token accuracy on the "
+    log(f"{len(requests)} edits ({data_name}), {method_label}, batches of {batch_size}; top-1 token accuracy on the "
         "edited requests;")
     log("energy drift = mean over edited layers of E_final / E_initial - 1 (hyperspherical energy, s = 2);")
     log("SPHERE share = projection time / edit time (key statistics excluded).")
@@ -196,7 +204,7 @@ def run_demo(
     log(f"\nGreedy continuations ({CONTINUATION_TOKENS} tokens) of {len(examples)} edited facts: the rewrite prompt, a "
         "paraphrase and a neighbourhood prompt (whose answer should not change).")
     log(format_examples(example_rows))
-    log(f"\nwrote {out / 'demo.png'}, {out / 'demo_examples.png'}, {out / 'demo.json'} and per-run files in {out}/alphaedit*/ "
+    log(f"\nwrote {out / 'demo.png'}, {out / 'demo_examples.png'}, {out / 'demo.json'} and per-run files in {out}/{method}*/ "
         f"({result['wall_seconds']:.0f} s)")
     return result
 

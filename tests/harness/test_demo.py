@@ -68,3 +68,27 @@ def test_bad_sizes_are_refused_before_anything_runs(tmp_path, name, value):
         demo.run_demo(model="nonexistent-dir", out=tmp_path / "d", device="cpu", **{name: value})
     assert not (tmp_path / "d").exists()
 
+
+
+def test_an_unknown_method_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="memit, alphaedit, rect, prune, ft; got 'rome'"):
+        demo.run_demo(model="nonexistent-dir", method="rome", out=tmp_path / "d", device="cpu")
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_with_another_method(tmp_path, monkeypatch):
+    """--method rect: both runs edit with RECT, labelled and stored by its name, SPHERE at RECT's alpha 0.8."""
+    from sphere_fast.harness.report import read_csv
+    from sphere_fast.harness.train_lm import PRESETS
+
+    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    result = demo.run_demo(model="train-lm", method="RECT", edits=2, batch_size=2, out=tmp_path / "demo",
+                           device="cpu", synthetic=True, progress=False, log=lambda *_: None,
+                           train_config=PRESETS["tiny"].replace(steps=3),
+                           hparams_overrides={"v_num_grad_steps": 2, "mom2_n_samples": 60})
+    assert result["method"] == "rect"
+    assert [row["run"] for row in result["table"]] == ["unedited", "RECT", "RECT + SPHERE"]
+    assert result["runs"]["RECT"]["sphere_share"] == 0.0 and result["runs"]["RECT + SPHERE"]["sphere_share"] > 0
+    for sub in ("rect", "rect_sphere"):
+        assert [r["edits"] for r in read_csv(tmp_path / "demo" / sub / "edits.csv")] == [0, 2]
+    assert not (tmp_path / "demo" / "alphaedit").exists()
