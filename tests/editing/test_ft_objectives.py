@@ -12,14 +12,9 @@ from sphere_fast.editing.editor import Editor
 from sphere_fast.editing.ft import prompt_last_nlls, target_nlls
 from sphere_fast.editing.hparams import default_hparams, load_hparams
 
-from .fixtures import subject_end_requests, tiny_model, tiny_tokenizer
+from .fixtures import subject_end_requests, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(bos=True)
 
 
 def _requests_with_multi_token_targets(tok, n):
@@ -52,12 +47,12 @@ def test_ft_objective_matches_float64(tok, objective):
             assert torch.allclose(batched[i], expected, rtol=1e-7, atol=0), (i, float(batched[i]), float(expected))
 
 
-def test_ft_prompt_last_lowers_its_loss_and_reports_teacher_forced_nlls(tok, tmp_path):
+def test_ft_prompt_last_lowers_its_loss_and_reports_teacher_forced_nlls(tok, stats_cache):
     model = tiny_model("llama", tok)
     reqs = subject_end_requests(tok, 3)
     hp = default_hparams(model, "ft").replace(lr=1e-2, num_steps=10)
     assert hp.objective_optimization == "prompt_last"  # the public code's FT-L
-    ed = Editor(model, tok, hp, method="ft", sphere=False, cache_dir=tmp_path, progress=False)
+    ed = Editor(model, tok, hp, method="ft", sphere=False, cache_dir=stats_cache, progress=False)
     info = ed.edit_batch(reqs)
     assert info["ft_losses"][-1] < info["ft_losses"][0]
     with torch.no_grad():
