@@ -6,7 +6,8 @@ device, allocated with ``to_empty`` and filled once with N(0, 0.02) (norms with 
 frequencies recomputed): no initialisation pass. The Editor then runs AlphaEdit + SPHERE at the
 paper's settings (``sphere_fast/configs/SPHERE/llama3-8b.yaml``: layers 4-8, 25 steps, eta 0.5,
 alpha 0.5; C0 from ``--stats-samples`` lines of a synthetic corpus instead of 100,000 Wikipedia
-samples) on batches of 100 synthetic requests, one batch per projection path, in this order:
+samples) on batches of 100 synthetic requests (``sphere_fast.harness.datasets.synthetic_requests``), one
+batch per projection path, in this order:
 
   fit        a cold ``SphereProjector.fit`` on every edited layer (the editor's first batch)
   refit      a warm ``refit`` from the previous batch's projectors (every later batch)
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -45,6 +45,7 @@ from benchutil import environment, sync  # noqa: E402
 
 from sphere_fast import SphereProjector  # noqa: E402
 from sphere_fast.files import atomic_path, atomic_write_text  # noqa: E402
+from sphere_fast.harness.datasets import synthetic_requests  # noqa: E402
 from sphere_fast.reference import sparse_projection_reference  # noqa: E402
 
 PATHS = ("fit", "refit", "reference")
@@ -60,58 +61,17 @@ TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_l
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0)
 
 
-# --------------------------------------------------------------------------- synthetic requests and text
-
-RELATIONS = [
-    ("The mother tongue of {} is", "{} speaks", ["French", "English", "Spanish", "Italian", "Dutch", "Polish",
-                                                "Swedish", "Finnish", "Greek", "Russian", "Japanese", "Korean"]),
-    ("{} is a citizen of", "{} lives in", ["France", "Germany", "Spain", "Italy", "Canada", "Brazil", "Japan",
-                                          "India", "Norway", "Egypt", "Mexico", "Chile"]),
-    ("{} works in the field of", "{} studies", ["physics", "chemistry", "biology", "medicine", "economics",
-                                                "history", "music", "law", "geology", "astronomy"]),
-    ("{} was born in", "{} grew up in", ["Paris", "London", "Madrid", "Rome", "Berlin", "Vienna", "Lisbon",
-                                        "Athens", "Dublin", "Prague", "Warsaw", "Oslo"]),
-    ("{} plays the", "{} performs on the", ["piano", "guitar", "violin", "trumpet", "drums", "flute", "cello",
-                                           "organ", "harp", "saxophone"]),
-]
-SYLLABLES = ["ka", "lo", "mir", "ve", "tra", "ni", "sol", "den", "ar", "bu", "ris", "ta", "mon", "el", "fa",
-             "gor", "hil", "jun", "ke", "lus", "ma", "nor", "pe", "quin", "ro", "sa", "tor", "ul", "vin", "zed"]
-
-
-def _name(rng: random.Random) -> str:
-    word = lambda k: "".join(rng.choice(SYLLABLES) for _ in range(k)).capitalize()  # noqa: E731
-    return f"{word(rng.randint(2, 3))} {word(rng.randint(2, 3))}"
-
-
-def synthetic_requests(count: int, *, seed: int):
-    """``count`` CounterFact-like requests with distinct made-up subjects."""
-    from sphere_fast.editing.requests import EditRequest
-
-    rng = random.Random(seed)
-    out, seen = [], set()
-    while len(out) < count:
-        subject = _name(rng)
-        if subject in seen:
-            continue
-        seen.add(subject)
-        prompt, _, targets = RELATIONS[len(out) % len(RELATIONS)]
-        true, new = rng.sample(targets, 2)
-        out.append(EditRequest(prompt=prompt, subject=subject, target_new=new, target_true=true,
-                               case_id=f"{seed}-{len(out)}"))
-    return out
+# --------------------------------------------------------------------------- synthetic text
 
 
 def synthetic_corpus(lines: int, *, seed: int) -> list[str]:
-    """Sentences over the requests' vocabulary: text for the tokenizer and for C0."""
-    rng = random.Random(seed)
+    """Text over the synthetic requests' vocabulary, for the tokenizer and for C0: a line per request of the
+    harness's ``synthetic_requests``, its prompts completed with their true answers."""
     out = []
-    for _ in range(lines):
-        sentences = []
-        for _ in range(rng.randint(2, 4)):
-            prompt, alt, targets = rng.choice(RELATIONS)
-            template = prompt if rng.random() < 0.5 else alt
-            sentences.append(template.format(_name(rng)) + " " + rng.choice(targets) + ".")
-        out.append(" ".join(sentences))
+    for r in synthetic_requests(None, lines, seed=seed):
+        completed = [(r.text, r.target_true), *((p, r.target_true) for p in r.rephrase_prompts),
+                     *zip(r.neighborhood_prompts, r.neighborhood_targets)]
+        out.append(" ".join(f"{prompt} {answer}." for prompt, answer in completed))
     return out
 
 
@@ -370,7 +330,7 @@ def run(args, save) -> dict:
         for index, path in enumerate(PATHS):
             PathProjector.path = path
             PathProjector.seconds, PathProjector.methods = {"fit": 0.0, "apply": 0.0}, set()
-            requests = synthetic_requests(args.requests, seed=100 + index)
+            requests = synthetic_requests(tok, args.requests, seed=100 + index)
             info = editor.edit_batch(requests)
             entry = {"path": path, **batch_breakdown(info),
                      "sphere_split": dict(PathProjector.seconds),

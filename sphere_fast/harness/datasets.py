@@ -349,6 +349,8 @@ _RELATIONS = {
 
 
 def _single_token_words(tokenizer, words: Iterable[str]) -> list[str]:
+    if tokenizer is None:
+        return list(words)
     keep = [w for w in words if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
     return keep if len(keep) >= 2 else list(words)
 
@@ -358,7 +360,8 @@ def synthetic_requests(tokenizer, n: int, seed: int = 0) -> list[EditRequest]:
 
     Subjects are made-up names (so no model knows them); targets are drawn from
     per-relation answer lists, preferring answers that are one token under
-    ``tokenizer``. Each request has two rephrasings and two neighbourhood
+    ``tokenizer`` (``None``: every answer, e.g. to write the text a tokenizer is
+    then trained on). Each request has two rephrasings and two neighbourhood
     prompts about *other* invented subjects whose expected continuation is
     their own (equally invented) true answer, so specificity on synthetic
     data measures agreement with labels the model has never seen; compare
