@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from .._validation import check_positive_int
+
 # Keys of public hparam files that carry no meaning for the algorithms here.
 BOOKKEEPING_KEYS = frozenset({
     "alg_name", "model_name", "stats_dir", "P_loc", "device", "layer_selection", "mom2_adjustment",
@@ -150,8 +152,7 @@ def _check(hp: EditHparams) -> None:
     if hp.v_loss_layer is not None and hp.v_loss_layer < hp.layers[-1]:
         raise ValueError(f"hparam 'v_loss_layer' ({hp.v_loss_layer}) must be >= the last edited layer ({hp.layers[-1]})")
     for name in ("v_num_grad_steps", "mom2_n_samples", "num_steps"):
-        if getattr(hp, name) < 1:
-            raise ValueError(f"hparam {name!r} must be >= 1, got {getattr(hp, name)}")
+        check_positive_int(getattr(hp, name), f"hparam {name!r}")
     for name in ("v_lr", "clamp_norm_factor", "lr"):
         if getattr(hp, name) <= 0:
             raise ValueError(f"hparam {name!r} must be > 0, got {getattr(hp, name)}")
