@@ -37,11 +37,6 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("stats")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer(bos=True)  # Llama-style BOS: targets must not pick it up
-
-
 def hparams(model, method, **changes):
     return default_hparams(model, method).replace(mom2_n_samples=N_SAMPLES, **changes)
 
