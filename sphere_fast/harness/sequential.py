@@ -95,15 +95,20 @@ def save_checkpoint(editor, checkpoint_dir: str | Path, next_batch: int, *, batc
     return final
 
 
-def load_checkpoint(editor, path: str | Path) -> dict:
-    """Restore editor state and edited weights from a checkpoint folder; returns its meta."""
+def checkpoint_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The edited weights a checkpoint folder holds, by module name, as the Editor orients them."""
     from safetensors.torch import load_file
 
+    return load_file(str(Path(path) / "weights.safetensors"))
+
+
+def load_checkpoint(editor, path: str | Path) -> dict:
+    """Restore editor state and edited weights from a checkpoint folder; returns its meta."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
     blob = torch.load(path / "editor.pt", map_location="cpu", weights_only=True)
     editor.load_state_dict(blob["editor"])  # before the weights: statistics come from the unedited model
-    weights = load_file(str(path / "weights.safetensors"))
+    weights = checkpoint_weights(path)
     current = editor.edited_weights()
     if set(weights) != set(current):
         raise ValueError(f"checkpoint {str(path)!r} holds modules {sorted(weights)}, the editor edits {sorted(current)}")

@@ -7,7 +7,7 @@ A study is a spec (:func:`load_spec`: a YAML/JSON file or a dict) and an output 
     runs/<name>/status.json     state (pending, running, paused, done, collapsed), edits done
     runs/<name>/edits.csv       one row per batch: energies, timings; metrics at each evaluation
     runs/<name>/metrics/        every evaluation in full (JSON)
-    runs/<name>/geometry.json   the first edited layer's rows in 2-D, unedited and at the end
+    runs/<name>/geometry.json   the first edited layer's rows in 2-D, unedited and at the last checkpoint
 
 Checkpoints live under the cache folder (``<cache>/study/<spec hash>/<run>``), never in ``out``.
 :func:`run_study` runs what is missing; with a time budget it stops at the next checkpoint and a
@@ -37,7 +37,7 @@ from .metrics import evaluate, generate, layer_energies, neighborhood_prediction
     teacher_forced_predictions
 from .report import read_csv, read_json, write_csv, write_json
 from .running import choose_hparams, hparams_source
-from .sequential import latest_checkpoint, run_sequential
+from .sequential import checkpoint_weights, latest_checkpoint, run_sequential
 
 # Method names a spec may use: (editing method, SPHERE on).
 METHODS = {f"{name}{'+sphere' if sphere else ''}": (name, sphere) for name in EDIT_METHODS for sphere in (False, True)}
@@ -375,7 +375,7 @@ def _geometry(weight: torch.Tensor, rows: int = 512, seed: int = 0) -> torch.Ten
     return torch.nn.functional.normalize(w[pick], dim=1)
 
 
-def _write_geometry(path: Path, before: torch.Tensor, after: torch.Tensor, layer: str) -> None:
+def _write_geometry(path: Path, before: torch.Tensor, after: torch.Tensor, layer: str, edits: int) -> None:
     # One projection for both, from the unedited rows' principal directions, so the pictures compare.
     centred = before - before.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)
@@ -383,13 +383,35 @@ def _write_geometry(path: Path, before: torch.Tensor, after: torch.Tensor, layer
     cos_before, cos_after = before @ before.T, after @ after.T
     off = ~torch.eye(len(before), dtype=torch.bool)
     write_json(path, {
-        "layer": layer, "rows": len(before),
+        "layer": layer, "rows": len(before), "edits": edits,
         "before": (before @ axes).tolist(), "after": (after @ axes).tolist(),
         "mean_abs_cos_before": float(cos_before[off].abs().mean()),
         "mean_abs_cos_after": float(cos_after[off].abs().mean()),
         "cos_hist_before": torch.histc(cos_before[off], bins=40, min=-1, max=1).tolist(),
         "cos_hist_after": torch.histc(cos_after[off], bins=40, min=-1, max=1).tolist(),
     })
+
+
+def _refresh_geometry(spec: StudySpec, run: RunSpec, out: Path, model, model_name: str | None) -> None:
+    """Write a paused or finished run's geometry.json from its latest checkpoint where the file is missing
+    or older than the checkpoint (runs paused by versions that wrote it only at the horizon)."""
+    from ..editing.model_utils import get_module, oriented_weight
+
+    run_dir = out / "runs" / run.name
+    if _status(run_dir)["state"] not in ("paused", "done"):
+        return
+    ckpt = latest_checkpoint(_work_dir(spec, out) / run.name / "checkpoints")
+    if ckpt is None:
+        return
+    edits = min(read_json(ckpt / "meta.json")["next_batch"] * spec.batch_size, spec.horizon)
+    path = run_dir / "geometry.json"
+    if path.exists() and read_json(path).get("edits", -1) >= edits:
+        return
+    hp = _run_hparams(spec, run, model, model_name)
+    layer = hp.rewrite_module_tmp.format(hp.layers[0])
+    before = oriented_weight(get_module(model, layer)).detach()
+    _write_geometry(path, _geometry(before, seed=spec.seed), _geometry(checkpoint_weights(ckpt)[layer], seed=spec.seed),
+                    layer, edits)
 
 
 def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model_name: str | None,
@@ -485,9 +507,9 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     done = max(int(r["edits"]) for r in rows.values())
     # Rows past the last checkpoint are redone on resume; what is on disk is what counts.
     state = "done" if done >= spec.horizon else "paused"
-    if state == "done":
-        _write_geometry(run_dir / "geometry.json", geometry_before,
-                        _geometry(editor.edited_weights()[first_layer], seed=spec.seed), first_layer)
+    # The editor holds the last checkpoint's weights here (a budget stops right after one).
+    _write_geometry(run_dir / "geometry.json", geometry_before,
+                    _geometry(editor.edited_weights()[first_layer], seed=spec.seed), first_layer, done)
     status = {"state": state, "edits": done, "run": dataclasses.asdict(run), "hparams": hp.to_dict(),
               "skipped": skipped}
     write_json(run_dir / "status.json", status)
@@ -603,6 +625,9 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
     model, tokenizer, baseline, reference = prepare(spec, out, requests, load, log)
     from ..editing.model_utils import get_module, oriented_weight
 
+    for run in spec.runs:
+        if not only or run.name in only:
+            _refresh_geometry(spec, run, out, model, model_name)
     statuses = {}
     for run in spec.runs:
         if only and run.name not in only:

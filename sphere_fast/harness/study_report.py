@@ -124,7 +124,15 @@ def summarise(out: Path) -> dict:
             slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
             fit = {"slope": slope, "intercept": my - slope * mx, "points": len(points),
                    "pearson": _pearson(xs, ys)}
-    return {"spec": spec, "states": states, "baseline": {k: baseline.get(k) for k in ("general", "edit_metrics",
+    geometry = {}
+    for name in runs:
+        path = out / "runs" / name / "geometry.json"
+        if path.exists():
+            g = read_json(path)
+            geometry[name] = {"layer": g["layer"], "edits": g.get("edits"), "rows": g["rows"],
+                              "mean_abs_cos_before": g["mean_abs_cos_before"],
+                              "mean_abs_cos_after": g["mean_abs_cos_after"]}
+    return {"spec": spec, "states": states, "geometry": geometry, "baseline": {k: baseline.get(k) for k in ("general", "edit_metrics",
                                                                                       "seconds")},
             "retention_set": (baseline.get("retention") or {}).get("known"),
             "table": table, "spearman_energy_change": correlations, "energy_accuracy_fit": fit,
@@ -174,6 +182,12 @@ def _markdown(summary: dict) -> str:
     if fit:
         lines += ["", f"Change in accuracy against change in energy between consecutive evaluations, pooled over "
                       f"runs ({fit['points']} points): slope {fit['slope']:.3g}, Pearson r {f(fit['pearson'], 2)}."]
+    if summary.get("geometry"):
+        lines += ["", "## Neuron geometry of the first edited layer (mean |cos| between distinct unit rows)", "",
+                  "| run | layer | edits | rows | unedited | edited |", "|---|---|---|---|---|---|"]
+        for name, g in summary["geometry"].items():
+            lines.append(f"| {name} | {g['layer']} | {g['edits'] if g['edits'] is not None else '–'} | {g['rows']} | "
+                         f"{g['mean_abs_cos_before']:.4f} | {g['mean_abs_cos_after']:.4f} |")
     if summary["times"]:
         lines += ["", "## Time per 100 edits on this machine (key statistics excluded; see the spec's commit)", "",
                   "| run | edit (s) | target optimisation (s) | SPHERE (s) | mean evaluation (s) | batches timed |",
@@ -274,7 +288,8 @@ def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
         axes[0][0].set_title(f"unedited\nmean |cos| {first['mean_abs_cos_before']:.4f}", fontsize=8)
         for ax, (run, g) in zip(axes[0][1:], geometries.items()):
             ax.scatter(*zip(*g["after"]), s=3, color=colour[run])
-            ax.set_title(f"{run}\nmean |cos| {g['mean_abs_cos_after']:.4f}", fontsize=8)
+            at = f" at {g['edits']:,} edits" if "edits" in g else ""
+            ax.set_title(f"{run}{at}\nmean |cos| {g['mean_abs_cos_after']:.4f}", fontsize=8)
         for ax in axes[0]:
             ax.set_aspect("equal", adjustable="datalim")
             ax.set_xticks([])

@@ -193,3 +193,34 @@ def test_a_request_the_editor_refuses_is_skipped_and_left_out_of_evaluations(fil
     assert statuses["memit"]["state"] == "done" and [int(k) for k in statuses["memit"]["skipped"]] == [3]
     final = read_json(out / "runs" / "memit" / "metrics" / "edits_00006.json")
     assert final["metrics"]["n_requests"] == 5
+
+
+def test_geometry_follows_the_last_checkpoint(files, tok, tmp_path, monkeypatch):
+    """A paused run's geometry.json is of its last checkpoint; a missing one (a run paused by an earlier
+    version) is rebuilt from that checkpoint, equal to what the run wrote; at the horizon it is the end's."""
+    spec = load_spec(spec_dict(files, runs=[{"name": "memit", "method": "memit"}]))
+    real_edit, real_time, spent = Editor.edit_batch, study.time.time, []
+
+    def edit_batch(self, requests):
+        spent.append(1)
+        return real_edit(self, requests)
+
+    monkeypatch.setattr(Editor, "edit_batch", edit_batch)
+    monkeypatch.setattr(study.time, "time", lambda: real_time() + (3600.0 if spent else 0.0))
+    out = tmp_path / "out"
+    assert run_study(spec, out, budget_minutes=10, load=loader(tok), log=lambda m: None)["memit"]["edits"] == 2
+    monkeypatch.undo()
+    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))  # undo() dropped the cache fixture's
+    path = out / "runs" / "memit" / "geometry.json"
+    written = read_json(path)
+    assert written["edits"] == 2 and written["mean_abs_cos_after"] != written["mean_abs_cos_before"]
+    path.unlink()
+    run_study(spec, out, budget_minutes=0, load=loader(tok), log=lambda m: None)  # no editing: the budget is spent
+    assert read_json(out / "runs" / "memit" / "status.json")["edits"] == 2
+    assert read_json(path) == written
+    run_study(spec, out, load=loader(tok), log=lambda m: None)
+    assert read_json(path)["edits"] == 6
+    write_report(out)
+    summary = read_json(out / "report" / "study.json")
+    assert summary["geometry"]["memit"]["edits"] == 6
+    assert "## Neuron geometry" in (out / "report" / "study.md").read_text()
