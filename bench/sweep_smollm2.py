@@ -6,6 +6,10 @@ sequentially in batches of ``--batch-size`` and evaluates all of them after the
 last batch (top-1 token accuracy, the package's metrics)::
 
     python bench/sweep_smollm2.py sweep --n 20 --grid coarse
+    python bench/sweep_smollm2.py sweep --method ft --n 200 --batch-size 100 --grid ft
+
+AlphaEdit + SPHERE varies the shipped SPHERE file; FT (no shipped file yet)
+varies the settings ``default_hparams`` sizes to the model.
 
 Report (edit split): the shipped settings for AlphaEdit + SPHERE, AlphaEdit,
 MEMIT and MEMIT + SPHERE, plus the unedited model::
@@ -53,6 +57,14 @@ GRIDS = {
         {"nullspace_threshold": 5e-2},
     ],
     "llama3-8b": [{"layers": [3, 4, 5, 6, 7], "v_num_grad_steps": 25, "v_lr": 0.1, "clamp_norm_factor": 0.75}],
+    # FT-L around the public Llama3-8B settings (layer 21 of 32 -> 20 of 30, 25 steps, lr 5e-4).
+    "ft": [
+        {},
+        {"lr": 2e-3},
+        {"layers": [5]},
+        {"layers": [5], "lr": 2e-3},
+        {"objective_optimization": "target_new"},
+    ],
 }
 
 
@@ -140,7 +152,7 @@ def _write(kind: str, meta: dict, rows: list[dict]) -> Path:
 def main(argv=None) -> int:
     from sphere_fast.editing import paths
     from sphere_fast.harness.datasets import load_requests
-    from sphere_fast.editing.hparams import load_hparams
+    from sphere_fast.editing.hparams import default_hparams, load_hparams
     from sphere_fast.harness.metrics import evaluate, neighborhood_predictions
     from sphere_fast.harness.model_sources import load_model
 
@@ -149,6 +161,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--grid", default="coarse", help=f"sweep grid: {sorted(GRIDS)} or a JSON list of override dicts")
+    ap.add_argument("--method", default="alphaedit", choices=("alphaedit", "ft"),
+                    help="sweep method: alphaedit (+ SPHERE, around the shipped SPHERE file) or ft (around "
+                         "default_hparams)")
     ap.add_argument("--runs", default=",".join(RUNS), help=f"report runs, comma-separated from {list(RUNS)}")
     ap.add_argument("--stats-lines", type=int, default=None, help="C0 corpus lines (default: the hparams file's)")
     ap.add_argument("--date", default=dt.date.today().isoformat())
@@ -171,8 +186,13 @@ def main(argv=None) -> int:
 
     if args.kind == "sweep":
         grid = GRIDS[args.grid] if args.grid in GRIDS else json.loads(args.grid)
-        configs = [(json.dumps(o, sort_keys=True) if o else "shipped", "alphaedit", True,
-                    load_hparams(base_file, **o, mom2_n_samples=stats_lines)) for o in grid]
+        if args.method == "ft":
+            meta["base"] = "default_hparams(model, 'ft')"
+            configs = [(json.dumps(o, sort_keys=True) if o else "default", "ft", False,
+                        default_hparams(model, "ft").replace(**o)) for o in grid]
+        else:
+            configs = [(json.dumps(o, sort_keys=True) if o else "shipped", "alphaedit", True,
+                        load_hparams(base_file, **o, mom2_n_samples=stats_lines)) for o in grid]
     else:
         configs = []
         for label in args.runs.split(","):
@@ -187,7 +207,8 @@ def main(argv=None) -> int:
                             reference=reference, base_weights=base_weights, stats_corpus=stats_corpus)
         rows.append({"label": label, "method": method, "sphere": sphere, "hparams": hp.to_dict(), **result})
         print(f"  -> {result['after']} in {result['edit_seconds']} s", flush=True)
-        stem = _write(f"edit{len(requests)}" if args.kind == "report" else "sweep", meta, rows)
+        kind = f"edit{len(requests)}" if args.kind == "report" else ("sweep-ft" if args.method == "ft" else "sweep")
+        stem = _write(kind, meta, rows)
     print(f"wrote {stem}.json/.md")
     return 0
 

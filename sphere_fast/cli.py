@@ -523,7 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "every eval_every edits. Calling it again continues where it stopped; finished runs are kept. "
                     "Checkpoints go to the cache folder, results to --out.",
     )
-    study.add_argument("--spec", default=None, help="study spec file (YAML or JSON)")
+    study.add_argument("--spec", default=None,
+                       help="study spec file (YAML or JSON) or a shipped spec's name: smollm2-counterfact (the "
+                            "default), smollm2-counterfact-methods (RECT, PRUNE, FT +- SPHERE)")
     study.add_argument("--out", default=None, help="output folder (results; resumable)")
     study.add_argument("--report", default=None, metavar="DIR",
                        help="only write the report of the study in DIR, from whatever runs are finished")

@@ -123,7 +123,8 @@ def _positive_int(field: str, value: Any, name: str | None = None) -> None:
 
 
 def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
-    """A :class:`StudySpec` from a YAML/JSON file or a dict; ``overrides`` replace its keys.
+    """A :class:`StudySpec` from a YAML/JSON file, a shipped spec's name (``"smollm2-counterfact-methods"``)
+    or a dict; ``overrides`` replace its keys.
 
     Every problem raises :class:`StudySpecError` naming the field, before anything is written.
     """
@@ -131,6 +132,8 @@ def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
         data = dict(source)
     else:
         path = Path(source)
+        if not path.exists() and path.name == str(source) and shipped_spec(path.name).exists():
+            path = shipped_spec(path.name)
         try:
             text = path.read_text()
         except OSError as exc:

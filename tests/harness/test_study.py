@@ -224,3 +224,13 @@ def test_geometry_follows_the_last_checkpoint(files, tok, tmp_path, monkeypatch)
     summary = read_json(out / "report" / "study.json")
     assert summary["geometry"]["memit"]["edits"] == 6
     assert "## Neuron geometry" in (out / "report" / "study.md").read_text()
+
+
+def test_shipped_specs_load_by_name():
+    methods = load_spec("smollm2-counterfact-methods")
+    assert methods.horizon == 1000 and [r.name for r in methods.runs] == [
+        "rect", "rect+sphere", "prune", "prune+sphere", "ft", "ft+sphere"]
+    assert all(r.alpha == 0.8 for r in methods.runs if r.sphere)
+    assert load_spec("smollm2-counterfact") == load_spec(shipped_spec())
+    with pytest.raises(StudySpecError, match="cannot read"):
+        load_spec("no-such-spec")
