@@ -18,11 +18,15 @@ are always the teacher-forced NLLs: what the edited model says.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .compute import fill, target_ids
-from .model_utils import get_module, model_device, pad_token_id, right_pad
+from .model_utils import get_module, model_device, pad_token_id, right_pad, stand_in_lower_layers, trace
 from .strategy import Batch, EditMethod
 
 STOP_LOSS = 1e-2
@@ -38,39 +42,80 @@ def clamp_change_(W: torch.Tensor, W_start: torch.Tensor, eps: float) -> torch.T
     return W.clamp_(min=W_start - eps, max=W_start + eps)
 
 
-def target_nlls(model, tok, requests) -> torch.Tensor:
-    """Each request's mean NLL of its target tokens after its prompt, teacher-forced ([n], differentiable)."""
-    seqs, spans = [], []
+@dataclass(frozen=True)
+class _Inputs:
+    """A batch tokenised once: right-padded prompt (+ target) ids, and per request the positions whose
+    logits are scored and the target token scored at each."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: list[list[int]]
+    targets: list[list[int]]
+
+
+def _inputs(model, tok, requests, objective: str) -> _Inputs:
+    seqs, positions, targets = [], [], []
     for req in requests:
         prompt = tok(fill(req.prompt, req.subject)[0])["input_ids"]
         target = target_ids(tok, req.target_new)
-        seqs.append(prompt + target)
-        spans.append((len(prompt), len(target)))
+        if objective == "target_new":  # teacher-forced: token k read where it is predicted
+            seqs.append(prompt + target)
+            positions.append(list(range(len(prompt) - 1, len(prompt) + len(target) - 1)))
+        else:  # prompt_last: every target token read at the prompt's last position
+            seqs.append(prompt)
+            positions.append([len(prompt) - 1] * len(target))
+        targets.append(target)
     ids, mask = right_pad(seqs, pad_token_id(tok), model_device(model))
-    logits = model(input_ids=ids, attention_mask=mask).logits
+    return _Inputs(ids, mask, positions, targets)
+
+
+def _nlls(model, inputs: _Inputs) -> torch.Tensor:
+    """Each request's mean NLL over its scored positions ([n], differentiable). The LM head runs only at
+    the positions scored where the model takes ``logits_to_keep``."""
+    kept = sorted({p for row in inputs.positions for p in row})
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(input_ids=inputs.ids, attention_mask=inputs.mask,
+                       logits_to_keep=torch.tensor(kept, device=inputs.ids.device)).logits
+        column = {p: k for k, p in enumerate(kept)}
+    else:
+        logits = model(input_ids=inputs.ids, attention_mask=inputs.mask).logits
+        column = {p: p for p in kept}
     nlls = []
-    for i, (start, length) in enumerate(spans):
-        logp = _log_probs(logits[i, start - 1:start + length - 1])
-        nlls.append(-logp.gather(1, ids[i, start:start + length, None]).mean())
+    for i, (row, target) in enumerate(zip(inputs.positions, inputs.targets)):
+        logp = _log_probs(logits[i, [column[p] for p in row]])
+        nlls.append(-logp[torch.arange(len(row)), torch.tensor(target, device=logp.device)].mean())
     return torch.stack(nlls)
+
+
+def target_nlls(model, tok, requests) -> torch.Tensor:
+    """Each request's mean NLL of its target tokens after its prompt, teacher-forced ([n], differentiable)."""
+    return _nlls(model, _inputs(model, tok, requests, "target_new"))
 
 
 def prompt_last_nlls(model, tok, requests) -> torch.Tensor:
     """Each request's mean NLL of its target tokens read at the prompt's last position ([n], differentiable)."""
-    seqs, targets = [], []
-    for req in requests:
-        seqs.append(tok(fill(req.prompt, req.subject)[0])["input_ids"])
-        targets.append(target_ids(tok, req.target_new))
-    ids, mask = right_pad(seqs, pad_token_id(tok), model_device(model))
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    nlls = []
-    for i, (seq, target) in enumerate(zip(seqs, targets)):
-        logp = _log_probs(logits[i, len(seq) - 1])
-        nlls.append(-logp[torch.tensor(target, device=logp.device)].mean())
-    return torch.stack(nlls)
+    return _nlls(model, _inputs(model, tok, requests, "prompt_last"))
 
 
-OBJECTIVES = {"prompt_last": prompt_last_nlls, "target_new": target_nlls}
+@contextlib.contextmanager
+def frozen_lower_layers(model, layer_module_tmp: str, lowest_edited: int, inputs: _Inputs):
+    """While FT steps, the layers below the lowest edited one see the same input and keep their weights:
+    their output is recorded once and stand-ins return it (``model_utils.stand_in_lower_layers``), so
+    each step runs only the layers from the edited one up. Forwards of ``inputs`` stay exact."""
+    below = lowest_edited - 1
+    if below < 0:
+        yield
+        return
+    name = layer_module_tmp.format(below)
+    templates = []
+    hook = get_module(model, name).register_forward_hook(lambda mod, args, out: templates.append(out))
+    try:
+        with torch.no_grad(), trace(model, [name], stop=True) as rec:
+            model(input_ids=inputs.ids, attention_mask=inputs.mask)
+    finally:
+        hook.remove()
+    with stand_in_lower_layers(model, layer_module_tmp, below, templates[-1], rec[name]["output"].detach()):
+        yield
 
 
 class FT(EditMethod):
@@ -93,12 +138,13 @@ class FT(EditMethod):
             for p in params:
                 p.requires_grad_(True)
             opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-            objective = OBJECTIVES[hp.objective_optimization]
+            inputs = _inputs(model, batch.tokenizer, batch.requests, hp.objective_optimization)
             with torch.no_grad():
                 nll_before = target_nlls(model, batch.tokenizer, batch.requests).tolist()
-            with batch.timed("solve"), torch.enable_grad():
+            with batch.timed("solve"), torch.enable_grad(), \
+                    frozen_lower_layers(model, hp.layer_module_tmp, min(hp.layers), inputs):
                 for step in range(hp.num_steps):
-                    loss = objective(model, batch.tokenizer, batch.requests).mean()
+                    loss = _nlls(model, inputs).mean()
                     losses.append(float(loss.detach()))
                     if losses[-1] < STOP_LOSS:
                         break

@@ -100,3 +100,36 @@ def test_bad_ft_settings_name_the_field(tok, tmp_path):
     with pytest.raises(ValueError, match="'v_loss_layer' is required for memit"):
         Editor(model, tok, memit, method="memit", cache_dir=tmp_path, progress=False)
     Editor(model, tok, hp.replace(v_loss_layer=None), method="ft", cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("objective", ["prompt_last", "target_new"])
+def test_ft_steps_run_on_the_recorded_lower_layers_exactly(tok, objective):
+    """Stand-ins for the layers below the edited one (their output recorded once) give the same losses and
+    gradients as whole forwards, so each FT step runs only the layers from the edited one up."""
+    from sphere_fast.editing.ft import _inputs, _nlls, frozen_lower_layers
+
+    model = tiny_model("llama", tok)
+    hp = default_hparams(model, "ft")
+    assert hp.layers == [3]  # three layers below stand in
+    reqs = _requests_with_multi_token_targets(tok, 3)
+    inputs = _inputs(model, tok, reqs, objective)
+    weight = model.get_parameter("model.layers.3.mlp.down_proj.weight")
+    weight.requires_grad_(True)
+    ran = []
+    hooks = [model.model.layers[i].mlp.register_forward_hook(lambda *a, i=i: ran.append(i)) for i in range(4)]
+    try:
+        whole = _nlls(model, inputs)
+        (g_whole,) = torch.autograd.grad(whole.sum(), weight)
+        ran.clear()
+        with frozen_lower_layers(model, hp.layer_module_tmp, 3, inputs):
+            ran.clear()
+            fast = _nlls(model, inputs)
+            (g_fast,) = torch.autograd.grad(fast.sum(), weight)
+        assert ran == [3]
+        assert torch.equal(whole, fast) and torch.equal(g_whole, g_fast)
+        ran.clear()
+        _nlls(model, inputs)
+        assert ran == [0, 1, 2, 3]  # the real layers are back
+    finally:
+        for h in hooks:
+            h.remove()
