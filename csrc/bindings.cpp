@@ -67,7 +67,8 @@ std::unique_ptr<EigResult> eigensolve(uintptr_t G, int m, int64_t ldg, int dtype
                                       const std::string& method, uintptr_t init, int k0, int64_t init_s0,
                                       int64_t init_s1, double tol, int max_iter, bool tf32, uint64_t seed,
                                       int oversample, int min_guards, double budget, int max_block,
-                                      const std::array<double, 3>& iteration_cost, uintptr_t stream) {
+                                      const std::array<double, 3>& iteration_cost, double full_energy_slack,
+                                      int cold_block, uintptr_t stream) {
   EigOptions opt;
   opt.method = parse_method(method);
   opt.tol = tol;
@@ -79,6 +80,8 @@ std::unique_ptr<EigResult> eigensolve(uintptr_t G, int m, int64_t ldg, int dtype
   opt.budget = budget;
   opt.max_block = max_block;
   for (int i = 0; i < 3; ++i) opt.iteration_cost[i] = iteration_cost[i];
+  opt.full_energy_slack = full_energy_slack;
+  opt.cold_block = cold_block;
   std::unique_ptr<EigResult> result;
   Status s;
   {
@@ -174,8 +177,15 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("eigensolve", &eigensolve, py::arg("G"), py::arg("m"), py::arg("ldg"), py::arg("dtype"), py::arg("trace"),
           py::arg("eta"), py::arg("method"), py::arg("init"), py::arg("k0"), py::arg("init_s0"), py::arg("init_s1"),
           py::arg("tol"), py::arg("max_iter"), py::arg("tf32"), py::arg("seed"), py::arg("oversample"),
-          py::arg("min_guards"), py::arg("budget"), py::arg("max_block"), py::arg("iteration_cost"), py::arg("stream"),
+          py::arg("min_guards"), py::arg("budget"), py::arg("max_block"), py::arg("iteration_cost"),
+          py::arg("full_energy_slack"), py::arg("cold_block"), py::arg("stream"),
           "Top-r eigenpairs of the symmetric m x m matrix at G (see sphere_fast._cuda.top_eigenpairs).");
+  // The solver's host rules: no device needed (tests compare them with sphere_fast.eigensolver's).
+  mod.def("select_rank", &select_rank, py::arg("desc"), py::arg("trace"), py::arg("eta"), py::arg("complete"),
+          py::arg("full_energy_slack"), "The rank rule on descending eigenvalues; 0 where the twin says None.");
+  mod.def("iterations_to_converge", &iterations_to_converge, py::arg("theta"), py::arg("worst"), py::arg("previous"),
+          py::arg("r"), py::arg("k"), py::arg("tol"),
+          "Block iterations still needed (previous <= 0: none measured).");
   mod.def("project", &project_py, py::arg("out"), py::arg("out_dtype"), py::arg("os0"), py::arg("os1"), py::arg("W"),
           py::arg("ws0"), py::arg("ws1"), py::arg("B"), py::arg("b_dtype"), py::arg("ldb"), py::arg("U"),
           py::arg("ldu"), py::arg("n"), py::arg("d"), py::arg("r"), py::arg("alpha"), py::arg("T"), py::arg("u_hi"),

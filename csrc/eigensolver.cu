@@ -2,7 +2,8 @@
 // sphere_fast/eigensolver.py (same rank rule, block growth, guard vectors,
 // residual test, warm start and cost-budget fallback to a dense solve). The
 // auto rules (dense at once, or block within a budget) and the cost model come
-// from Python in EigOptions; iterations_to_converge mirrors the twin's.
+// from Python in EigOptions, with the rank rule's constants; select_rank and
+// iterations_to_converge are exported and tested against the twin's.
 //
 // Precision plan for an fp32 G (docs/design.md, "Precisions"):
 //   * the bulk product Y = G X is the only O(m^2 k) step. While the block is
@@ -39,15 +40,52 @@
 
 namespace sphere_fast {
 
-// Mirrors sphere_fast.eigensolver.FULL_ENERGY_SLACK and COLD_BLOCK.
-constexpr double kFullEnergySlack = 5e-7;
-constexpr int kColdBlock = 32;
 // TF32 iterations hand over to fp32 once every wanted residual is below this
 // fraction of theta_1 (half a TF32 unit roundoff: still above the residual
 // floor of TF32 products, so they are not asked for what they cannot reach),
 // or once they stall (fall by less than kTf32Stall per iteration).
 constexpr double kTf32Switch = 0.5 * 4.8828125e-4;
 constexpr double kTf32Stall = 0.8;
+
+// ---------------------------------------------------------------------------
+// Host rules (declared in sphere_fast.h)
+
+// sphere_fast.eigensolver.select_rank; returns 0 for "None".
+int select_rank(const std::vector<double>& vals, double trace, double eta, bool complete, double full_energy_slack) {
+  const int n = static_cast<int>(vals.size());
+  double cum = 0.0;
+  int count = 0, full = -1, positive = 0;
+  for (int i = 0; i < n; ++i) {
+    cum += vals[i];
+    if (cum <= eta * trace) ++count;
+    if (full < 0 && cum >= trace * (1.0 - full_energy_slack)) full = i;
+    if (vals[i] > 0.0) ++positive;
+  }
+  if (full >= 0) return std::min(count + 1, full + 1);
+  if (count == n) return complete ? std::max(1, positive) : 0;
+  return count + 1;
+}
+
+// sphere_fast.eigensolver.iterations_to_converge: block iterations still needed
+// for the worst wanted residual to fall from `worst` to `tol` (relative to
+// theta_1). The rate per step is the larger of a power law fitted to the Ritz
+// values over the q indices below r, extrapolated to k + 1, and the measured
+// worst / previous (previous < 0: none; a step that did not shrink the
+// residual is not read as a rate).
+double iterations_to_converge(const std::vector<double>& theta, double worst, double previous, int r, int k,
+                              double tol) {
+  double rate = 0.0;
+  const int q = std::min(k + 1 - r, r - 1);
+  if (q >= 1 && theta[r - 1] > 0.0) {
+    const double decay = std::log(theta[r - 1 - q] / theta[r - 1]) / std::log(static_cast<double>(r) / (r - q));
+    rate = std::pow(static_cast<double>(r) / (k + 1), std::max(decay, 0.0));
+  }
+  if (previous > 0.0 && worst > 0.0 && worst < previous) rate = std::max(rate, worst / previous);
+  if (rate >= 1.0) return std::numeric_limits<double>::infinity();
+  if (rate <= 0.0 || worst <= tol) return 1.0;
+  return std::max(1.0, std::log(tol / worst) / std::log(rate));
+}
+
 
 namespace {
 
@@ -221,42 +259,6 @@ __global__ void _to_row_major_kernel(const T* __restrict__ src, int64_t m, int64
 // ---------------------------------------------------------------------------
 // Host helpers
 
-// sphere_fast.eigensolver.select_rank; returns 0 for "None".
-int select_rank(const std::vector<double>& vals, double trace, double eta, bool complete) {
-  const int n = static_cast<int>(vals.size());
-  double cum = 0.0;
-  int count = 0, full = -1, positive = 0;
-  for (int i = 0; i < n; ++i) {
-    cum += vals[i];
-    if (cum <= eta * trace) ++count;
-    if (full < 0 && cum >= trace * (1.0 - kFullEnergySlack)) full = i;
-    if (vals[i] > 0.0) ++positive;
-  }
-  if (full >= 0) return std::min(count + 1, full + 1);
-  if (count == n) return complete ? std::max(1, positive) : 0;
-  return count + 1;
-}
-
-// sphere_fast.eigensolver.iterations_to_converge: block iterations still needed
-// for the worst wanted residual to fall from `worst` to `tol` (relative to
-// theta_1). The rate per step is the larger of a power law fitted to the Ritz
-// values over the q indices below r, extrapolated to k + 1, and the measured
-// worst / previous (previous < 0: none; a step that did not shrink the
-// residual is not read as a rate).
-double iterations_to_converge(const std::vector<double>& theta, double worst, double previous, int r, int k,
-                              double tol) {
-  double rate = 0.0;
-  const int q = std::min(k + 1 - r, r - 1);
-  if (q >= 1 && theta[r - 1] > 0.0) {
-    const double decay = std::log(theta[r - 1 - q] / theta[r - 1]) / std::log(static_cast<double>(r) / (r - q));
-    rate = std::pow(static_cast<double>(r) / (k + 1), std::max(decay, 0.0));
-  }
-  if (previous > 0.0 && worst > 0.0 && worst < previous) rate = std::max(rate, worst / previous);
-  if (rate >= 1.0) return std::numeric_limits<double>::infinity();
-  if (rate <= 0.0 || worst <= tol) return 1.0;
-  return std::max(1.0, std::log(tol / worst) / std::log(rate));
-}
-
 template <typename T>
 constexpr int dtype_code() {
   return std::is_same<T, double>::value ? kFloat64 : kFloat32;
@@ -292,8 +294,8 @@ Status any_nonfinite(const T* a, int64_t rows, int64_t cols, int64_t s0, int64_t
 // Dense: cusolverDnXsyevd of the whole matrix in the working precision.
 
 template <typename T>
-Status dense_solve(const T* G, int m, int64_t ldg, double trace, double eta, cudaStream_t stream,
-                   std::unique_ptr<EigResult>* result) {
+Status dense_solve(const T* G, int m, int64_t ldg, double trace, double eta, double full_energy_slack,
+                   cudaStream_t stream, std::unique_ptr<EigResult>* result) {
   cusolverDnHandle_t solver;
   SF_RETURN_IF_ERROR(detail::solver_handle(stream, &solver));
   const int64_t mm = m;
@@ -332,7 +334,7 @@ Status dense_solve(const T* G, int m, int64_t ldg, double trace, double eta, cud
   }
   std::vector<double> desc(m);
   for (int i = 0; i < m; ++i) desc[i] = static_cast<double>(w_host[m - 1 - i]);
-  const int r = select_rank(desc, trace, eta, /*complete=*/true);
+  const int r = select_rank(desc, trace, eta, /*complete=*/true, full_energy_slack);
 
   auto out = std::make_unique<EigResult>();
   out->m = m;
@@ -388,7 +390,7 @@ class BlockSolver {
       tf32 = false;  // a warm start is near the answer: TF32 steps would be discarded
       spent = iteration_cost(k0);  // the set-up: G V, its residual directions
     } else {
-      k_ = std::min(m_, kColdBlock);
+      k_ = std::min(m_, opt_.cold_block);
       SF_RETURN_IF_ERROR(reserve(k_, &x_));
       SF_RETURN_IF_ERROR(random_columns(x_.as<double>(), m * k_));
     }
@@ -407,7 +409,7 @@ class BlockSolver {
       const bool this_tf32 = tf32;
       if (this_tf32) ++tf32_iterations_;
       SF_RETURN_IF_ERROR(rayleigh_ritz(this_tf32, &theta, &res));
-      const int r = select_rank(theta, trace_, eta_, /*complete=*/k == m_);
+      const int r = select_rank(theta, trace_, eta_, /*complete=*/k == m_, opt_.full_energy_slack);
       if (r > 0 && (r + min_guards <= k || k == m_)) {
         double worst = 0.0;
         for (int j = 0; j < r; ++j) worst = std::max(worst, res[j] / theta[0]);
@@ -749,13 +751,15 @@ Status solve(const T* G, int m, int64_t ldg, double trace, double eta, const T* 
     SF_RETURN_IF_ERROR(any_nonfinite<T>(init, m, k0, init_s0, init_s1, stream, &bad));
     if (bad) return Status::Error(StatusCode::kNonFinite, "init contains NaN or Inf");
   }
-  if (opt.method == EigMethod::kDense) return dense_solve<T>(G, m, ldg, trace, eta, stream, result);
+  if (opt.method == EigMethod::kDense) {
+    return dense_solve<T>(G, m, ldg, trace, eta, opt.full_energy_slack, stream, result);
+  }
   {
     BlockSolver<T> solver(G, m, ldg, trace, eta, opt, stream);
     SF_RETURN_IF_ERROR(solver.run(init, k0, init_s0, init_s1, result));
   }
   if (*result) return Status::Ok();
-  return dense_solve<T>(G, m, ldg, trace, eta, stream, result);
+  return dense_solve<T>(G, m, ldg, trace, eta, opt.full_energy_slack, stream, result);
 }
 
 }  // namespace
@@ -816,6 +820,10 @@ Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace
     return invalid("tol must be finite and > 0, got " + std::to_string(options.tol));
   }
   if (options.max_iter < 1) return invalid("max_iter must be >= 1, got " + std::to_string(options.max_iter));
+  if (!(options.full_energy_slack >= 0.0 && options.full_energy_slack < 1.0) || options.cold_block < 1) {
+    return invalid("full_energy_slack must be in [0, 1) and cold_block >= 1 (sphere_fast.eigensolver's), got " +
+                   std::to_string(options.full_energy_slack) + " and " + std::to_string(options.cold_block));
+  }
   if (options.method != EigMethod::kDense && options.method != EigMethod::kBlock) {
     return invalid("method must be dense or block (auto is planned by the caller)");
   }

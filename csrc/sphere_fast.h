@@ -70,7 +70,17 @@ struct EigOptions {
   double budget = 0.0;
   int max_block = 0;
   double iteration_cost[3] = {0.0, 0.0, 0.0};
+  // The rank rule's slack and a cold start's first block (sphere_fast.eigensolver.FULL_ENERGY_SLACK and
+  // COLD_BLOCK): Python is their one source, so they have no defaults here and the solver checks them.
+  double full_energy_slack = -1.0;
+  int cold_block = 0;
 };
+
+// The solver's host-side rules, exported so that tests compare them with sphere_fast.eigensolver's
+// select_rank (returns 0 for its None) and iterations_to_converge (previous <= 0: none).
+int select_rank(const std::vector<double>& desc, double trace, double eta, bool complete, double full_energy_slack);
+double iterations_to_converge(const std::vector<double>& theta, double worst, double previous, int r, int k,
+                              double tol);
 
 // The solution, owned in device memory (stream-ordered allocations that are
 // released on `stream` when the object is destroyed).

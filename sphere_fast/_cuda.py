@@ -30,8 +30,10 @@ import torch
 
 from . import _validation as val
 from .eigensolver import (
+    COLD_BLOCK,
     COLD_OVERSAMPLE,
     DEFAULT_TOL,
+    FULL_ENERGY_SLACK,
     ITERATION_COST,
     METHODS,
     Eigenpairs,
@@ -187,7 +189,7 @@ def top_eigenpairs(
             G=G.data_ptr(), m=m, ldg=ldg, dtype=_DTYPE_CODES[G.dtype], trace=trace, eta=eta, method=method,
             init=init_ptr, k0=k0, init_s0=s0, init_s1=s1, tol=tol, max_iter=max_iter, tf32=bool(tf32),
             seed=int(seed), oversample=p, min_guards=min(p, COLD_OVERSAMPLE), budget=budget, max_block=max_block,
-            iteration_cost=ITERATION_COST, stream=stream,
+            iteration_cost=ITERATION_COST, full_energy_slack=FULL_ENERGY_SLACK, cold_block=COLD_BLOCK, stream=stream,
         ))
         # Free the solver's device memory (cudaFreeAsync on `stream`) while G's device
         # is current, also on error: stream 0 names the current device's null stream.

@@ -154,7 +154,7 @@ def iterations_to_converge(theta, worst: float, previous: float | None, r: int, 
     the same r, else None; a step that did not shrink it is a transient, e.g.
     fresh guard vectors, and is not read as a rate). The estimate exists after
     a warm start's first step, so a spectrum too flat for the block method is
-    caught there. csrc/eigensolver.cu mirrors this.
+    caught there. csrc/eigensolver.cu runs the same rule (tests/csrc compare the two).
     """
     rate = 0.0
     q = min(k + 1 - r, r - 1)

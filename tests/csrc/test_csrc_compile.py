@@ -146,6 +146,46 @@ print(mod.runtime_version())
 """
 
 
+# The solver's host rules from the built module against sphere_fast.eigensolver's, on random spectra
+# (power laws with tails below the full-energy slack, zeros, leading parts of a spectrum) and residual
+# histories; prints the number of cases compared.
+RULES_CHECK = """
+import importlib.util, math, random, sys
+import torch
+from sphere_fast import eigensolver as twin
+spec = importlib.util.spec_from_file_location("sphere_fast._C", sys.argv[1])
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+rng = random.Random(0)
+cases = 0
+for _ in range(3000):
+    n = rng.randint(1, 60)
+    vals = sorted((rng.random() * (i + 1) ** -rng.uniform(0.0, 3.0) for i in range(n)), reverse=True)
+    if rng.random() < 0.3:  # rank deficient
+        cut = rng.randint(1, n)
+        vals = vals[:cut] + [0.0] * (n - cut)
+    if rng.random() < 0.3:
+        vals = sorted(vals + [v * 1e-9 for v in vals[:3]], reverse=True)  # a tail inside the slack
+    total = sum(vals)
+    trace = total if rng.random() < 0.5 else total * rng.uniform(1.0, 3.0)
+    if trace <= 0.0:
+        continue
+    eta, complete = rng.choice([1.0, rng.random() or 0.5]), rng.random() < 0.5
+    expected = twin.select_rank(torch.tensor(vals, dtype=torch.float64), trace, eta, complete=complete)
+    got = ext.select_rank(vals, trace, eta, complete, twin.FULL_ENERGY_SLACK)
+    assert got == (expected or 0), (vals, trace, eta, complete, got, expected)
+    k = len(vals)
+    r = rng.randint(1, k)
+    worst, tol = 10 ** rng.uniform(-9, 0), 10 ** rng.uniform(-8, -4)
+    previous = rng.choice([None, worst * rng.uniform(0.5, 3.0)])
+    expected = twin.iterations_to_converge(vals, worst, previous, r, k, tol)
+    got = ext.iterations_to_converge(vals, worst, -1.0 if previous is None else previous, r, k, tol)
+    assert got == expected or math.isclose(got, expected, rel_tol=1e-12), (vals, worst, previous, r, k, tol, got, expected)
+    cases += 1
+print(cases)
+"""
+
+
 @needs_nvcc
 def test_extension_builds_links_and_imports_for_sm90a(include_flags, tmp_path):
     """setup.py's CMake build of sphere_fast._C (SPHERE_FAST_BUILD_CUDA=1), sm_90a only, then an import."""
@@ -163,6 +203,13 @@ def test_extension_builds_links_and_imports_for_sm90a(include_flags, tmp_path):
     driver, torch_lib, names, runtime = proc.stdout.strip().splitlines()
     assert driver == "no-driver", "importing sphere_fast._C loaded the CUDA driver"
     assert torch_lib == "no-libtorch"
-    for name in ("eigensolve", "project", "EigResult", "runtime_version", "mempool_used", "memory_pools_supported"):
+    for name in ("eigensolve", "project", "EigResult", "runtime_version", "mempool_used", "memory_pools_supported",
+                 "select_rank", "iterations_to_converge"):
         assert repr(name) in names, (name, names)
     assert int(runtime) >= 12000  # the CUDA runtime it linked answers without a GPU
+
+    # The rank rule and the convergence estimate the solver runs are the torch twin's (no device needed).
+    proc = subprocess.run([sys.executable, "-c", RULES_CHECK, str(built[0])], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, f"the extension's host rules differ from sphere_fast.eigensolver's:\n{proc.stderr}"
+    assert int(proc.stdout.strip()) > 2500
