@@ -89,12 +89,8 @@ def test_shipped_spec_loads():
     assert spec.runs[1].alpha == 0.8 and spec.runs[3].alpha == 0.5
 
 
-def test_resume_after_budget_stop_matches_an_uninterrupted_study(files, tok, tmp_path, monkeypatch):
-    spec = load_spec(spec_dict(files))
-    whole = run_study(spec, tmp_path / "whole", load=loader(tok), log=lambda m: None)
-    assert {s["state"] for s in whole.values()} == {"done"}
-
-    # The budget runs out during the first batch: the study stops at the next checkpoint.
+def _run_out_of_budget_in_the_first_batch(spec, out, tok, monkeypatch, cache):
+    """run_study whose budget runs out during the first batch: it stops at the next checkpoint."""
     real_edit, real_time, spent = Editor.edit_batch, study.time.time, []
 
     def edit_batch(self, requests):
@@ -103,10 +99,20 @@ def test_resume_after_budget_stop_matches_an_uninterrupted_study(files, tok, tmp
 
     monkeypatch.setattr(Editor, "edit_batch", edit_batch)
     monkeypatch.setattr(study.time, "time", lambda: real_time() + (3600.0 if spent else 0.0))
+    try:
+        return run_study(spec, out, budget_minutes=10, load=loader(tok), log=lambda m: None)
+    finally:
+        monkeypatch.undo()
+        monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(cache))  # undo() dropped the cache fixture's
+
+
+def test_resume_after_budget_stop_matches_an_uninterrupted_study(files, tok, tmp_path, monkeypatch):
+    spec = load_spec(spec_dict(files))
+    whole = run_study(spec, tmp_path / "whole", load=loader(tok), log=lambda m: None)
+    assert {s["state"] for s in whole.values()} == {"done"}
+
     out = tmp_path / "stopped"
-    first = run_study(spec, out, budget_minutes=10, load=loader(tok), log=lambda m: None)
-    monkeypatch.undo()
-    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    first = _run_out_of_budget_in_the_first_batch(spec, out, tok, monkeypatch, tmp_path / "cache")
     assert first["memit"]["state"] == "paused" and first["memit"]["edits"] == 2  # stopped at the first checkpoint
     assert "alphaedit+sphere" not in first or first["alphaedit+sphere"]["state"] == "pending"
     half = write_report(out)  # a report from half-finished runs
@@ -199,18 +205,8 @@ def test_geometry_follows_the_last_checkpoint(files, tok, tmp_path, monkeypatch)
     """A paused run's geometry.json is of its last checkpoint; a missing one (a run paused by an earlier
     version) is rebuilt from that checkpoint, equal to what the run wrote; at the horizon it is the end's."""
     spec = load_spec(spec_dict(files, runs=[{"name": "memit", "method": "memit"}]))
-    real_edit, real_time, spent = Editor.edit_batch, study.time.time, []
-
-    def edit_batch(self, requests):
-        spent.append(1)
-        return real_edit(self, requests)
-
-    monkeypatch.setattr(Editor, "edit_batch", edit_batch)
-    monkeypatch.setattr(study.time, "time", lambda: real_time() + (3600.0 if spent else 0.0))
     out = tmp_path / "out"
-    assert run_study(spec, out, budget_minutes=10, load=loader(tok), log=lambda m: None)["memit"]["edits"] == 2
-    monkeypatch.undo()
-    monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))  # undo() dropped the cache fixture's
+    assert _run_out_of_budget_in_the_first_batch(spec, out, tok, monkeypatch, tmp_path / "cache")["memit"]["edits"] == 2
     path = out / "runs" / "memit" / "geometry.json"
     written = read_json(path)
     assert written["edits"] == 2 and written["mean_abs_cos_after"] != written["mean_abs_cos_before"]
