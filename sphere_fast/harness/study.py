@@ -33,6 +33,7 @@ from ..editing import paths
 from ..editing.editor import Editor
 from ..editing.methods import METHODS as EDIT_METHODS
 from .datasets import DatasetError, load_requests
+from .general_tasks import TASKS, evaluate_task, load_task
 from .metrics import evaluate, generate, layer_energies, neighborhood_predictions, ngram_entropy, \
     teacher_forced_predictions
 from .report import read_csv, read_json, write_csv, write_json
@@ -42,6 +43,9 @@ from .sequential import checkpoint_weights, latest_checkpoint, run_sequential
 # Method names a spec may use: (editing method, SPHERE on).
 METHODS = {f"{name}{'+sphere' if sphere else ''}": (name, sphere) for name in EDIT_METHODS for sphere in (False, True)}
 GENERAL_METRICS = ("perplexity", "kl", "top1_agreement", "retention", "fluency")
+# Fields that only add measures to later evaluations: they stay out of the spec's key and may be added to
+# (or changed in) a study under way, whose earlier evaluations then lack them.
+EVALUATION_ONLY = ("general_tasks", "general_task_samples")
 
 
 class StudySpecError(ValueError):
@@ -98,6 +102,10 @@ class StudySpec:
     fluency_prompts: int = 20
     fluency_tokens: int = 32
     eval_batch_size: int = 32
+    # The paper's general-ability tasks (general_tasks.TASKS) scored at every evaluation, on a fixed seeded
+    # sample of general_task_samples items each, from <data folder>/general.
+    general_tasks: tuple[str, ...] = ()
+    general_task_samples: int = 100
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -105,12 +113,21 @@ class StudySpec:
         out["full_eval_at"] = list(self.full_eval_at)
         return out
 
+    def identity(self) -> dict:
+        """What the edits and their records depend on: the spec without :data:`EVALUATION_ONLY`."""
+        return identity(self.to_dict())
+
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def identity(spec_dict: dict) -> dict:
+    return {k: v for k, v in spec_dict.items() if k not in EVALUATION_ONLY}
 
 
 _INT_FIELDS = ("horizon", "batch_size", "eval_every", "eval_sample", "general_tokens", "general_seq_len",
-               "retention_candidates", "retention_max", "fluency_prompts", "fluency_tokens", "eval_batch_size")
+               "retention_candidates", "retention_max", "fluency_prompts", "fluency_tokens", "eval_batch_size",
+               "general_task_samples")
 
 
 def _positive_int(field: str, value: Any, name: str | None = None) -> None:
@@ -173,6 +190,10 @@ def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
     data["full_eval_at"] = tuple(_as_list(data.get("full_eval_at", (1000, 2000)), "full_eval_at"))
     for i, edits in enumerate(data["full_eval_at"]):
         _positive_int("full_eval_at", edits, f"full_eval_at[{i}]")
+    data["general_tasks"] = tuple(_as_list(data.get("general_tasks", ()), "general_tasks"))
+    for i, task in enumerate(data["general_tasks"]):
+        if task not in TASKS:
+            raise StudySpecError(f"general_tasks[{i}]", f"unknown task {task!r} (known: {', '.join(TASKS)})")
     if not isinstance(data.get("hparams_overrides", {}), dict):
         raise StudySpecError("hparams_overrides", "must be a mapping of hparams keys to values")
     spec = StudySpec(**data)
@@ -293,6 +314,7 @@ class GeneralProbe:
         self.chunks = _text_chunks(tokenizer, _general_text(spec), spec.general_tokens, spec.general_seq_len)
         self.baseline = baseline
         self.originals = originals
+        self.tasks = {task: load_task(task, spec.general_task_samples, seed=spec.seed) for task in spec.general_tasks}
 
     def _swap(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return set_weights(self.model, weights)
@@ -318,8 +340,10 @@ class GeneralProbe:
         retained = sum(int(p == t) for p, t in preds) / len(preds) if preds else None
         texts = generate(self.model, self.tokenizer, self.baseline["fluency_prompts"],
                          max_new_tokens=spec.fluency_tokens, batch_size=spec.eval_batch_size)
+        tasks = {task: evaluate_task(self.model, self.tokenizer, task, items, batch_size=spec.eval_batch_size)["accuracy"]
+                 for task, items in self.tasks.items()}
         return {"perplexity": math.exp(nll / positions), "kl": kl / positions, "top1_agreement": agree / positions,
-                "retention": retained, "fluency": sum(map(ngram_entropy, texts)) / len(texts)}
+                "retention": retained, "fluency": sum(map(ngram_entropy, texts)) / len(texts), **tasks}
 
 
 def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> dict:
@@ -454,6 +478,9 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
         row0.update(baseline["general"])
         rows = {0: row0}
         write_csv(csv_path, [rows[0]])
+    elif any(k not in rows[0] for k in baseline["general"]):  # tasks added under way: their unedited scores
+        rows[0].update({k: v for k, v in baseline["general"].items() if k not in rows[0]})
+        write_csv(csv_path, [rows[k] for k in sorted(rows)])
     write_json(run_dir / "status.json", {**status, "state": "running", "run": dataclasses.asdict(run),
                                          "hparams": hp.to_dict(), "skipped": skipped})
     eval_batches = spec.eval_every // spec.batch_size
@@ -593,6 +620,14 @@ def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], t
                                "general": time.perf_counter() - t2}
         write_json(ref_path, reference)
         write_json(baseline_path, baseline)
+    missing = [task for task in spec.general_tasks if task not in baseline["general"]]
+    if missing:  # tasks added to a study under way: the unedited model's scores, once
+        log(f"[study] the unedited model on {', '.join(missing)} ({spec.general_task_samples} items each)")
+        for task in missing:
+            items = load_task(task, spec.general_task_samples, seed=spec.seed)
+            baseline["general"][task] = evaluate_task(model, tokenizer, task, items,
+                                                      batch_size=spec.eval_batch_size)["accuracy"]
+        write_json(baseline_path, baseline)
     return model, tokenizer, baseline, reference
 
 
@@ -611,11 +646,13 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
     if unknown:
         raise StudySpecError("only", f"no run named {unknown[0]!r} (runs: {', '.join(r.name for r in spec.runs)})")
     spec_path = out / "spec.json"
+    current = json.loads(json.dumps(spec.to_dict()))
     if spec_path.exists():
         old = read_json(spec_path)
-        if old.get("spec") != json.loads(json.dumps(spec.to_dict())):
+        if identity(old.get("spec") or {}) != identity(current):
             raise StudySpecError("spec", f"{str(out)!r} holds a study with another spec ({spec_path}); "
                                          "use another output folder")
+
     if load is None:
         from .model_sources import load_model, named_model
 
@@ -624,7 +661,12 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
     requests = spec_requests(spec)  # the spec's errors before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
-        write_json(spec_path, {"spec": spec.to_dict(), "key": spec.key(), "commit": _commit()})
+        write_json(spec_path, {"spec": current, "key": spec.key(), "commit": _commit()})
+    elif read_json(spec_path)["spec"] != current:  # evaluation-only fields: measured from the next evaluation on
+        old = read_json(spec_path)
+        changed = [k for k in EVALUATION_ONLY if old["spec"].get(k) != current[k]]
+        log(f"[study] evaluation settings changed ({', '.join(changed)}): measured from each run's next evaluation")
+        write_json(spec_path, {**old, "spec": current})
     model, tokenizer, baseline, reference = prepare(spec, out, requests, load, log)
     from ..editing.model_utils import get_module, oriented_weight
 

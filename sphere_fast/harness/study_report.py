@@ -21,6 +21,11 @@ TABLE_AT = (500, 1000, 2000)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
+def general_metrics(spec: dict) -> tuple[str, ...]:
+    """The general-ability measures of a study (``spec``: spec.json's "spec"), its tasks included."""
+    return GENERAL_METRICS + tuple(spec.get("general_tasks") or ())
+
+
 def load_runs(out: Path) -> dict[str, dict]:
     """``{run name: {"status", "rows" (every batch), "evals" (rows with metrics)}}`` in spec order."""
     spec = read_json(out / "spec.json")["spec"]
@@ -81,6 +86,7 @@ def summarise(out: Path) -> dict:
     runs = load_runs(out)
     baseline = read_json(out / "baseline.json") if (out / "baseline.json").exists() else {}
     spec = read_json(out / "spec.json")
+    general = general_metrics(spec["spec"])
     table, correlations, times, states = [], {}, {}, {}
     points = []  # (run, delta energy, delta accuracy)
     for name, run in runs.items():
@@ -98,11 +104,11 @@ def summarise(out: Path) -> dict:
             row = _at(evals, edits)
             if row is not None:
                 table.append({"run": name, "edits": edits, "eval_requests": row.get("eval_requests"),
-                              **{k: row.get(k) for k in EDIT_METRICS + GENERAL_METRICS},
+                              **{k: row.get(k) for k in EDIT_METRICS + general},
                               "energy_change": mean_energy_change(row, first)})
         drift = [mean_energy_change(r, first) for r in evals]
         correlations[name] = {m: spearman(drift, [float(r[m]) for r in evals])
-                              for m in EDIT_METRICS + GENERAL_METRICS if all(r.get(m) not in (None, "") for r in evals)}
+                              for m in EDIT_METRICS + general if all(r.get(m) not in (None, "") for r in evals)}
         for a, b in zip(evals, evals[1:]):
             points.append((name, mean_energy_change(b, first) - mean_energy_change(a, first), accuracy(b) - accuracy(a)))
         timed = [r for r in run["rows"] if r.get("seconds_total") not in (None, "")]
@@ -166,6 +172,7 @@ def _markdown(summary: dict) -> str:
     cols += [(m, m, ".3f") for m in EDIT_METRICS] + [("perplexity", "perplexity", ".2f"), ("kl", "KL", ".4f"),
                                                       ("top1_agreement", "top-1 agree", ".3f"),
                                                       ("retention", "retention", ".3f"), ("fluency", "fluency", ".2f"),
+                                                      *[(t, t, ".3f") for t in spec.get("general_tasks") or ()],
                                                       ("energy_change", "energy change", ".2e")]
     lines.append("```")
     lines.append(format_table(summary["table"], cols))
@@ -173,7 +180,7 @@ def _markdown(summary: dict) -> str:
     lines.append("")
     lines.append("## Spearman correlation of the energy change with each metric (per run, over evaluations)")
     lines.append("")
-    metrics = EDIT_METRICS + GENERAL_METRICS
+    metrics = EDIT_METRICS + general_metrics(spec)
     lines.append("| run | " + " | ".join(metrics) + " |")
     lines.append("|---|" + "---|" * len(metrics))
     for name, corr in summary["spearman_energy_change"].items():
@@ -238,7 +245,7 @@ def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
         plt.close(fig)
 
     panels(EDIT_METRICS, "metrics.png")
-    panels(GENERAL_METRICS, "general.png")
+    panels(general_metrics(summary["spec"]["spec"]), "general.png")
 
     layers = sorted({k for d in runs.values() for r in d["rows"][:1] for k in r if k.startswith("energy:")})
     if layers:

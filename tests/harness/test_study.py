@@ -230,3 +230,37 @@ def test_shipped_specs_load_by_name():
     assert load_spec("smollm2-counterfact") == load_spec(shipped_spec())
     with pytest.raises(StudySpecError, match="cannot read"):
         load_spec("no-such-spec")
+
+
+def test_general_tasks_join_a_study_under_way(files, tok, tmp_path, monkeypatch):
+    """general_tasks is evaluation-only: same key, the study continues, the unedited score goes in row 0 and
+    the task is scored from the next evaluation on; the report shows it. An unknown task names the field."""
+    from sphere_fast.editing import paths
+
+    data = tmp_path / "data"  # the data folder with small task files in general/
+    (data / "general").mkdir(parents=True)
+    for entry in paths.data_dir().iterdir():
+        if entry.name != "general":
+            (data / entry.name).symlink_to(entry)
+    (data / "general" / "test-OpenDomainQA.jsonl").write_text("\n".join(json.dumps(
+        {"question": f"who wrote book {i}?", "answer": ["The Author"], "output": ["It was The Author."]})
+        for i in range(3)))
+    monkeypatch.setenv("SPHERE_FAST_DATA_DIR", str(data))
+    plain = load_spec(spec_dict(files, runs=[{"name": "memit", "method": "memit"}]))
+    with_nq = load_spec(spec_dict(files, runs=[{"name": "memit", "method": "memit"}], general_tasks=["nq"],
+                                  general_task_samples=2))
+    assert plain.key() == with_nq.key() and plain.to_dict() != with_nq.to_dict()
+    out = tmp_path / "out"
+    assert _run_out_of_budget_in_the_first_batch(plain, out, tok, monkeypatch, tmp_path / "cache")["memit"]["edits"] == 2
+    monkeypatch.setenv("SPHERE_FAST_DATA_DIR", str(data))
+    status = run_study(with_nq, out, load=loader(tok), log=lambda m: None)
+    assert status["memit"]["state"] == "done"
+    assert read_json(out / "spec.json")["spec"]["general_tasks"] == ["nq"]
+    assert 0.0 <= read_json(out / "baseline.json")["general"]["nq"] <= 1.0
+    rows = {int(r["edits"]): r for r in read_csv(out / "runs" / "memit" / "edits.csv")}
+    assert "nq" in rows[0] and "nq" not in rows[2] and "nq" in rows[4] and "nq" in rows[6]
+    write_report(out)
+    assert " nq " in (out / "report" / "study.md").read_text()
+    with pytest.raises(StudySpecError) as info:
+        load_spec(spec_dict(files, general_tasks=["mmlu"]))
+    assert info.value.field == "general_tasks[0]"
