@@ -4,8 +4,10 @@
 counts, Spearman correlations of energy change with each metric, time per 100 edits) and the
 figures: ``metrics.png`` (editing metrics against edits), ``energy.png`` (energy per edited layer),
 ``energy_vs_accuracy.png`` (change in energy against change in accuracy between evaluations,
-pooled, with a fitted line), ``general.png`` (general abilities) and ``geometry.png`` (the first
-edited layer's rows, unedited and at the end). One colour per run in every figure.
+pooled, with a fitted line), ``general.png`` (general abilities), ``geometry.png`` (the first
+edited layer's rows, unedited and at the last checkpoint) and ``sphere_gain.png`` (each method with and
+without SPHERE at the last edit count both reached, as the paper's Fig. 7). One colour per run in every
+figure but the last, which has one per metric.
 """
 from __future__ import annotations
 
@@ -17,6 +19,30 @@ from .report import atomic_write_bytes, format_table, read_csv, read_json, write
 from .study import GENERAL_METRICS
 
 EDIT_METRICS = ("efficacy", "generalization", "specificity", "locality")
+GAIN_METRICS = ("efficacy", "generalization", "specificity")  # the paper's Fig. 7
+
+
+def sphere_gains(spec: dict, runs: dict[str, dict]) -> list[dict]:
+    """For each method run both without and with SPHERE: the metrics of both at the largest edit count
+    both have evaluated, and SPHERE's relative gain in percent (the paper's Fig. 7)."""
+    by_method = {r["method"]: r["name"] for r in spec["runs"]}
+    gains = []
+    for method, plain in by_method.items():
+        projected = by_method.get(f"{method}+sphere")
+        if method.endswith("+sphere") or projected is None:
+            continue
+        evals = {name: {int(r["edits"]): r for r in runs[name]["evals"]} for name in (plain, projected)}
+        common = sorted((set(evals[plain]) & set(evals[projected])) - {0})
+        if not common:
+            continue
+        edits = common[-1]
+        row = {"method": method, "without": plain, "with": projected, "edits": edits}
+        for m in GAIN_METRICS:
+            a, b = evals[plain][edits].get(m), evals[projected][edits].get(m)
+            row[m] = {"without": a, "with": b,
+                      "gain_percent": 100.0 * (b - a) / a if a not in (None, "") and b not in (None, "") and a else None}
+        gains.append(row)
+    return gains
 TABLE_AT = (500, 1000, 2000)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
@@ -138,7 +164,8 @@ def summarise(out: Path) -> dict:
             geometry[name] = {"layer": g["layer"], "edits": g.get("edits"), "rows": g["rows"],
                               "mean_abs_cos_before": g["mean_abs_cos_before"],
                               "mean_abs_cos_after": g["mean_abs_cos_after"]}
-    return {"spec": spec, "states": states, "geometry": geometry, "baseline": {k: baseline.get(k) for k in ("general", "edit_metrics",
+    return {"spec": spec, "states": states, "geometry": geometry, "sphere_gains": sphere_gains(spec["spec"], runs),
+            "baseline": {k: baseline.get(k) for k in ("general", "edit_metrics",
                                                                                       "seconds")},
             "retention_set": (baseline.get("retention") or {}).get("known"),
             "table": table, "spearman_energy_change": correlations, "energy_accuracy_fit": fit,
@@ -189,6 +216,12 @@ def _markdown(summary: dict) -> str:
     if fit:
         lines += ["", f"Change in accuracy against change in energy between consecutive evaluations, pooled over "
                       f"runs ({fit['points']} points): slope {fit['slope']:.3g}, Pearson r {f(fit['pearson'], 2)}."]
+    if summary.get("sphere_gains"):
+        lines += ["", "## SPHERE as a plug-in (the paper's Fig. 7): without -> with, relative gain", "",
+                  "| method | edits | " + " | ".join(GAIN_METRICS) + " |", "|---|---|" + "---|" * len(GAIN_METRICS)]
+        for g in summary["sphere_gains"]:
+            cells = [f"{f(g[m]['without'])} -> {f(g[m]['with'])} ({f(g[m]['gain_percent'], 1)} %)" for m in GAIN_METRICS]
+            lines.append(f"| {g['method']} | {g['edits']} | " + " | ".join(cells) + " |")
     if summary.get("geometry"):
         lines += ["", "## Neuron geometry of the first edited layer (mean |cos| between distinct unit rows)", "",
                   "| run | layer | edits | rows | unedited | edited |", "|---|---|---|---|---|---|"]
@@ -239,7 +272,8 @@ def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
             ax.set_title(m)
             ax.set_xlabel("edits")
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=7)
+        if axes[0][0].get_legend_handles_labels()[0]:
+            axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         written.append(_save(fig, folder / name))
         plt.close(fig)
@@ -305,6 +339,25 @@ def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
                      fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, folder / "geometry.png"))
+        plt.close(fig)
+
+    gains = summary.get("sphere_gains") or []
+    if gains:
+        fig, ax = plt.subplots(figsize=(2.2 + 1.9 * len(gains), 3.4))
+        width = 0.4 / len(GAIN_METRICS)
+        for k, m in enumerate(GAIN_METRICS):
+            for i, g in enumerate(gains):
+                x = i + (k - (len(GAIN_METRICS) - 1) / 2) * 2 * width
+                without, with_ = (float(g[m][side] or 0.0) for side in ("without", "with"))
+                ax.bar(x - width / 2, without, width, color=COLOURS[k], alpha=0.35,
+                       label=f"{m}, without" if i == 0 else None)
+                ax.bar(x + width / 2, with_, width, color=COLOURS[k], label=f"{m}, + SPHERE" if i == 0 else None)
+        ax.set_xticks(range(len(gains)), [f"{g['method']}\n({g['edits']} edits)" for g in gains])
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7, ncol=len(GAIN_METRICS), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+        fig.tight_layout()
+        written.append(_save(fig, folder / "sphere_gain.png"))
         plt.close(fig)
     return written
 

@@ -264,3 +264,30 @@ def test_general_tasks_join_a_study_under_way(files, tok, tmp_path, monkeypatch)
     with pytest.raises(StudySpecError) as info:
         load_spec(spec_dict(files, general_tasks=["mmlu"]))
     assert info.value.field == "general_tasks[0]"
+
+
+def test_sphere_gains_in_the_report(tmp_path):
+    """Each method with and without SPHERE at the last edit count both evaluated, with the relative gain,
+    in study.json, study.md and sphere_gain.png; a method without its pair is left out."""
+    from sphere_fast.harness.report import write_csv, write_json
+    from sphere_fast.harness.study_report import sphere_gains
+
+    out = tmp_path / "out"
+    runs = [{"name": "memit", "method": "memit"}, {"name": "memit+sphere", "method": "memit+sphere"},
+            {"name": "ft", "method": "ft"}]
+    spec = {"model": "tiny", "data": "edit.json", "horizon": 6, "batch_size": 2, "eval_every": 2, "eval_sample": 3,
+            "full_eval_at": [6], "runs": runs}
+    write_json(out / "spec.json", {"spec": spec, "key": "k", "commit": None})
+    scores = {"memit": {0: 0.1, 2: 0.5, 4: 0.4, 6: 0.2}, "memit+sphere": {0: 0.1, 2: 0.4, 4: 0.5}, "ft": {0: 0.1}}
+    for name, by_edits in scores.items():
+        rows = [{"batch": e // 2, "edits": e, "energy:layer": 100.0 + e, "efficacy": v, "generalization": v / 2,
+                 "specificity": 0.1, "locality": 1.0} for e, v in by_edits.items()]
+        write_csv(out / "runs" / name / "edits.csv", rows)
+    written = {p.name for p in write_report(out)}
+    assert "sphere_gain.png" in written
+    (gain,) = read_json(out / "report" / "study.json")["sphere_gains"]
+    assert gain["method"] == "memit" and gain["edits"] == 4  # memit+sphere stops at 4
+    assert gain["efficacy"] == {"without": 0.4, "with": 0.5, "gain_percent": pytest.approx(25.0)}
+    assert gain["specificity"]["gain_percent"] == 0.0
+    assert "| memit | 4 | 0.400 -> 0.500 (25.0 %)" in (out / "report" / "study.md").read_text()
+    assert sphere_gains(spec, {n: {"evals": []} for n in scores}) == []
