@@ -104,7 +104,7 @@ void eig_copy_out(const EigResult& self, uintptr_t values, uintptr_t vectors, in
 
 void project_py(uintptr_t out, int out_dtype, int64_t os0, int64_t os1, uintptr_t W, int64_t ws0, int64_t ws1,
                 uintptr_t B, int b_dtype, int64_t ldb, uintptr_t U, int64_t ldu, int64_t n, int64_t d, int64_t r,
-                double alpha, uintptr_t T, uintptr_t u_hi, uintptr_t u_lo, uintptr_t stream) {
+                double alpha, uintptr_t T, uintptr_t u_hi, uintptr_t u_lo, int64_t ldh, uintptr_t stream) {
   ProjectArgs a;
   a.out = as_ptr<void*>(out);
   a.out_dtype = out_dtype;
@@ -125,6 +125,7 @@ void project_py(uintptr_t out, int out_dtype, int64_t os0, int64_t os1, uintptr_
   a.T = as_ptr<void*>(T);
   a.u_hi = as_ptr<void*>(u_hi);
   a.u_lo = as_ptr<void*>(u_lo);
+  a.ldh = ldh;
   Status s;
   {
     py::gil_scoped_release release;
@@ -189,7 +190,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("project", &project_py, py::arg("out"), py::arg("out_dtype"), py::arg("os0"), py::arg("os1"), py::arg("W"),
           py::arg("ws0"), py::arg("ws1"), py::arg("B"), py::arg("b_dtype"), py::arg("ldb"), py::arg("U"),
           py::arg("ldu"), py::arg("n"), py::arg("d"), py::arg("r"), py::arg("alpha"), py::arg("T"), py::arg("u_hi"),
-          py::arg("u_lo"), py::arg("stream"),
+          py::arg("u_lo"), py::arg("ldh"), py::arg("stream"),
           "out = [W +] B - alpha (B U) U^T (see sphere_fast._cuda.project / project_add_).");
   mod.def("runtime_version", &runtime_version, "CUDA runtime version the extension runs with (0 if unavailable).");
   mod.def("memory_pools_supported", &memory_pools_supported,

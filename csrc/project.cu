@@ -129,18 +129,18 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
 // the scaled entry, stays a normal fp16 number down to entries of 2^-15.
 constexpr float kSplitScale = 4096.0f;
 
-// kSplitScale * U (fp32, d x r, row stride ldu) -> hi + lo in a 16-bit dtype, contiguous d x r.
+// kSplitScale * U (fp32, d x r, row stride ldu) -> hi + lo in a 16-bit dtype, d x r with row stride ldh.
 template <typename H>
 __global__ void _split_kernel(const float* __restrict__ U, int64_t d, int64_t r, int64_t ldu, H* __restrict__ hi,
-                              H* __restrict__ lo) {
+                              H* __restrict__ lo, int64_t ldh) {
   const int64_t count = d * r;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t j = e / r, k = e % r;
     const float u = kSplitScale * U[j * ldu + k];
     const H h = from_acc<H>(u);
-    hi[e] = h;
-    lo[e] = from_acc<H>(u - to_acc<float>(h));
+    hi[j * ldh + k] = h;
+    lo[j * ldh + k] = from_acc<H>(u - to_acc<float>(h));
   }
 }
 
@@ -179,7 +179,7 @@ Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
   cublasHandle_t blas;
   SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
   const int r = static_cast<int>(a.r), n = static_cast<int>(a.n), d = static_cast<int>(a.d);
-  const int ldb = static_cast<int>(a.ldb), ldu = static_cast<int>(a.ldu);
+  const int ldb = static_cast<int>(a.ldb), ldu = static_cast<int>(a.ldu), ldh = static_cast<int>(a.ldh);
   if (a.b_dtype == kFloat64) {
     const double one = 1.0, zero = 0.0;
     SF_CUBLAS(cublasDgemm(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &one, static_cast<const double*>(a.U), ldu,
@@ -197,19 +197,19 @@ Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
   if (a.b_dtype == kFloat16) {
     _split_kernel<__half><<<blocks_for(count, 256), 256, 0, stream>>>(static_cast<const float*>(a.U), a.d, a.r, a.ldu,
                                                                       static_cast<__half*>(a.u_hi),
-                                                                      static_cast<__half*>(a.u_lo));
+                                                                      static_cast<__half*>(a.u_lo), a.ldh);
     half_type = CUDA_R_16F;
   } else {
     _split_kernel<__nv_bfloat16><<<blocks_for(count, 256), 256, 0, stream>>>(
         static_cast<const float*>(a.U), a.d, a.r, a.ldu, static_cast<__nv_bfloat16*>(a.u_hi),
-        static_cast<__nv_bfloat16*>(a.u_lo));
+        static_cast<__nv_bfloat16*>(a.u_lo), a.ldh);
     half_type = CUDA_R_16BF;
   }
   SF_RETURN_IF_ERROR(detail::launch_status("_split_kernel"));
   const float unscale = 1.0f / kSplitScale;  // exact: a power of two
-  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &unscale, a.u_hi, half_type, r, a.B, half_type,
+  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &unscale, a.u_hi, half_type, ldh, a.B, half_type,
                          ldb, &zero, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &unscale, a.u_lo, half_type, r, a.B, half_type,
+  SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, r, n, d, &unscale, a.u_lo, half_type, ldh, a.B, half_type,
                          ldb, &one, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   return Status::Ok();
 }
@@ -246,6 +246,10 @@ Status project(const ProjectArgs& a, cudaStream_t stream) {
     }
     if ((a.b_dtype == kFloat16 || a.b_dtype == kBFloat16) && (a.u_hi == nullptr || a.u_lo == nullptr)) {
       return invalid("u_hi and u_lo (workspace) must be device pointers for a float16/bfloat16 B, got null");
+    }
+    if ((a.b_dtype == kFloat16 || a.b_dtype == kBFloat16) && (a.ldh < a.r || a.ldh > kIntMax)) {
+      return invalid("u_hi / u_lo's row stride ldh must be in [r, 2^31) with r = " + std::to_string(a.r) + ", got " +
+                     std::to_string(a.ldh));
     }
   }
   if (!std::isfinite(a.alpha)) return invalid("alpha must be finite, got " + std::to_string(a.alpha));

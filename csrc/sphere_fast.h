@@ -136,10 +136,11 @@ Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace
 // out: n x d with strides (os0, os1), dtype out_dtype; may alias W exactly
 //      (same pointer and strides: the in-place update W += ...).
 // T:   workspace n x r, dtype acc, contiguous.
-// u_hi, u_lo: workspace d x r in B's dtype (only for fp16/bf16 B; else nullptr):
-//      2^12 U = u_hi + u_lo (the scale keeps fp16's u_lo out of its subnormal
-//      range), so B U runs on tensor cores with B read in its own dtype and
-//      still carries fp32-level accuracy.
+// u_hi, u_lo: workspace d x ldh row-major in B's dtype, ldh >= r (only for
+//      fp16/bf16 B; else nullptr): 2^12 U = u_hi + u_lo (the scale keeps fp16's
+//      u_lo out of its subnormal range), so B U runs on tensor cores with B read
+//      in its own dtype and still carries fp32-level accuracy. The caller picks
+//      ldh (a multiple of 8 keeps the GEMM's rows 16-byte aligned).
 struct ProjectArgs {
   void* out = nullptr;
   int out_dtype = kFloat32;
@@ -156,6 +157,7 @@ struct ProjectArgs {
   void* T = nullptr;
   void* u_hi = nullptr;
   void* u_lo = nullptr;
+  int64_t ldh = 0;
 };
 
 Status project(const ProjectArgs& args, cudaStream_t stream);

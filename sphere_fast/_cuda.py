@@ -43,6 +43,7 @@ from .eigensolver import (
 from .gram import work_dtype
 
 EXTENSION_MODULE = "sphere_fast._C"
+SPLIT_ALIGN = 8  # elements per row of the fp16/bf16 halves of U: a multiple of 8 is 16 bytes
 BUILD_HINT = (
     "build it on a machine with nvcc (CUDA >= 12) and the cuBLAS/cuSOLVER headers and libraries "
     "(a CUDA build of torch installs them as the nvidia-cublas / nvidia-cusolver wheels): "
@@ -249,15 +250,16 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
     with torch.cuda.device(B.device):
         T = torch.empty(n, r, dtype=acc, device=B.device)
         half = B.dtype in (torch.float16, torch.bfloat16)
-        u_hi = torch.empty(d, r, dtype=B.dtype, device=B.device) if half and r else None
-        u_lo = torch.empty(d, r, dtype=B.dtype, device=B.device) if half and r else None
+        ldh = -(-r // SPLIT_ALIGN) * SPLIT_ALIGN  # 16-byte aligned rows for the tensor-core GEMMs of B U
+        u_hi = torch.empty(d, ldh, dtype=B.dtype, device=B.device) if half and r else None
+        u_lo = torch.empty(d, ldh, dtype=B.dtype, device=B.device) if half and r else None
         _with_memory_retry(lambda: ext.project(
             out=out.data_ptr(), out_dtype=_DTYPE_CODES[out.dtype], os0=out.stride(0), os1=out.stride(1),
             W=0 if W is None else W.data_ptr(), ws0=0 if W is None else W.stride(0),
             ws1=1 if W is None else W.stride(1),
             B=B.data_ptr(), b_dtype=_DTYPE_CODES[B.dtype], ldb=ldb, U=Uc.data_ptr() if r else 0, ldu=ldu,
             n=n, d=d, r=r, alpha=alpha, T=T.data_ptr() if r else 0,
-            u_hi=0 if u_hi is None else u_hi.data_ptr(), u_lo=0 if u_lo is None else u_lo.data_ptr(),
+            u_hi=0 if u_hi is None else u_hi.data_ptr(), u_lo=0 if u_lo is None else u_lo.data_ptr(), ldh=ldh,
             stream=_stream(B.device),
         ))
     return out
