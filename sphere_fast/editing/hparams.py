@@ -220,16 +220,16 @@ def shipped_for_model(model_name: str | None, method: str, *, sphere: bool) -> s
 
     AlphaEdit + SPHERE takes the SPHERE file (AlphaEdit's settings with eta and
     alpha), AlphaEdit alone the AlphaEdit file, MEMIT, RECT and PRUNE (with or
-    without SPHERE) the MEMIT file: the two edit with MEMIT's update. None when
-    ``model_name`` has no shipped settings, and for FT, which has none shipped yet.
+    without SPHERE) the MEMIT file: the two edit with MEMIT's update; FT its own
+    file. None when ``model_name`` has no shipped settings.
     """
     method = method.lower()
     if method not in SHIPPED_METHODS:
         raise ValueError(f"method must be one of {', '.join(SHIPPED_METHODS)}, got {method!r}")
     stem = SHIPPED_MODELS.get(model_name) if model_name is not None else None
-    if stem is None or method == "ft":
+    if stem is None:
         return None
-    folder = ("SPHERE" if sphere else "AlphaEdit") if method == "alphaedit" else "MEMIT"
+    folder = {"alphaedit": "SPHERE" if sphere else "AlphaEdit", "ft": "FT"}.get(method, "MEMIT")
     name = f"{folder}/{stem}"
     shipped_hparams(name)  # raises if the file is missing from the package
     return name

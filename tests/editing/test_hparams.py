@@ -245,4 +245,5 @@ def test_every_method_has_its_shipped_settings_or_none():
     for method in ("rect", "prune"):  # MEMIT's update, then their restraint: MEMIT's settings
         for sphere in (False, True):
             assert shipped_for_model("smollm2", method, sphere=sphere) == "MEMIT/smollm2-135m"
-    assert shipped_for_model("smollm2", "ft", sphere=True) is None  # sized to the model
+    for sphere in (False, True):  # FT has its own file, chosen on the train split
+        assert shipped_for_model("smollm2", "ft", sphere=sphere) == "FT/smollm2-135m"
