@@ -104,7 +104,8 @@ void eig_copy_out(const EigResult& self, uintptr_t values, uintptr_t vectors, in
 
 void project_py(uintptr_t out, int out_dtype, int64_t os0, int64_t os1, uintptr_t W, int64_t ws0, int64_t ws1,
                 uintptr_t B, int b_dtype, int64_t ldb, uintptr_t U, int64_t ldu, int64_t n, int64_t d, int64_t r,
-                double alpha, uintptr_t T, uintptr_t u_hi, uintptr_t u_lo, int64_t ldh, uintptr_t stream) {
+                double alpha, uintptr_t T, uintptr_t u_hi, uintptr_t u_lo, int64_t ldh, uintptr_t t3, uintptr_t u3,
+                int64_t ld3, uintptr_t C, int64_t c_rows, uintptr_t stream) {
   ProjectArgs a;
   a.out = as_ptr<void*>(out);
   a.out_dtype = out_dtype;
@@ -126,6 +127,11 @@ void project_py(uintptr_t out, int out_dtype, int64_t os0, int64_t os1, uintptr_
   a.u_hi = as_ptr<void*>(u_hi);
   a.u_lo = as_ptr<void*>(u_lo);
   a.ldh = ldh;
+  a.t3 = as_ptr<void*>(t3);
+  a.u3 = as_ptr<void*>(u3);
+  a.ld3 = ld3;
+  a.C = as_ptr<void*>(C);
+  a.c_rows = c_rows;
   Status s;
   {
     py::gil_scoped_release release;
@@ -190,7 +196,8 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("project", &project_py, py::arg("out"), py::arg("out_dtype"), py::arg("os0"), py::arg("os1"), py::arg("W"),
           py::arg("ws0"), py::arg("ws1"), py::arg("B"), py::arg("b_dtype"), py::arg("ldb"), py::arg("U"),
           py::arg("ldu"), py::arg("n"), py::arg("d"), py::arg("r"), py::arg("alpha"), py::arg("T"), py::arg("u_hi"),
-          py::arg("u_lo"), py::arg("ldh"), py::arg("stream"),
+          py::arg("u_lo"), py::arg("ldh"), py::arg("t3"), py::arg("u3"), py::arg("ld3"), py::arg("C"), py::arg("c_rows"),
+          py::arg("stream"),
           "out = [W +] B - alpha (B U) U^T (see sphere_fast._cuda.project / project_add_).");
   mod.def("runtime_version", &runtime_version, "CUDA runtime version the extension runs with (0 if unavailable).");
   mod.def("memory_pools_supported", &memory_pools_supported,

@@ -10,12 +10,16 @@
 // 2^-12 in the GEMMs' alpha; fp64 B uses DGEMM. The scale (a power of two,
 // exact) lifts fp16's u_lo, about 2^-11 of an entry of a unit column, out of
 // fp16's subnormal range, where it would keep only a few bits.
-// Stage 2, one kernel: a tiled fp32 (fp64 for fp64 B) GEMM of T and U^T whose
-// epilogue reads B and W in their dtypes and writes out once, so the in-place
-// update W += B - alpha (B U) U^T rounds W a single time.
+// Stage 2, T U^T with an epilogue that reads B and W in their dtypes and writes
+// out once, so the in-place update W += B - alpha (B U) U^T rounds W a single
+// time. For fp16/bf16 B given the t3/u3/C workspaces: one bf16 tensor-core GEMM
+// of the split operands [T_hi T_hi T_lo] [U_hi U_lo U_hi]^T (about 2^-16
+// relative) into an fp32 chunk of rows, then an elementwise pass. Otherwise one
+// kernel: a tiled fp32 (fp64 for fp64 B) FMA GEMM with the epilogue fused.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -55,6 +59,17 @@ template <> __device__ __forceinline__ float from_acc<float>(double v) { return 
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 template <> __device__ __forceinline__ __half from_acc<__half>(double v) { return __double2half(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(double v) { return __double2bfloat16(v); }
+
+// out[i, j] = [W[i, j] +] B[i, j] - alpha * prod, prod = (T U^T)[i, j].
+template <typename Acc, typename BT, typename OutT>
+__device__ __forceinline__ void write_out(OutT* out, const OutT* W, const BT* B, int64_t i, int64_t j, int64_t os0,
+                                          int64_t os1, int64_t ws0, int64_t ws1, int64_t ldb, Acc alpha, Acc prod) {
+  // An fp64 W with an fp32 update is added in fp64: W keeps its low bits.
+  using Wide = std::conditional_t<(sizeof(OutT) > sizeof(Acc)), OutT, Acc>;
+  Wide v = static_cast<Wide>(to_acc<Acc>(B[i * ldb + j]) - alpha * prod);
+  if (W != nullptr) v += to_acc<Wide>(W[i * ws0 + j * ws1]);
+  out[i * os0 + j * os1] = from_acc<OutT>(v);
+}
 
 // out[i, j] = [W[i, j] +] B[i, j] - alpha * sum_k T[i, k] U[j, k]
 template <typename Acc, typename BT, typename OutT>
@@ -107,7 +122,6 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
     __syncthreads();
   }
 
-  using Wide = std::conditional_t<(sizeof(OutT) > sizeof(Acc)), OutT, Acc>;
 #pragma unroll
   for (int a = 0; a < kMicro; ++a) {
     const int64_t i = i0 + ty + a * kThreadsY;
@@ -115,12 +129,38 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
 #pragma unroll
     for (int b = 0; b < kMicro; ++b) {
       const int64_t j = j0 + tx + b * kThreadsX;
-      if (j >= d) continue;
-      // An fp64 W with an fp32 update is added in fp64: W keeps its low bits.
-      Wide v = static_cast<Wide>(to_acc<Acc>(B[i * ldb + j]) - alpha * acc[a][b]);
-      if (W != nullptr) v += to_acc<Wide>(W[i * ws0 + j * ws1]);
-      out[i * os0 + j * os1] = from_acc<OutT>(v);
+      if (j < d) write_out<Acc>(out, W, B, i, j, os0, os1, ws0, ws1, ldb, alpha, acc[a][b]);
     }
+  }
+}
+
+// The tensor-core path's epilogue for output rows [i0, i0 + rows): C holds their T U^T (rows x d, fp32).
+template <typename BT, typename OutT>
+__global__ void _epilogue_kernel(OutT* out, const OutT* W, const BT* B, const float* __restrict__ C, int64_t i0,
+                                 int64_t rows, int64_t d, int64_t os0, int64_t os1, int64_t ws0, int64_t ws1,
+                                 int64_t ldb, float alpha) {
+  const int64_t count = rows * d;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    write_out<float>(out, W, B, i0 + e / d, e % d, os0, os1, ws0, ws1, ldb, alpha, C[e]);
+  }
+}
+
+// X (rows x r fp32, row stride ldx) -> three bf16 column blocks of a rows x ld3 matrix:
+// [hi hi lo] (lo_last) or [hi lo hi]. hi + lo carries x to about 2^-16 relative.
+__global__ void _split3_kernel(const float* __restrict__ X, int64_t rows, int64_t r, int64_t ldx,
+                               __nv_bfloat16* __restrict__ out, int64_t ld3, bool lo_last) {
+  const int64_t count = rows * r;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = e / r, k = e % r;
+    const float x = X[i * ldx + k];
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+    const __nv_bfloat16 lo = __float2bfloat16_rn(x - __bfloat162float(hi));  // x - hi is exact in fp32
+    __nv_bfloat16* row = out + i * ld3;
+    row[k] = hi;
+    row[r + k] = lo_last ? hi : lo;
+    row[2 * r + k] = lo_last ? lo : hi;
   }
 }
 
@@ -160,13 +200,50 @@ Status launch_project(const ProjectArgs& a, cudaStream_t stream) {
   return detail::launch_status("_project_kernel");
 }
 
+// Stage 2 on tensor cores (fp16/bf16 B, r > 0, the t3/u3/C workspaces given).
+template <typename BT, typename OutT>
+Status launch_project_tensor_core(const ProjectArgs& a, cudaStream_t stream) {
+  cublasHandle_t blas;
+  SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
+  auto* t3 = static_cast<__nv_bfloat16*>(a.t3);
+  auto* u3 = static_cast<__nv_bfloat16*>(a.u3);
+  _split3_kernel<<<blocks_for(a.n * a.r, 256), 256, 0, stream>>>(static_cast<const float*>(a.T), a.n, a.r, a.r, t3,
+                                                                  a.ld3, true);
+  SF_RETURN_IF_ERROR(detail::launch_status("_split3_kernel"));
+  _split3_kernel<<<blocks_for(a.d * a.r, 256), 256, 0, stream>>>(static_cast<const float*>(a.U), a.d, a.r, a.ldu, u3,
+                                                                  a.ld3, false);
+  SF_RETURN_IF_ERROR(detail::launch_status("_split3_kernel"));
+  const float one = 1.0f, zero = 0.0f;
+  const int d = static_cast<int>(a.d), k3 = static_cast<int>(3 * a.r), ld3 = static_cast<int>(a.ld3);
+  for (int64_t i0 = 0; i0 < a.n; i0 += a.c_rows) {
+    const int64_t rows = std::min(a.c_rows, a.n - i0);
+    // Column-major view: C^T (d x rows) = (u3^T)^T (t3 rows)^T, K = 3r.
+    SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, d, static_cast<int>(rows), k3, &one, u3, CUDA_R_16BF, ld3,
+                           t3 + i0 * a.ld3, CUDA_R_16BF, ld3, &zero, a.C, CUDA_R_32F, d, CUBLAS_COMPUTE_32F,
+                           CUBLAS_GEMM_DEFAULT));
+    _epilogue_kernel<BT, OutT><<<blocks_for(rows * a.d, 256), 256, 0, stream>>>(
+        static_cast<OutT*>(a.out), static_cast<const OutT*>(a.W), static_cast<const BT*>(a.B),
+        static_cast<const float*>(a.C), i0, rows, a.d, a.os0, a.os1, a.ws0, a.ws1, a.ldb, static_cast<float>(a.alpha));
+    SF_RETURN_IF_ERROR(detail::launch_status("_epilogue_kernel"));
+  }
+  return Status::Ok();
+}
+
+template <typename Acc, typename BT, typename OutT>
+Status launch_stage_two(const ProjectArgs& a, cudaStream_t stream) {
+  if constexpr (std::is_same_v<BT, __half> || std::is_same_v<BT, __nv_bfloat16>) {
+    if (a.t3 != nullptr && a.r > 0) return launch_project_tensor_core<BT, OutT>(a, stream);
+  }
+  return launch_project<Acc, BT, OutT>(a, stream);
+}
+
 template <typename Acc, typename BT>
 Status dispatch_out(const ProjectArgs& a, cudaStream_t stream) {
   switch (a.out_dtype) {
-    case kFloat32: return launch_project<Acc, BT, float>(a, stream);
-    case kFloat64: return launch_project<Acc, BT, double>(a, stream);
-    case kFloat16: return launch_project<Acc, BT, __half>(a, stream);
-    case kBFloat16: return launch_project<Acc, BT, __nv_bfloat16>(a, stream);
+    case kFloat32: return launch_stage_two<Acc, BT, float>(a, stream);
+    case kFloat64: return launch_stage_two<Acc, BT, double>(a, stream);
+    case kFloat16: return launch_stage_two<Acc, BT, __half>(a, stream);
+    case kBFloat16: return launch_stage_two<Acc, BT, __nv_bfloat16>(a, stream);
     default:
       return Status::Error(StatusCode::kInvalidArgument,
                            std::string("out must be float16, bfloat16, float32 or float64, got ") + dtype_name(a.out_dtype));
@@ -251,6 +328,21 @@ Status project(const ProjectArgs& a, cudaStream_t stream) {
       return invalid("u_hi / u_lo's row stride ldh must be in [r, 2^31) with r = " + std::to_string(a.r) + ", got " +
                      std::to_string(a.ldh));
     }
+  }
+  const bool any_tc = a.t3 != nullptr || a.u3 != nullptr || a.C != nullptr;
+  if (any_tc) {
+    if (a.b_dtype != kFloat16 && a.b_dtype != kBFloat16) {
+      return invalid(std::string("t3, u3 and C (tensor-core workspaces) are only for a float16/bfloat16 B, got ") +
+                     dtype_name(a.b_dtype));
+    }
+    if (a.t3 == nullptr || a.u3 == nullptr || a.C == nullptr) {
+      return invalid("t3, u3 and C (tensor-core workspaces) must be given together, got a null among them");
+    }
+    if (a.ld3 < 3 * a.r || a.ld3 > kIntMax) {
+      return invalid("t3 / u3's row stride ld3 must be in [3r, 2^31) with r = " + std::to_string(a.r) + ", got " +
+                     std::to_string(a.ld3));
+    }
+    if (a.c_rows < 1) return invalid("c_rows (rows of C) must be >= 1, got " + std::to_string(a.c_rows));
   }
   if (!std::isfinite(a.alpha)) return invalid("alpha must be finite, got " + std::to_string(a.alpha));
   SF_RETURN_IF_ERROR(stage_one(a, stream));

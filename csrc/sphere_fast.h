@@ -141,6 +141,15 @@ Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace
 //      u_lo out of its subnormal range), so B U runs on tensor cores with B read
 //      in its own dtype and still carries fp32-level accuracy. The caller picks
 //      ldh (a multiple of 8 keeps the GEMM's rows 16-byte aligned).
+// t3, u3, C: optional workspaces, all three or none, only for fp16/bf16 B; with
+//      them (B U) U^T also runs on tensor cores. T and U are split into bf16
+//      halves, t3 = [T_hi T_hi T_lo] (n x ld3 row-major) and u3 = [U_hi U_lo U_hi]
+//      (d x ld3), ld3 >= 3r, so one bf16 GEMM with K = 3r gives T U^T to about
+//      2^-16 relative (what it drops, T_lo U_lo and the split residuals, is below
+//      that), far under a 16-bit output's rounding. It fills C (c_rows x d, fp32,
+//      contiguous) c_rows output rows at a time, and an elementwise pass writes
+//      each chunk of out once. Without them a tiled fp32 FMA kernel with the same
+//      epilogue runs (always for fp32 and fp64 B, whose contract needs fp32 products).
 struct ProjectArgs {
   void* out = nullptr;
   int out_dtype = kFloat32;
@@ -158,6 +167,11 @@ struct ProjectArgs {
   void* u_hi = nullptr;
   void* u_lo = nullptr;
   int64_t ldh = 0;
+  void* t3 = nullptr;
+  void* u3 = nullptr;
+  int64_t ld3 = 0;
+  void* C = nullptr;
+  int64_t c_rows = 0;
 };
 
 Status project(const ProjectArgs& args, cudaStream_t stream);

@@ -44,6 +44,11 @@ from .gram import work_dtype
 
 EXTENSION_MODULE = "sphere_fast._C"
 SPLIT_ALIGN = 8  # elements per row of the fp16/bf16 halves of U: a multiple of 8 is 16 bytes
+# (B U) U^T on tensor cores for fp16/bf16 B from this rank on. That path moves 8 more bytes
+# per output element (its fp32 chunk C, written and read) and saves the FMA kernel's
+# 2r fp32 flops per element; the two meet near r = 64 on an H100's roofline.
+TENSOR_CORE_MIN_RANK = 64
+TENSOR_CORE_CHUNK_BYTES = 64 << 20  # the fp32 chunk C of T U^T: rows per GEMM are sized to this
 BUILD_HINT = (
     "build it on a machine with nvcc (CUDA >= 12) and the cuBLAS/cuSOLVER headers and libraries "
     "(a CUDA build of torch installs them as the nvidia-cublas / nvidia-cusolver wheels): "
@@ -235,6 +240,20 @@ def _with_memory_retry(call):
 # -- projection -------------------------------------------------------------------
 
 
+def tensor_core_plan(n: int, d: int, r: int, b_dtype: torch.dtype) -> tuple[int, int] | None:
+    """``(ld3, c_rows)`` of the tensor-core second product for an (n, d) B and rank r, or None for the FMA kernel.
+
+    ld3 holds the three bf16 column blocks of the split operands (>= 3r, 16-byte rows);
+    c_rows is how many output rows one GEMM fills (a multiple of 128 unless it is all n)
+    so that the fp32 chunk C stays within TENSOR_CORE_CHUNK_BYTES.
+    """
+    if b_dtype not in (torch.float16, torch.bfloat16) or r < TENSOR_CORE_MIN_RANK:
+        return None
+    ld3 = -(-3 * r // SPLIT_ALIGN) * SPLIT_ALIGN
+    rows = max(128, TENSOR_CORE_CHUNK_BYTES // (4 * d) // 128 * 128)
+    return ld3, min(n, rows)
+
+
 def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U: torch.Tensor, alpha: float):
     n, d = B.shape
     r = U.shape[1]
@@ -253,6 +272,14 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
         ldh = -(-r // SPLIT_ALIGN) * SPLIT_ALIGN  # 16-byte aligned rows for the tensor-core GEMMs of B U
         u_hi = torch.empty(d, ldh, dtype=B.dtype, device=B.device) if half and r else None
         u_lo = torch.empty(d, ldh, dtype=B.dtype, device=B.device) if half and r else None
+        plan = tensor_core_plan(n, d, r, B.dtype)
+        t3 = u3 = C = None
+        if plan is not None:
+            ld3, c_rows = plan
+            t3 = torch.empty(n, ld3, dtype=torch.bfloat16, device=B.device)
+            u3 = torch.empty(d, ld3, dtype=torch.bfloat16, device=B.device)
+            C = torch.empty(c_rows, d, dtype=torch.float32, device=B.device)
+        ld3, c_rows = plan or (0, 0)
         _with_memory_retry(lambda: ext.project(
             out=out.data_ptr(), out_dtype=_DTYPE_CODES[out.dtype], os0=out.stride(0), os1=out.stride(1),
             W=0 if W is None else W.data_ptr(), ws0=0 if W is None else W.stride(0),
@@ -260,6 +287,8 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
             B=B.data_ptr(), b_dtype=_DTYPE_CODES[B.dtype], ldb=ldb, U=Uc.data_ptr() if r else 0, ldu=ldu,
             n=n, d=d, r=r, alpha=alpha, T=T.data_ptr() if r else 0,
             u_hi=0 if u_hi is None else u_hi.data_ptr(), u_lo=0 if u_lo is None else u_lo.data_ptr(), ldh=ldh,
+            t3=0 if t3 is None else t3.data_ptr(), u3=0 if u3 is None else u3.data_ptr(), ld3=ld3,
+            C=0 if C is None else C.data_ptr(), c_rows=c_rows,
             stream=_stream(B.device),
         ))
     return out
@@ -279,6 +308,9 @@ def _check_project_args(B, U, alpha) -> float:
 
 def project(B: torch.Tensor, U: torch.Tensor, alpha: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``B - alpha (B U) U^T`` in B's dtype, with fp32 accumulation (fp64 for fp64 B).
+
+    fp16/bf16 B runs both products on tensor cores with split operands
+    (:func:`tensor_core_plan`; below TENSOR_CORE_MIN_RANK the second runs as fp32 FMA).
 
     Parameters
     ----------

@@ -25,8 +25,10 @@ scripts/cuda_wheels.sh installs all of these once, outside the repo.
 """
 from __future__ import annotations
 
+import ast
 import glob
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -213,3 +215,38 @@ def test_extension_builds_links_and_imports_for_sm90a(include_flags, tmp_path):
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, f"the extension's host rules differ from sphere_fast.eigensolver's:\n{proc.stderr}"
     assert int(proc.stdout.strip()) > 2500
+
+    # Every extension call of sphere_fast._cuda passes exactly the keywords the binding declares.
+    proc = subprocess.run([sys.executable, "-c", SIGNATURE_CHECK, str(built[0])], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    declared = json.loads(proc.stdout)
+    calls = extension_calls(ROOT / "sphere_fast" / "_cuda.py")
+    assert {"eigensolve", "project"} <= set(calls), calls
+    for name, keywords in calls.items():
+        assert keywords == declared[name], (name, sorted(set(keywords) ^ set(declared[name])))
+
+
+# The keyword names each function of the built module declares (pybind11's signature line).
+SIGNATURE_CHECK = """
+import importlib.util, json, re, sys
+spec = importlib.util.spec_from_file_location("sphere_fast._C", sys.argv[1])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+out = {}
+for name in ("eigensolve", "project"):
+    head = getattr(mod, name).__doc__.splitlines()[0]
+    out[name] = re.findall(r"(\\w+): ", head[head.index("(") + 1:head.rindex(")")])
+print(json.dumps(out))
+"""
+
+
+def extension_calls(path: Path) -> dict[str, list[str]]:
+    """Keyword names of each ``ext.<name>(...)`` call in a module, in order (one call per name)."""
+    calls = {}
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "ext"):
+            assert node.func.attr not in calls, f"two calls of ext.{node.func.attr} in {path}"
+            calls[node.func.attr] = [k.arg for k in node.keywords]
+    return calls

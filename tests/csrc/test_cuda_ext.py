@@ -368,6 +368,47 @@ def test_auto_picks_the_same_method_as_the_twin(spectrum, warm):
 
 # -- projection (GPU) ------------------------------------------------------------------
 
+def split3_product(T: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """csrc/project.cu's tensor-core T U^T: [T_hi T_hi T_lo] [U_hi U_lo U_hi]^T in bf16, summed in fp32
+    (a product of two bf16 numbers is exact in fp32)."""
+    def halves(x):
+        hi = x.float().to(torch.bfloat16)
+        return hi, (x.float() - hi.float()).to(torch.bfloat16)
+
+    (th, tl), (uh, ul) = halves(T), halves(U)
+    t3 = torch.cat([th, th, tl], dim=1).float()
+    u3 = torch.cat([uh, ul, uh], dim=1).float()
+    return t3 @ u3.T
+
+
+def test_split3_product_is_far_below_a_16_bit_rounding():
+    """The second product on tensor cores: about 2^-16 of |T| |U|, under fp16's 2^-11 and bf16's 2^-8."""
+    g = torch.Generator().manual_seed(4)
+    n, d, r = 96, 700, 80
+    U = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
+    T = torch.randn(n, r, generator=g, dtype=torch.float64) * torch.logspace(0, -6, r, dtype=torch.float64)
+    exact = T @ U.T
+    err = split3_product(T.float(), U.float()).double() - exact
+    scale = T.abs() @ U.abs().T
+    assert float((err.abs() / scale).max()) <= 2.0**-14
+    assert float(torch.linalg.norm(err) / torch.linalg.norm(exact)) <= 2.0**-15
+    plain = (T.float().to(torch.bfloat16).float() @ U.float().to(torch.bfloat16).float().T).double() - exact
+    assert float(torch.linalg.norm(plain)) > 50 * float(torch.linalg.norm(err))  # what the split is for
+
+
+def test_tensor_core_plan():
+    assert _cuda.tensor_core_plan(4096, 14336, 63, torch.bfloat16) is None  # below the rank: FMA kernel
+    for dtype in (torch.float32, torch.float64):
+        assert _cuda.tensor_core_plan(4096, 14336, 500, dtype) is None  # fp32 contract: fp32 products
+    for n, d, r in [(4096, 14336, 64), (14336, 4096, 1000), (100, 50, 333), (1, 1 << 20, 70)]:
+        for dtype in (torch.float16, torch.bfloat16):
+            ld3, c_rows = _cuda.tensor_core_plan(n, d, r, dtype)
+            assert ld3 >= 3 * r and ld3 % _cuda.SPLIT_ALIGN == 0 and ld3 - 3 * r < _cuda.SPLIT_ALIGN
+            assert 1 <= c_rows <= n and (c_rows == n or c_rows % 128 == 0)
+            assert 4 * c_rows * d <= max(_cuda.TENSOR_CORE_CHUNK_BYTES, 4 * 128 * d)
+    assert _cuda.tensor_core_plan(14336, 4096, 1000, torch.bfloat16)[1] == 4096  # 64 MiB of fp32 rows
+
+
 # Relative Frobenius error against the fp64 result: the output dtype's rounding
 # (bf16 2^-8, fp16 2^-11) or the fp32/fp64 accumulation.
 PROJECT_TOL = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2e-6, torch.float64: 1e-12}
@@ -406,10 +447,28 @@ def test_project_matches_fp64(shape, dtype, u_dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_project_tensor_core_path_in_chunks(dtype):
+    """n above one chunk of C: several GEMM + epilogue rounds, into out and in place."""
+    n, d, r = 5000, 4096, 80
+    assert _cuda.tensor_core_plan(n, d, r, dtype)[1] < n
+    g = torch.Generator().manual_seed(17)
+    B = torch.randn(n, d, generator=g, dtype=torch.float64).to("cuda", dtype)
+    U = _basis(d, r, torch.float32)
+    ref = B.double() - 0.5 * (B.double() @ U.double()) @ U.double().T
+    assert _rel(_cuda.project(B, U, 0.5), ref) <= PROJECT_TOL[dtype]
+    W = torch.randn(n, d, generator=g, dtype=torch.float64).to("cuda", dtype)
+    ref = W.double() + ref
+    _cuda.project_add_(W, B, U, 0.5)
+    assert _rel(W, ref) <= PROJECT_TOL[dtype]
+
+
+@needs_ext
 @pytest.mark.parametrize("w_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_project_add_in_place(w_dtype, b_dtype):
-    n, d, r = 190, 515, 33
+@pytest.mark.parametrize("r", [33, 96], ids=["fma", "tensor_core"])
+def test_project_add_in_place(w_dtype, b_dtype, r):
+    n, d = 190, 515
     alpha = 0.5
     g = torch.Generator().manual_seed(11)
     W = torch.randn(n, d, generator=g, dtype=torch.float64).to("cuda", w_dtype)
