@@ -146,6 +146,7 @@ def summarise(out: Path) -> dict:
                            "sphere_s_per_100": 100 * per_edit("seconds_sphere"),
                            "eval_s": [float(r.get("seconds_eval_edits") or 0) + float(r.get("seconds_eval_general")
                                                                                       or 0) for r in evals[1:]],
+                           "eval_s_per_request": _eval_per_request(evals[1:]),
                            "batches_timed": len(timed)}
     fit = None
     if len(points) >= 3:
@@ -230,13 +231,22 @@ def _markdown(summary: dict) -> str:
                          f"{g['mean_abs_cos_before']:.4f} | {g['mean_abs_cos_after']:.4f} |")
     if summary["times"]:
         lines += ["", "## Time per 100 edits on this machine (key statistics excluded; see the spec's commit)", "",
-                  "| run | edit (s) | target optimisation (s) | SPHERE (s) | mean evaluation (s) | batches timed |",
-                  "|---|---|---|---|---|---|"]
+                  "| run | edit (s) | target optimisation (s) | SPHERE (s) | mean evaluation (s) "
+                  "| editing metrics per scored request (s) | batches timed |",
+                  "|---|---|---|---|---|---|---|"]
         for name, t in summary["times"].items():
             ev = sum(t["eval_s"]) / len(t["eval_s"]) if t["eval_s"] else None
             lines.append(f"| {name} | {f(t['edit_s_per_100'], 1)} | {f(t['targets_s_per_100'], 1)} | "
-                         f"{f(t['sphere_s_per_100'], 2)} | {f(ev, 1)} | {t['batches_timed']} |")
+                         f"{f(t['sphere_s_per_100'], 2)} | {f(ev, 1)} | {f(t.get('eval_s_per_request'), 3)} | "
+                         f"{t['batches_timed']} |")
     return "\n".join(lines) + "\n"
+
+
+def _eval_per_request(evals) -> float | None:
+    """Seconds of the editing metrics per scored request (three prompts and the neighbours), over evaluations."""
+    timed = [r for r in evals if r.get("seconds_eval_edits") not in (None, "") and r.get("eval_requests")]
+    requests = sum(int(r["eval_requests"]) for r in timed)
+    return sum(float(r["seconds_eval_edits"]) for r in timed) / requests if requests else None
 
 
 def _colours(names) -> dict[str, str]:

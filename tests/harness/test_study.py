@@ -136,6 +136,11 @@ def test_resume_after_budget_stop_matches_an_uninterrupted_study(files, tok, tmp
     assert (out / "runs" / "memit" / "edits.csv").read_bytes() == before
     written = {p.name for p in write_report(out)}
     assert {"study.md", "study.json", "metrics.png", "general.png", "energy.png", "geometry.png"} <= written
+    # Evaluation cost per scored request, from the evaluated rows of edits.csv.
+    rows = [r for r in read_csv(out / "runs" / "memit" / "edits.csv")[1:] if r["seconds_eval_edits"] not in ("", None)]
+    per_request = sum(float(r["seconds_eval_edits"]) for r in rows) / sum(int(r["eval_requests"]) for r in rows)
+    times = read_json(out / "report" / "study.json")["times"]["memit"]
+    assert times["eval_s_per_request"] == pytest.approx(per_request) and per_request > 0
 
 
 def test_another_spec_in_the_same_folder_is_refused(files, tok, tmp_path):
