@@ -175,6 +175,21 @@ def eigensolver_table(benches: list[dict]) -> str:
                    "cold ×", "warm ×", "warm peak MiB"], rows)
 
 
+def apply_table(benches: list[dict]) -> str:
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for b in benches:
+        info = b["extra_info"]
+        groups[(info["model"], info["dtype"], info["r"])][info["case"]] = b
+    rows = []
+    for (model, dtype, r), cases in sorted(groups.items()):
+        ext, ref = cases.get("cuda"), cases.get("torch")
+        info = (ext or ref)["extra_info"]
+        rows.append([model, "×".join(map(str, info["shape"])), dtype, str(r),
+                     1e3 * median(ext) if ext else None, 1e3 * median(ref) if ref else None,
+                     f"{median(ref) / median(ext):.2f}" if ext and ref else "–", _mib(ext)])
+    return _table(["model", "shape", "dtype", "r", "cuda (ms)", "torch (ms)", "×", "cuda peak MiB"], rows)
+
+
 def _mib(bench) -> str:
     value = bench["extra_info"].get("peak_extra_bytes") if bench else None
     return "–" if value is None else f"{value / 2**20:.0f}"
@@ -207,6 +222,7 @@ def benchmark_sections(benches: list[dict]) -> list[str]:
     titles = [("projection", "Projection: reference vs sphere_fast", projection_table),
               ("real_weights", "Projection on real weights", real_weights_table),
               ("eigensolver", "CUDA eigensolver vs torch.linalg.eigh", eigensolver_table),
+              ("apply", "Fused update W += B − α (B U) Uᵀ: CUDA vs torch", apply_table),
               ("gram", "Triton normalised Gram", kernels_table),
               ("energy", "Triton hyperspherical energy", kernels_table)]
     return [f"### {title}\n\n{fn(by_kind[kind])}" for kind, title, fn in titles if by_kind.get(kind)]

@@ -223,7 +223,7 @@ for s in "${steps[@]}"; do
     bench-kernels) step bench-kernels 120 60 gpu bench bench/bench_kernels.py bench-kernels.json ;;
     bench-kernels-llama3-8b) step "$s" 75 25 gpu bench bench/bench_kernels.py "$s.json" -k llama3-8b ;;
     bench-kernels-qwen2.5-32b) step "$s" 90 30 gpu bench bench/bench_kernels.py "$s.json" -k qwen2.5-32b ;;
-    bench-cuda) step bench-cuda 90 45 gpu bench bench/bench_cuda.py bench-cuda.json ;;
+    bench-cuda) step bench-cuda 90 55 gpu bench bench/bench_cuda.py bench-cuda.json ;;
     bench-projection) step bench-projection 240 75 any bench bench/bench_projection.py bench-projection.json ;;
     bench-projection-llama3-8b) step "$s" 120 25 gpu bench bench/bench_projection.py "$s.json" -k 4096x14336 ;;
     bench-projection-qwen2.5-7b) step "$s" 120 25 gpu bench bench/bench_projection.py "$s.json" -k 3584x18944 ;;

@@ -152,6 +152,22 @@ def test_markdown_has_every_section_and_well_formed_tables(dry_run):
             assert len(widths) == 1, block  # an unescaped bar inside a cell would shift the columns
 
 
+def test_apply_table_pairs_the_extension_with_torch():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import report
+
+    def bench(case, dtype, r, seconds):
+        return {"stats": {"median": seconds}, "extra_info": {
+            "kind": "apply", "case": case, "model": "llama3-8b", "shape": [4096, 14336], "dtype": dtype, "r": r,
+            "peak_extra_bytes": 3 * 2**20}}
+
+    benches = [bench("cuda", "bf16", 778, 0.002), bench("torch", "bf16", 778, 0.010), bench("cuda", "fp32", 12, 0.004)]
+    (section,) = [s for s in report.benchmark_sections(benches) if "Fused update" in s]
+    rows = [line for line in section.splitlines() if line.startswith("| llama3-8b")]
+    assert rows == ["| llama3-8b | 4096×14336 | bf16 | 778 | 2.000 | 10.000 | 5.00 | 3 |",
+                    "| llama3-8b | 4096×14336 | fp32 | 12 | 4.000 | – | – | 3 |"]
+
+
 def test_logs_tarball_holds_each_step(dry_run):
     out, _ = dry_run
     with tarfile.open(out / "gpu-check-logs.tar.gz") as tar:
