@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -302,7 +303,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .harness.study import StudySpecError, load_spec, run_study, set_threads, shipped_spec
+    from .harness.study import StudySpecError, default_jobs, load_spec, pending_runs, run_study, set_threads, shipped_spec
     from .harness.study_report import write_report
 
     command = "study"
@@ -319,15 +320,17 @@ def cmd_study(args) -> int:
     overrides = {"model": args.model, "data": args.data, "horizon": args.horizon, "batch_size": args.batch_size}
     with _user_errors(command, StudySpecError):
         spec = load_spec(source, **overrides)
-    set_threads(args.threads)
     out = Path(args.out)
     if args.pilot_tasks:
+        set_threads(args.threads)
         return _pilot_tasks(spec, out)
-    runs = [r.name for r in spec.runs if not args.only or r.name in args.only]
+    runs = pending_runs(spec, out, args.only)
+    jobs = args.jobs if args.jobs is not None else default_jobs(len(runs), os.cpu_count(), _cuda_available())
     with _user_errors(command, StudySpecError):
-        if args.jobs > 1 and len(runs) > 1:
-            _study_jobs(args, spec, out, runs)
+        if jobs > 1 and len(runs) > 1:
+            _study_jobs(args, spec, out, runs, jobs)
         else:
+            set_threads(args.threads)
             statuses = run_study(spec, out, budget_minutes=args.budget_minutes, only=args.only,
                                  log=lambda m: print(m, flush=True))
             for name, status in statuses.items():
@@ -335,6 +338,12 @@ def cmd_study(args) -> int:
     written = write_report(out)
     print("report: " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _pilot_tasks(spec, out: Path) -> int:
@@ -349,19 +358,20 @@ def _pilot_tasks(spec, out: Path) -> int:
     return 0
 
 
-def _study_jobs(args, spec, out: Path, runs: list[str]) -> None:
-    """``--jobs N``: the shared baseline here, then the runs in N processes of cores / N threads each."""
-    import os
+def _study_jobs(args, spec, out: Path, runs: list[str], jobs: int) -> None:
+    """The runs left in ``jobs`` processes of cores / jobs threads each, after the shared baseline here."""
     import subprocess
 
-    from .harness.study import run_study
+    from .harness.study import run_study, set_threads
 
+    threads = args.threads or max(1, (os.cpu_count() or 2) // jobs)
+    set_threads(threads)
     run_study(spec, out, budget_minutes=0, only=runs[:1], log=lambda m: print(m, flush=True))  # baseline only
-    threads = args.threads or max(1, (os.cpu_count() or 2) // args.jobs)
-    groups = [runs[i::args.jobs] for i in range(args.jobs)]
+    groups = [runs[i::jobs] for i in range(jobs)]
     # Absolute paths, so the workers can start outside the current folder (a checkout root there
     # would put its kernels/ folder on sys.path).
-    base = [sys.executable, "-m", "sphere_fast.cli", "study", "--out", str(out.resolve()), "--threads", str(threads)]
+    base = [sys.executable, "-m", "sphere_fast.cli", "study", "--out", str(out.resolve()), "--threads", str(threads),
+            "--jobs", "1"]
     if args.spec:
         base += ["--spec", str(Path(args.spec).resolve())]
     model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
@@ -539,7 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--pilot-tasks", action="store_true",
                        help="only score the unedited model on the paper's four general-ability tasks (BoolQ, RTE, "
                             "NQ-open, GSM8K; a sample of each) into OUT/general_tasks_pilot.json")
-    study.add_argument("--jobs", type=_positive_int, default=1, help="runs in parallel processes (default 1)")
+    study.add_argument("--jobs", type=_positive_int, default=None,
+                       help="runs in parallel processes (default: on a CPU one per core, up to the runs left, "
+                            "one thread each; with a GPU 1)")
     study.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
     study.set_defaults(handler=cmd_study)
 

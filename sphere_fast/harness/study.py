@@ -708,6 +708,25 @@ def shipped_spec(name: str = "smollm2-counterfact") -> Path:
     return Path(__file__).resolve().parents[1] / "configs" / "studies" / f"{name}.yaml"
 
 
+def pending_runs(spec: StudySpec, out: str | Path, only: Sequence[str] = ()) -> list[str]:
+    """The runs of ``spec`` (of ``only`` when given) not yet done or collapsed in ``out``, in spec order."""
+    return [r.name for r in spec.runs if (not only or r.name in only)
+            and _status(Path(out) / "runs" / r.name)["state"] not in ("done", "collapsed")]
+
+
+def default_jobs(pending: int, cpu_count: int | None, cuda: bool) -> int:
+    """Processes for a study called without ``--jobs``.
+
+    On a CPU, one single-threaded process per core, up to one per run left: the target
+    optimisation's small matrices keep a second thread of one process busier than it helps
+    (bench/study_jobs.py, bench/results/cpu-study-jobs-*). With a GPU, one process: one device,
+    one copy of the model.
+    """
+    if cuda:
+        return 1
+    return max(1, min(int(pending), int(cpu_count or 1)))
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)

@@ -296,3 +296,40 @@ def test_sphere_gains_in_the_report(tmp_path):
     assert gain["specificity"]["gain_percent"] == 0.0
     assert "| memit | 4 | 0.400 -> 0.500 (25.0 %)" in (out / "report" / "study.md").read_text()
     assert sphere_gains(spec, {n: {"evals": []} for n in scores}) == []
+
+
+def test_default_jobs_and_pending_runs(files, tmp_path):
+    assert study.default_jobs(4, 2, cuda=False) == 2  # one single-threaded process per core
+    assert study.default_jobs(1, 16, cuda=False) == 1  # never more processes than runs left
+    assert study.default_jobs(0, 2, cuda=False) == 1
+    assert study.default_jobs(4, None, cuda=False) == 1
+    assert study.default_jobs(4, 16, cuda=True) == 1  # one device, one model copy
+    spec = load_spec(spec_dict(files))
+    assert study.pending_runs(spec, tmp_path) == ["memit", "alphaedit+sphere"]
+    (tmp_path / "runs" / "memit").mkdir(parents=True)
+    (tmp_path / "runs" / "memit" / "status.json").write_text(json.dumps({"state": "done", "edits": 6}))
+    assert study.pending_runs(spec, tmp_path) == ["alphaedit+sphere"]
+    assert study.pending_runs(spec, tmp_path, only=["memit"]) == []
+
+
+def test_two_processes_through_the_cli_match_one_process(files, tok, tmp_path):
+    """--jobs 2: the baseline in the calling process, then one worker process per run; the records are
+    those of --jobs 1, which runs both in the calling process."""
+    model_dir = tmp_path / "model"
+    tiny_model("llama", tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    (tmp_path / "spec.json").write_text(json.dumps(spec_dict(files, model=str(model_dir))))
+    for jobs in ("1", "2"):
+        proc = subprocess.run([sys.executable, "-m", "sphere_fast.cli", "study", "--spec", str(tmp_path / "spec.json"),
+                               "--out", str(tmp_path / f"jobs{jobs}"), "--jobs", jobs, "--threads", "1"],
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("[study] the unedited model") == 1  # the baseline once, before the workers
+    for run in ("memit", "alphaedit+sphere"):
+        assert read_json(tmp_path / "jobs2" / "runs" / run / "status.json")["state"] == "done"
+        a = read_csv(tmp_path / "jobs1" / "runs" / run / "edits.csv")
+        b = read_csv(tmp_path / "jobs2" / "runs" / run / "edits.csv")
+        assert [r["edits"] for r in a] == [r["edits"] for r in b] == [0, 2, 4, 6]
+        diffs = [(ra["edits"], key, ra[key], rb[key]) for ra, rb in zip(a, b) for key in ra
+                 if (key.startswith("energy:") or key in ("efficacy", "locality", "perplexity", "kl")) and ra[key] != rb[key]]
+        assert not diffs, (run, diffs)
