@@ -4,7 +4,8 @@ Runs the same short study twice, each into a fresh folder: ``--jobs 2 --threads 
 side by side) and ``--jobs 1 --threads 2`` (one after the other), and compares the edits per second
 of the runs' editing and evaluation (from each run's ``edits.csv``) and the wall time of each call.
 The study: SmolLM2-135M, MEMIT and MEMIT + SPHERE, the first requests of CounterFact's *train*
-split, one evaluation at the end (general abilities on less text than the shipped study's). Key statistics come from the cache (the first call fills it).
+split, one evaluation at the end (general abilities on less text than the shipped study's). Key
+statistics come from the cache (the first call fills it).
 Run it on an otherwise idle machine::
 
     python bench/study_jobs.py [--edits 40] [--batch-size 20]
@@ -14,7 +15,6 @@ Writes ``bench/results/cpu-study-jobs-<date>.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import subprocess
@@ -26,6 +26,7 @@ from pathlib import Path
 from benchutil import ROOT, environment
 
 from sphere_fast.files import atomic_write_text
+from sphere_fast.harness.report import read_csv
 
 CONFIGS = {"2 processes x 1 thread": (2, 1), "1 process x 2 threads": (1, 2)}
 
@@ -42,12 +43,10 @@ def spec_text(edits: int, batch_size: int) -> str:
 
 def run_seconds(csv_path: Path) -> tuple[int, float]:
     """Edits made and seconds spent by one run: its batches (key statistics excluded) and its evaluations."""
-    with open(csv_path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if int(r["edits"]) > 0]
-    number = lambda r, key: float(r.get(key) or 0.0)  # noqa: E731
-    seconds = sum(number(r, "seconds_total") - number(r, "seconds_stats") + number(r, "seconds_eval_edits")
-                  + number(r, "seconds_eval_general") for r in rows)
-    return (int(rows[-1]["edits"]) if rows else 0), seconds
+    rows = [r for r in read_csv(csv_path) if r["edits"] > 0]
+    seconds = sum(r.get("seconds_total", 0.0) - r.get("seconds_stats", 0.0) + r.get("seconds_eval_edits", 0.0)
+                  + r.get("seconds_eval_general", 0.0) for r in rows)
+    return (rows[-1]["edits"] if rows else 0), seconds
 
 
 def throughput(out: Path, jobs: int) -> dict:

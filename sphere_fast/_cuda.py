@@ -240,6 +240,11 @@ def _with_memory_retry(call):
 # -- projection -------------------------------------------------------------------
 
 
+def _aligned_row(k: int) -> int:
+    """k rounded up to a multiple of SPLIT_ALIGN: 16-byte aligned rows of a 16-bit GEMM operand."""
+    return -(-k // SPLIT_ALIGN) * SPLIT_ALIGN
+
+
 def tensor_core_plan(n: int, d: int, r: int, b_dtype: torch.dtype) -> tuple[int, int] | None:
     """``(ld3, c_rows)`` of the tensor-core second product for an (n, d) B and rank r, or None for the FMA kernel.
 
@@ -249,7 +254,7 @@ def tensor_core_plan(n: int, d: int, r: int, b_dtype: torch.dtype) -> tuple[int,
     """
     if b_dtype not in (torch.float16, torch.bfloat16) or r < TENSOR_CORE_MIN_RANK:
         return None
-    ld3 = -(-3 * r // SPLIT_ALIGN) * SPLIT_ALIGN
+    ld3 = _aligned_row(3 * r)
     rows = max(128, TENSOR_CORE_CHUNK_BYTES // (4 * d) // 128 * 128)
     return ld3, min(n, rows)
 
@@ -269,17 +274,14 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
     with torch.cuda.device(B.device):
         T = torch.empty(n, r, dtype=acc, device=B.device)
         half = B.dtype in (torch.float16, torch.bfloat16)
-        ldh = -(-r // SPLIT_ALIGN) * SPLIT_ALIGN  # 16-byte aligned rows for the tensor-core GEMMs of B U
+        ldh = _aligned_row(r)  # for the tensor-core GEMMs of B U
         u_hi = torch.empty(d, ldh, dtype=B.dtype, device=B.device) if half and r else None
         u_lo = torch.empty(d, ldh, dtype=B.dtype, device=B.device) if half and r else None
         plan = tensor_core_plan(n, d, r, B.dtype)
-        t3 = u3 = C = None
-        if plan is not None:
-            ld3, c_rows = plan
-            t3 = torch.empty(n, ld3, dtype=torch.bfloat16, device=B.device)
-            u3 = torch.empty(d, ld3, dtype=torch.bfloat16, device=B.device)
-            C = torch.empty(c_rows, d, dtype=torch.float32, device=B.device)
         ld3, c_rows = plan or (0, 0)
+        t3 = torch.empty(n, ld3, dtype=torch.bfloat16, device=B.device) if plan else None
+        u3 = torch.empty(d, ld3, dtype=torch.bfloat16, device=B.device) if plan else None
+        C = torch.empty(c_rows, d, dtype=torch.float32, device=B.device) if plan else None
         _with_memory_retry(lambda: ext.project(
             out=out.data_ptr(), out_dtype=_DTYPE_CODES[out.dtype], os0=out.stride(0), os1=out.stride(1),
             W=0 if W is None else W.data_ptr(), ws0=0 if W is None else W.stride(0),
