@@ -368,22 +368,31 @@ def _study_jobs(args, spec, out: Path, runs: list[str], jobs: int) -> None:
     set_threads(threads)
     run_study(spec, out, budget_minutes=0, only=runs[:1], log=lambda m: print(m, flush=True))  # baseline only
     groups = [runs[i::jobs] for i in range(jobs)]
-    # Absolute paths, so the workers can start outside the current folder (a checkout root there
-    # would put its kernels/ folder on sys.path).
-    base = [sys.executable, "-m", "sphere_fast.cli", "study", "--out", str(out.resolve()), "--threads", str(threads),
-            "--jobs", "1"]
-    if args.spec:
-        base += ["--spec", str(Path(args.spec).resolve())]
-    model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
-    data = str(Path(args.data).resolve()) if args.data else None
-    for flag, value in (("--model", model), ("--data", data), ("--horizon", args.horizon),
-                        ("--batch-size", args.batch_size), ("--budget-minutes", args.budget_minutes)):
-        if value is not None:
-            base += [flag, str(value)]
+    base = study_worker_command(args, out, threads)
     procs = [subprocess.Popen(base + ["--only", *group], cwd=out.resolve()) for group in groups if group]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise CLIError("study", f"a worker process failed (exit codes {codes})")
+
+
+def study_worker_command(args, out: Path, threads: int) -> list[str]:
+    """The command line of one ``--jobs`` worker, less its ``--only``. Paths are absolute, so the workers can
+    start in ``out`` (a checkout root as the current folder would put its kernels/ folder on sys.path); a
+    shipped spec's name becomes its file, and "data:" request paths stay as they are."""
+    from .harness.study import spec_path
+
+    def absolute(value):
+        return str(Path(value).resolve()) if value is not None and Path(value).exists() else value
+
+    base = [sys.executable, "-m", "sphere_fast.cli", "study", "--out", str(out.resolve()), "--threads", str(threads),
+            "--jobs", "1"]
+    spec = absolute(spec_path(args.spec)) if args.spec else None
+    for flag, value in (("--spec", spec), ("--model", absolute(args.model)), ("--data", absolute(args.data)),
+                        ("--horizon", args.horizon), ("--batch-size", args.batch_size),
+                        ("--budget-minutes", args.budget_minutes)):
+        if value is not None:
+            base += [flag, str(value)]
+    return base
 
 
 def cmd_models(args) -> int:

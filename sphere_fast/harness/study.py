@@ -148,9 +148,7 @@ def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
     if isinstance(source, dict):
         data = dict(source)
     else:
-        path = Path(source)
-        if not path.exists() and path.name == str(source) and shipped_spec(path.name).exists():
-            path = shipped_spec(path.name)
+        path = spec_path(source)
         try:
             text = path.read_text()
         except OSError as exc:
@@ -701,6 +699,14 @@ def _commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def spec_path(source: str | Path) -> Path:
+    """The file behind a spec source: the path itself, or the shipped spec of that name when no such file exists."""
+    path = Path(source)
+    if not path.exists() and path.name == str(source) and shipped_spec(path.name).exists():
+        return shipped_spec(path.name)
+    return path
 
 
 def shipped_spec(name: str = "smollm2-counterfact") -> Path:

@@ -312,6 +312,26 @@ def test_default_jobs_and_pending_runs(files, tmp_path):
     assert study.pending_runs(spec, tmp_path, only=["memit"]) == []
 
 
+def test_worker_command_names_files_the_workers_can_find(tmp_path, monkeypatch):
+    """The workers start in --out: a shipped spec's name becomes its file, a relative path becomes absolute,
+    and a "data:" request path (resolved against the data folder, not the current one) is passed unchanged."""
+    from sphere_fast.cli import build_parser, study_worker_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("{}")
+    argv = ["study", "--out", "out", "--spec", "smollm2-counterfact-methods", "--data", "data:counterfact/x.json",
+            "--horizon", "40", "--budget-minutes", "30"]
+    cmd = study_worker_command(build_parser().parse_args(argv), tmp_path / "out", 1)
+    flags = dict(zip(cmd[4::2], cmd[5::2]))
+    assert flags["--spec"] == str(shipped_spec("smollm2-counterfact-methods"))
+    assert flags["--out"] == str(tmp_path / "out")
+    assert flags["--data"] == "data:counterfact/x.json"
+    assert (flags["--horizon"], flags["--budget-minutes"], flags["--jobs"], flags["--threads"]) == ("40", "30.0", "1", "1")
+    argv[4] = "mine.yaml"
+    cmd = study_worker_command(build_parser().parse_args(argv), tmp_path / "out", 1)
+    assert dict(zip(cmd[4::2], cmd[5::2]))["--spec"] == str(tmp_path / "mine.yaml")
+
+
 def test_two_processes_through_the_cli_match_one_process(files, tok, tmp_path):
     """--jobs 2: the baseline in the calling process, then one worker process per run; the records are
     those of --jobs 1, which runs both in the calling process."""
