@@ -280,7 +280,8 @@ def eval_indices(spec: StudySpec, edits: int, skip: set[int] = frozenset()) -> l
 
 
 def _text_chunks(tokenizer, text_path: Path, tokens: int, seq_len: int) -> torch.Tensor:
-    ids = tokenizer(text_path.read_text()[: tokens * 12], add_special_tokens=False)["input_ids"][:tokens]
+    # verbose=False: the text is cut into seq_len chunks below, so the tokenizer's length warning does not apply.
+    ids = tokenizer(text_path.read_text()[: tokens * 12], add_special_tokens=False, verbose=False)["input_ids"][:tokens]
     n = len(ids) // seq_len
     if n == 0:
         raise StudySpecError("general_text", f"{str(text_path)!r} holds fewer than {seq_len} tokens")
