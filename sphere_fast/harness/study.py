@@ -495,6 +495,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
                "seconds_total": seconds.get("total"), "seconds_stats": seconds.get("stats", 0.0),
                "seconds_targets": seconds.get("targets"), "seconds_sphere": seconds.get("sphere", 0.0)}
         row.update({f"energy:{k}": v for k, v in layer_energies(weights).items()})
+        row.update(layer_columns(info))
         if number % eval_batches == 0 or edits == spec.horizon:
             t0 = time.perf_counter()
             idx = eval_indices(spec, edits, skip)
@@ -543,6 +544,14 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
               "skipped": skipped}
     write_json(run_dir / "status.json", status)
     return status
+
+
+def layer_columns(info: dict) -> dict:
+    """A batch's per-layer numbers as ``"<key>:<layer>"`` columns: the update's norm before and after the
+    projection, SPHERE's rank r, and what the method reports (PRUNE's restrained singular values,
+    AlphaEdit's null-space dimension)."""
+    return {f"{key}:{layer}": value for layer, entry in info.get("layers", {}).items()
+            for key, value in entry.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 class _SkipUnedited:

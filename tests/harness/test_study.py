@@ -190,6 +190,11 @@ def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path):
     for run in runs:
         rows = read_csv(tmp_path / "out" / "runs" / run["name"] / "edits.csv")
         assert [r["edits"] for r in rows] == [0, 2] and 0.0 <= rows[-1]["efficacy"] <= 1.0
+        # Each batch's per-layer numbers: the update's norm, SPHERE's rank when on, PRUNE's restraint.
+        layers = [k[len("energy:"):] for k in rows[0] if k.startswith("energy:")]
+        assert all(rows[-1][f"update_norm:{layer}"] > 0 for layer in layers)
+        assert all((f"rank:{layer}" in rows[-1]) == run["method"].endswith("+sphere") for layer in layers)
+        assert all((f"restrained_singular_values:{layer}" in rows[-1]) == (run["name"] == "prune") for layer in layers)
 
 
 def test_a_request_the_editor_refuses_is_skipped_and_left_out_of_evaluations(files, tok, tmp_path):
