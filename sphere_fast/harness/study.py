@@ -375,7 +375,7 @@ def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> d
 # --------------------------------------------------------------------------- runs
 
 
-def _work_dir(spec: StudySpec, out: Path) -> Path:
+def work_dir(spec: StudySpec, out: Path) -> Path:
     """The study's folder in the cache (checkpoints, the unedited predictions), one per spec and output folder."""
     where = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]
     return paths.cache_dir() / "study" / f"{spec.key()}-{where}"
@@ -426,7 +426,7 @@ def _refresh_geometry(spec: StudySpec, run: RunSpec, out: Path, model, model_nam
     run_dir = out / "runs" / run.name
     if _status(run_dir)["state"] not in ("paused", "done"):
         return
-    ckpt = latest_checkpoint(_work_dir(spec, out) / run.name / "checkpoints")
+    ckpt = latest_checkpoint(work_dir(spec, out) / run.name / "checkpoints")
     if ckpt is None:
         return
     edits = min(read_json(ckpt / "meta.json")["next_batch"] * spec.batch_size, spec.horizon)
@@ -448,7 +448,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     status = _status(run_dir)
     if status["state"] in ("done", "collapsed"):
         return status
-    ckpt_dir = _work_dir(spec, out) / run.name / "checkpoints"
+    ckpt_dir = work_dir(spec, out) / run.name / "checkpoints"
     if status["state"] in ("running", "paused") and latest_checkpoint(ckpt_dir) is None:
         # The checkpoints live in the cache, which a new machine does not have: the records stay and
         # are replaced batch by batch as the run is redone from its start.
@@ -610,7 +610,7 @@ def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], t
     """Model, tokenizer, baseline (computed once) and the unedited neighbourhood predictions."""
     model, tokenizer = load()
     baseline_path = out / "baseline.json"
-    ref_path = _work_dir(spec, out) / "reference.json"
+    ref_path = work_dir(spec, out) / "reference.json"
     if baseline_path.exists() and ref_path.exists():
         baseline = read_json(baseline_path)
         reference = read_json(ref_path)

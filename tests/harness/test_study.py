@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +196,20 @@ def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path):
         assert all(rows[-1][f"update_norm:{layer}"] > 0 for layer in layers)
         assert all((f"rank:{layer}" in rows[-1]) == run["method"].endswith("+sphere") for layer in layers)
         assert all((f"restrained_singular_values:{layer}" in rows[-1]) == (run["name"] == "prune") for layer in layers)
+    # bench/prune_restraint.py reads the PRUNE run's checkpoint: D = W - W0 against sigma_max(W0).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import prune_restraint
+
+    assert prune_restraint.main(["--out", str(tmp_path / "out")]) == 0
+    found = read_json(tmp_path / "out" / "prune_restraint.json")
+    assert list(found) == ["prune"] and found["prune"]["edits"] == 2
+    last = read_csv(tmp_path / "out" / "runs" / "prune" / "edits.csv")[-1]
+    unedited = tiny_model("llama", tok)
+    for row in found["prune"]["layers"]:
+        W0 = unedited.get_submodule(row["layer"]).weight.detach().double()
+        assert row["sigma_max_W0"] == pytest.approx(float(torch.linalg.matrix_norm(W0, ord=2)), rel=1e-12)
+        assert 0 < row["ratio"] == pytest.approx(row["sigma_max_D"] / row["sigma_max_W0"])
+        assert row["above"] == last[f"restrained_singular_values:{row['layer']}"]
 
 
 def test_a_request_the_editor_refuses_is_skipped_and_left_out_of_evaluations(files, tok, tmp_path):
