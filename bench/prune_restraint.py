@@ -19,7 +19,7 @@ import torch
 
 from sphere_fast.harness.report import read_json, write_json
 from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
-from sphere_fast.harness.study import load_spec, work_dir
+from sphere_fast.harness.study import checkpoint_dir, checkpoint_edits, load_spec
 
 
 def layer_rows(ckpt: Path) -> list[dict]:
@@ -45,11 +45,11 @@ def main(argv=None) -> int:
     for run in spec.runs:
         if run.base_method != "prune":
             continue
-        ckpt = latest_checkpoint(work_dir(spec, out) / run.name / "checkpoints")
+        ckpt = latest_checkpoint(checkpoint_dir(spec, out, run.name))
         if ckpt is None:
             print(f"{run.name}: no checkpoint on this machine", file=sys.stderr)
             continue
-        edits = min(read_json(ckpt / "meta.json")["next_batch"] * spec.batch_size, spec.horizon)
+        edits = checkpoint_edits(spec, ckpt)
         result[run.name] = {"edits": edits, "layers": layer_rows(ckpt)}
         for row in result[run.name]["layers"]:
             print(f"{run.name} at {edits} edits, {row['layer']}: sigma_max(D) {row['sigma_max_D']:.3f}, "

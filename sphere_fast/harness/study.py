@@ -375,10 +375,20 @@ def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> d
 # --------------------------------------------------------------------------- runs
 
 
-def work_dir(spec: StudySpec, out: Path) -> Path:
+def _work_dir(spec: StudySpec, out: Path) -> Path:
     """The study's folder in the cache (checkpoints, the unedited predictions), one per spec and output folder."""
     where = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]
     return paths.cache_dir() / "study" / f"{spec.key()}-{where}"
+
+
+def checkpoint_dir(spec: StudySpec, out: Path, run_name: str) -> Path:
+    """Where a run of the study keeps its checkpoints (in the cache: the machine that ran it)."""
+    return _work_dir(spec, out) / run_name / "checkpoints"
+
+
+def checkpoint_edits(spec: StudySpec, ckpt: Path) -> int:
+    """The edits a checkpoint of the study holds."""
+    return min(read_json(ckpt / "meta.json")["next_batch"] * spec.batch_size, spec.horizon)
 
 
 def _status(run_dir: Path) -> dict:
@@ -426,10 +436,10 @@ def _refresh_geometry(spec: StudySpec, run: RunSpec, out: Path, model, model_nam
     run_dir = out / "runs" / run.name
     if _status(run_dir)["state"] not in ("paused", "done"):
         return
-    ckpt = latest_checkpoint(work_dir(spec, out) / run.name / "checkpoints")
+    ckpt = latest_checkpoint(checkpoint_dir(spec, out, run.name))
     if ckpt is None:
         return
-    edits = min(read_json(ckpt / "meta.json")["next_batch"] * spec.batch_size, spec.horizon)
+    edits = checkpoint_edits(spec, ckpt)
     path = run_dir / "geometry.json"
     if path.exists() and read_json(path).get("edits", -1) >= edits:
         return
@@ -448,7 +458,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     status = _status(run_dir)
     if status["state"] in ("done", "collapsed"):
         return status
-    ckpt_dir = work_dir(spec, out) / run.name / "checkpoints"
+    ckpt_dir = checkpoint_dir(spec, out, run.name)
     if status["state"] in ("running", "paused") and latest_checkpoint(ckpt_dir) is None:
         # The checkpoints live in the cache, which a new machine does not have: the records stay and
         # are replaced batch by batch as the run is redone from its start.
@@ -610,7 +620,7 @@ def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], t
     """Model, tokenizer, baseline (computed once) and the unedited neighbourhood predictions."""
     model, tokenizer = load()
     baseline_path = out / "baseline.json"
-    ref_path = work_dir(spec, out) / "reference.json"
+    ref_path = _work_dir(spec, out) / "reference.json"
     if baseline_path.exists() and ref_path.exists():
         baseline = read_json(baseline_path)
         reference = read_json(ref_path)
