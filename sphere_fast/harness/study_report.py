@@ -43,6 +43,8 @@ def sphere_gains(spec: dict, runs: dict[str, dict]) -> list[dict]:
                       "gain_percent": 100.0 * (b - a) / a if a not in (None, "") and b not in (None, "") and a else None}
         gains.append(row)
     return gains
+
+
 TABLE_AT = (500, 1000, 2000)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
