@@ -210,6 +210,17 @@ def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path):
         assert row["sigma_max_W0"] == pytest.approx(float(torch.linalg.matrix_norm(W0, ord=2)), rel=1e-12)
         assert 0 < row["ratio"] == pytest.approx(row["sigma_max_D"] / row["sigma_max_W0"])
         assert row["above"] == last[f"restrained_singular_values:{row['layer']}"]
+    # bench/neighbour_answers.py scores each checkpoint's neighbourhood answers as the study does.
+    import neighbour_answers
+
+    spec = load_spec(read_json(tmp_path / "out" / "spec.json")["spec"])
+    found = neighbour_answers.neighbour_answers(spec, tmp_path / "out", tiny_model("llama", tok), tok)
+    assert set(found) == {"requests", "skipped", "unedited", *[r["name"] for r in runs]}
+    for run in runs:
+        last = read_csv(tmp_path / "out" / "runs" / run["name"] / "edits.csv")[-1]
+        assert found[run["name"]]["edits"] == 2
+        assert found[run["name"]]["specificity"] == pytest.approx(last["specificity"], abs=1e-12)
+    assert found["unedited"]["answer_is_an_edit_target"] >= 0 and "gained" not in found["unedited"]
 
 
 def test_a_request_the_editor_refuses_is_skipped_and_left_out_of_evaluations(files, tok, tmp_path):
