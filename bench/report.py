@@ -268,7 +268,7 @@ def e2e_markdown(result: dict) -> str:
     table = _table(["path", "batch (s)", "targets", "keys", "AlphaEdit solve", "SPHERE", "update (cache_c)", "other",
                     "SPHERE fit/refit", "SPHERE apply", "SPHERE share", "method", "one-time stats (s)"], rows)
     if s is None:  # a run stopped before its three batches
-        return "\n\n".join([head, table, f"Incomplete: {len(result['batches'])} of 3 batches ran."])
+        return "\n\n".join([head, table, f"Incomplete: only {len(result['batches'])} batches ran."])
     verdict = (
         f"SPHERE's share of the batch: {100 * s['sphere_share_refit']:.2f} % with warm refit "
         f"(target ≤ {100 * s['share_target']:.1f} %: {'met' if s['share_target_met'] else 'NOT met'}), "
@@ -278,6 +278,12 @@ def e2e_markdown(result: dict) -> str:
         f"({'at least' if s['batch_saving_covers_projection_saving'] else 'LESS than'} the projection's saving). "
         f"Costs of a refit batch, largest first: {', '.join(s['cost_ranking_refit'])}; "
         f"the largest after target optimisation: {s['next_largest_after_targets']}.")
+    if s.get("overlap"):
+        o = s["overlap"]
+        verdict += (f" With the refits overlapping target optimisation (overlap_sphere_fit; its timers are not "
+                    f"synchronised, its batch time is): batch {o['batch_seconds']:.3f} s against the refit batch's "
+                    f"{o['batch_seconds'] + o['batch_saved_vs_refit']:.3f} s; SPHERE's share estimated at "
+                    f"{100 * o['sphere_share_estimate']:.2f} % (the overlapped batch less the refit batch's other work).")
     parts = [head, table, verdict]
     dd = result.get("alphaedit_dd")
     if dd:

@@ -229,7 +229,7 @@ for s in "${steps[@]}"; do
     bench-projection-qwen2.5-7b) step "$s" 120 25 gpu bench bench/bench_projection.py "$s.json" -k 3584x18944 ;;
     bench-projection-qwen2.5-32b) step "$s" 180 45 gpu bench bench/bench_projection.py "$s.json" -k 5120x27648 ;;
     bench-real) step bench-real 90 60 any bench bench/bench_real_weights.py bench-real.json ;;
-    e2e) step e2e 360 135 any "$PY" bench/bench_e2e.py --out "$work/e2e.json" --png "$work/e2e.png" "${tiny[@]}" ;;
+    e2e) step e2e 360 150 any "$PY" bench/bench_e2e.py --out "$work/e2e.json" --png "$work/e2e.png" "${tiny[@]}" ;;
   esac
 done
 [ "$plan" = 1 ] && exit 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -78,12 +79,17 @@ class Editor:
         ``apply_(W, B)``, ``rank``, state_dict round trip); benchmarks pass an instrumented one.
     clock : the timer of ``info["seconds"]`` (default ``time.perf_counter``); benchmarks pass one that
         synchronises the device first.
+    overlap_sphere_fit : start every layer's SPHERE fit when the batch starts, on a background thread
+        (a side stream on CUDA), so that it runs while the method computes its targets; each fit reads
+        the batch-start copy of its weight and is used only if the weight still equals that copy when
+        its update comes (otherwise the layer is fitted then, as without it). Same results; off by
+        default until a GPU measures it (``bench/bench_e2e.py``).
     """
 
     def __init__(self, model, tokenizer, hparams: EditHparams, *, method: str, sphere: bool = True,
                  eta: float | None = None, alpha: float | None = None, stats_corpus: str | Path | None = None,
                  cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True,
-                 projector=SphereProjector, clock=time.perf_counter):
+                 projector=SphereProjector, clock=time.perf_counter, overlap_sphere_fit: bool = False):
         if not isinstance(hparams, EditHparams):
             raise TypeError(f"hparams must be an EditHparams (see load_hparams), got {type(hparams).__name__}")
         self._method_class = method_class(method)
@@ -94,6 +100,10 @@ class Editor:
         self.projector_class = projector
         self.clock = clock
         self.sphere = bool(sphere)
+        if not isinstance(overlap_sphere_fit, bool):
+            raise TypeError(f"overlap_sphere_fit must be True or False, got {overlap_sphere_fit!r}")
+        self.overlap_sphere_fit = overlap_sphere_fit
+        self._prefit: _Prefit | None = None
         eta = eta if eta is not None else hparams.cumulative_ratio
         alpha = alpha if alpha is not None else hparams.suppression_strength
         self.eta = check_eta(DEFAULT_ETA if eta is None else eta)
@@ -190,14 +200,18 @@ class Editor:
 
         snapshot = {name: self._weight(name).clone() for name in self.edited_module_names}
         projectors = {name: copy.copy(p) for name, p in self._projectors.items()}
+        if self.sphere and self.overlap_sphere_fit:
+            self._prefit = _Prefit(self, snapshot)
         try:
             info = self._edit(requests, seconds)
         except BaseException:
+            self._close_prefit()
             with torch.no_grad():
                 for name, saved in snapshot.items():
                     self._weight(name).copy_(saved)
             self._projectors = projectors
             raise
+        self._close_prefit()
         self.batches_done += 1
         seconds["total"] = self.clock() - t_start
         info.update(batch_size=len(requests), seconds=seconds, batch_index=self.batches_done - 1)
@@ -222,11 +236,9 @@ class Editor:
             rank = None
             if self.sphere:
                 with _timed(seconds, "sphere", self.clock):
-                    proj = self._projectors.get(name)
+                    proj = self._prefit.take(name, W) if self._prefit is not None else None
                     if proj is None:
-                        proj = self.projector_class.fit(W, self.eta, self.alpha)
-                    else:
-                        proj = proj.refit(W)
+                        proj = self._fit(name, W)
                     self._projectors[name] = proj
                     rank = proj.rank
                     proj.apply_(W, delta.to(torch.float32) if delta.dtype == torch.float64 else delta)
@@ -242,6 +254,19 @@ class Editor:
                 "conv1d": is_conv1d(get_module(self.model, name)),
                 **self.edit_method.layer_info(name),
             }
+
+    def _fit(self, name: str, W: torch.Tensor, projector=None):
+        """SPHERE's projector for ``W``: a cold fit on the first batch, then a warm refit of (a copy of)
+        the layer's current one, which stays as it is until the batch succeeds."""
+        projector = self._projectors.get(name) if projector is None else projector
+        if projector is None:
+            return self.projector_class.fit(W, self.eta, self.alpha)
+        return copy.copy(projector).refit(W)
+
+    def _close_prefit(self) -> None:
+        if self._prefit is not None:
+            self._prefit.close()
+            self._prefit = None
 
     # -- state -------------------------------------------------------------------
     def edited_weights(self) -> dict[str, torch.Tensor]:
@@ -316,3 +341,54 @@ class Editor:
         self.batches_done = int(state["batches_done"])
         if "rng" in state and "torch" in state["rng"]:
             torch.set_rng_state(state["rng"]["torch"])
+
+
+class _Prefit:
+    """One batch's SPHERE fits, started when the batch starts on a background thread (on CUDA, in a
+    side stream of each weight's device) so that they run while the method computes its targets.
+
+    Each fit reads the batch-start copy of its weight (FT changes the live weight while it trains);
+    :meth:`take` hands it over only while the weight still equals that copy."""
+
+    def __init__(self, editor: Editor, snapshot: dict[str, torch.Tensor]):
+        self._editor = editor
+        self._snapshot = snapshot
+        self._projectors = dict(editor._projectors)
+        self._done = {name: threading.Event() for name in snapshot}
+        self._results: dict[str, object] = {}
+        self._streams = {}
+        for W in snapshot.values():
+            if W.device.type == "cuda" and W.device not in self._streams:
+                stream = torch.cuda.Stream(W.device)
+                stream.wait_stream(torch.cuda.current_stream(W.device))  # the snapshot's copies are done
+                self._streams[W.device] = stream
+        self._thread = threading.Thread(target=self._run, name="sphere-prefit", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for name, W in self._snapshot.items():
+            try:
+                stream = self._streams.get(W.device)
+                with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+                    projector = self._editor._fit(name, W, self._projectors.get(name))
+                    self._results[name] = (projector, stream.record_event() if stream is not None else None)
+            except BaseException as exc:  # raised again by take(), in the editing thread
+                self._results[name] = exc
+            finally:
+                self._done[name].set()
+
+    def take(self, name: str, W: torch.Tensor):
+        """The layer's projector fitted in the background, or None when ``W`` changed since (fit it again)."""
+        if name not in self._done or not torch.equal(W, self._snapshot[name]):
+            return None
+        self._done[name].wait()
+        result = self._results[name]
+        if isinstance(result, BaseException):
+            raise result
+        projector, event = result
+        if event is not None:
+            torch.cuda.current_stream(W.device).wait_event(event)
+        return projector
+
+    def close(self) -> None:
+        self._thread.join()

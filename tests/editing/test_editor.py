@@ -6,6 +6,8 @@ are the prompts on which efficacy can be measured at all.
 """
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -237,6 +239,90 @@ def test_failed_batch_leaves_no_trace(tok, cache):
     ed.edit_batch(reqs[2:])
     for n, w in ed.edited_weights().items():
         assert torch.equal(w, clean.edited_weights()[n]), n
+
+
+class RefitFails(SphereProjector):
+    """A projector whose warm refit (the second batch's fits) fails."""
+
+    def refit(self, W, *a, **k):
+        raise FloatingPointError("injected refit failure")
+
+
+class ThreadRecording(SphereProjector):
+    """Records the thread of every fit and refit."""
+
+    threads: list[str] = []
+
+    @classmethod
+    def fit(cls, W, *a, **k):
+        cls.threads.append(threading.current_thread().name)
+        return super().fit(W, *a, **k)
+
+    def refit(self, W, *a, **k):
+        ThreadRecording.threads.append(threading.current_thread().name)
+        return super().refit(W, *a, **k)
+
+
+def nudged(editor, name):
+    """Make ``editor`` change ``name``'s weight after the batch starts, before its update (as a method could)."""
+    run = editor.edit_method.run_batch
+
+    def run_batch(batch):
+        with torch.no_grad():
+            W = editor.edited_weights()[name]
+            W.add_(1e-3 * torch.linspace(-1, 1, W.numel()).reshape(W.shape).to(W.dtype))
+        return run(batch)
+
+    editor.edit_method.run_batch = run_batch
+    return editor
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "ft"])
+def test_overlapped_sphere_fit_edits_the_same(tok, cache, method):
+    """Fits started on a background thread from the batch-start weights give the same edits, also when a
+    weight changes after the batch starts (that layer is fitted again) and under FT, which trains the live
+    weight in place."""
+    reqs = small(tok, 4)
+    for nudge in (False, True):
+        runs = []
+        for overlap in (False, True):
+            ed = make_editor(tiny_model("llama", tok), tok, cache, method, hp=FAST, sphere=True,
+                             overlap_sphere_fit=overlap, projector=ThreadRecording)
+            if nudge:
+                nudged(ed, ed.edited_module_names[0])
+            ThreadRecording.threads = []
+            ranks = [{n: layer["rank"] for n, layer in ed.edit_batch(batch)["layers"].items()}
+                     for batch in (reqs[:2], reqs[2:])]
+            runs.append((ed, ranks))
+            # Overlapped, every layer is fitted in the background, and the nudged one again when its update comes.
+            layers = len(ed.edited_module_names)
+            expected = ((["sphere-prefit"] * layers + ["MainThread"] * nudge) * 2 if overlap
+                        else ["MainThread"] * layers * 2)
+            assert sorted(ThreadRecording.threads) == sorted(expected), (overlap, nudge)
+        (plain, plain_ranks), (overlapped, overlapped_ranks) = runs
+        assert overlapped_ranks == plain_ranks
+        assert all(r is not None for batch in plain_ranks for r in batch.values())
+        for n, w in plain.edited_weights().items():
+            assert torch.equal(w, overlapped.edited_weights()[n]), (nudge, n)
+            assert torch.equal(plain._projectors[n].U, overlapped._projectors[n].U), (nudge, n)
+        assert overlapped._prefit is None  # the thread is joined when the batch ends
+
+
+def test_overlapped_sphere_fit_failure_leaves_no_trace(tok, cache):
+    """A fit that fails on the background thread fails the batch in the editing thread, all-or-nothing."""
+    reqs = small(tok, 4)
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, cache, "memit", hp=FAST, sphere=True, projector=RefitFails,
+                     overlap_sphere_fit=True)
+    ed.edit_batch(reqs[:2])
+    before = params_copy(model)
+    with pytest.raises(FloatingPointError, match="injected refit failure"):
+        ed.edit_batch(reqs[2:])
+    assert ed.batches_done == 1 and ed._prefit is None
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with pytest.raises(TypeError, match="overlap_sphere_fit"):
+        make_editor(model, tok, cache, "memit", overlap_sphere_fit="yes")
 
 
 @pytest.mark.parametrize(
