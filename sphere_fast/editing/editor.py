@@ -238,7 +238,7 @@ class Editor:
                 with _timed(seconds, "sphere", self.clock):
                     proj = self._prefit.take(name, W) if self._prefit is not None else None
                     if proj is None:
-                        proj = self._fit(name, W)
+                        proj = self._fit(W, self._projectors.get(name))
                     self._projectors[name] = proj
                     rank = proj.rank
                     proj.apply_(W, delta.to(torch.float32) if delta.dtype == torch.float64 else delta)
@@ -255,10 +255,9 @@ class Editor:
                 **self.edit_method.layer_info(name),
             }
 
-    def _fit(self, name: str, W: torch.Tensor, projector=None):
-        """SPHERE's projector for ``W``: a cold fit on the first batch, then a warm refit of (a copy of)
-        the layer's current one, which stays as it is until the batch succeeds."""
-        projector = self._projectors.get(name) if projector is None else projector
+    def _fit(self, W: torch.Tensor, projector):
+        """SPHERE's projector for ``W``: a cold fit when the layer has none yet, else a warm refit of a
+        copy of ``projector`` (the layer's own stays as it is until the batch succeeds)."""
         if projector is None:
             return self.projector_class.fit(W, self.eta, self.alpha)
         return copy.copy(projector).refit(W)
@@ -370,7 +369,7 @@ class _Prefit:
             try:
                 stream = self._streams.get(W.device)
                 with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
-                    projector = self._editor._fit(name, W, self._projectors.get(name))
+                    projector = self._editor._fit(W, self._projectors.get(name))
                     self._results[name] = (projector, stream.record_event() if stream is not None else None)
             except BaseException as exc:  # raised again by take(), in the editing thread
                 self._results[name] = exc
@@ -391,4 +390,8 @@ class _Prefit:
         return projector
 
     def close(self) -> None:
+        """Join the thread; the editing stream then waits for the side streams, so that the batch-start
+        copies (freed with the batch) outlive any fit still reading them, used or not."""
         self._thread.join()
+        for device, stream in self._streams.items():
+            torch.cuda.current_stream(device).wait_stream(stream)
