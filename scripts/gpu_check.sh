@@ -173,7 +173,7 @@ tests() {
   fi
   "$PY" -m pytest -v -rfE --tb=short --durations=20 -p no:cacheprovider -p no:randomly -p no:benchmark \
     "${options[@]}" --junitxml="$work/tests.xml" \
-    tests/csrc/test_cuda_ext.py tests/kernels tests/test_projection.py \
+    tests/csrc/test_cuda_ext.py tests/kernels tests/test_projection.py tests/editing/test_editor.py \
     tests/test_gram_energy.py -k "${GPU_CHECK_TESTS_K:-(cuda or shared_memory) and not compile}"
 }
 
