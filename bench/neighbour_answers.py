@@ -18,7 +18,7 @@ import collections
 import sys
 from pathlib import Path
 
-from sphere_fast.harness.metrics import teacher_forced_predictions
+from sphere_fast.harness.metrics import teacher_forced_predictions, token_accuracy
 from sphere_fast.harness.model_sources import load_model
 from sphere_fast.harness.report import read_json, write_json
 from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
@@ -27,12 +27,10 @@ from sphere_fast.harness.study import checkpoint_dir, checkpoint_edits, load_spe
 TOP_FIRST = 12
 
 
-def neighbour_scores(model, tokenizer, requests) -> tuple[list[float], list[int]]:
+def neighbour_scores(model, tokenizer, prompts, targets) -> tuple[list[float], list[int]]:
     """Per neighbourhood prompt: the share of target tokens predicted, and the first predicted token."""
-    prompts = [p for r in requests for p in r.neighborhood_prompts]
-    targets = [t for r in requests for t in r.neighborhood_targets]
     preds = teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size=32)
-    return [sum(int(a == b) for a, b in zip(p, t)) / len(t) for p, t in preds], [p[0] for p, _ in preds]
+    return [token_accuracy(p, t) for p, t in preds], [p[0] for p, _ in preds]
 
 
 def specificity(scores: list[float], requests) -> float:
@@ -46,8 +44,7 @@ def specificity(scores: list[float], requests) -> float:
     return sum(means) / len(means)
 
 
-def summary(scores, first, unedited, requests, target_counts, new_first_ids, tokenizer) -> dict:
-    targets = [t for r in requests for t in r.neighborhood_targets]
+def summary(scores, first, unedited, requests, targets, target_counts, new_first_ids, tokenizer) -> dict:
     n = len(scores)
     row = {"specificity": specificity(scores, requests),
            "first_tokens": [[tokenizer.decode([t]), c] for t, c in collections.Counter(first).most_common(TOP_FIRST)],
@@ -89,17 +86,21 @@ def neighbour_answers(spec, out: Path, model, tokenizer, only=()) -> dict:
     target_counts = collections.Counter(r.target_new for r in requests)
     new_first_ids = {tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for t in target_counts}
 
-    unedited, first = neighbour_scores(model, tokenizer, requests)
+    prompts = [p for r in requests for p in r.neighborhood_prompts]
+    targets = [t for r in requests for t in r.neighborhood_targets]
+    context = (requests, targets, target_counts, new_first_ids, tokenizer)  # what every row is summarised against
+
+    unedited, first = neighbour_scores(model, tokenizer, prompts, targets)
     result = {"requests": len(requests), "skipped": sorted(skipped),
-              "unedited": summary(unedited, first, None, requests, target_counts, new_first_ids, tokenizer)}
+              "unedited": summary(unedited, first, None, *context)}
     for name, ckpt in checkpoints.items():
         original = set_weights(model, checkpoint_weights(ckpt))
         try:
-            scores, first = neighbour_scores(model, tokenizer, requests)
+            scores, first = neighbour_scores(model, tokenizer, prompts, targets)
         finally:
             set_weights(model, original)
         result[name] = {"edits": checkpoint_edits(spec, ckpt),
-                        **summary(scores, first, unedited, requests, target_counts, new_first_ids, tokenizer)}
+                        **summary(scores, first, unedited, *context)}
     return result
 
 

@@ -267,7 +267,7 @@ def e2e_markdown(result: dict) -> str:
                        ", ".join(b["methods"]), b["one_time_stats"]])
     table = _table(["path", "batch (s)", "targets", "keys", "AlphaEdit solve", "SPHERE", "update (cache_c)", "other",
                     "SPHERE fit/refit", "SPHERE apply", "SPHERE share", "method", "one-time stats (s)"], rows)
-    if s is None:  # a run stopped before its three batches
+    if s is None:  # a run stopped before its last batch
         return "\n\n".join([head, table, f"Incomplete: only {len(result['batches'])} batches ran."])
     verdict = (
         f"SPHERE's share of the batch: {100 * s['sphere_share_refit']:.2f} % with warm refit "

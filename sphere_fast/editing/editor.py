@@ -378,7 +378,7 @@ class _Prefit:
 
     def take(self, name: str, W: torch.Tensor):
         """The layer's projector fitted in the background, or None when ``W`` changed since (fit it again)."""
-        if name not in self._done or not torch.equal(W, self._snapshot[name]):
+        if not torch.equal(W, self._snapshot[name]):
             return None
         self._done[name].wait()
         result = self._results[name]

@@ -167,6 +167,11 @@ def neighborhood_predictions(
     return out
 
 
+def token_accuracy(predicted: Sequence[int], expected: Sequence[int]) -> float:
+    """The share of positions where the predicted token is the expected one (teacher-forced top-1)."""
+    return sum(int(a == b) for a, b in zip(predicted, expected)) / len(expected)
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -206,7 +211,7 @@ def evaluate(
     scores: list[dict[str, list[float]]] = [{k: [] for k in ACCURACY_METRICS + ("locality",)} for _ in requests]
     seen_neighbors = [0] * len(requests)
     for (i, kind, _, _), (pred, tgt) in zip(pairs, preds):
-        scores[i][kind].append(sum(int(a == b) for a, b in zip(pred, tgt)) / len(tgt))
+        scores[i][kind].append(token_accuracy(pred, tgt))
         if kind == "specificity" and reference is not None:
             ref = list(reference[i][seen_neighbors[i]])
             if len(ref) != len(pred):
@@ -214,7 +219,7 @@ def evaluate(
                     f"reference for request {i}, neighbourhood prompt {seen_neighbors[i]} has {len(ref)} tokens, "
                     f"expected {len(pred)}: was it computed with another tokenizer or request list?"
                 )
-            scores[i]["locality"].append(sum(int(a == b) for a, b in zip(pred, ref)) / len(ref))
+            scores[i]["locality"].append(token_accuracy(pred, ref))
             seen_neighbors[i] += 1
     metrics = ACCURACY_METRICS + (("locality",) if reference is not None else ())
     per = [{k: _mean(s[k]) for k in metrics} for s in scores]
