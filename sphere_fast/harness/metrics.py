@@ -145,6 +145,17 @@ def _pairs(requests: Sequence[EditRequest]) -> list[tuple[int, str, str, str]]:
     return pairs
 
 
+def scored_counts(requests: Sequence[EditRequest]) -> dict[str, int]:
+    """How many of ``requests`` :func:`evaluate` scores on each metric (with a reference): those with at
+    least one prompt of its kind. No model needed."""
+    kinds: dict[str, set] = {k: set() for k in ACCURACY_METRICS}
+    for i, kind, _, _ in _pairs(requests):
+        kinds[kind].add(i)
+    counts = {k: len(v) for k, v in kinds.items()}
+    counts["locality"] = counts["specificity"]
+    return counts
+
+
 def neighborhood_predictions(
     model, tokenizer, requests: Sequence[EditRequest], *, batch_size: int = 16, progress: bool = False
 ) -> list[list[list[int]]]:

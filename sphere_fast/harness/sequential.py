@@ -12,7 +12,9 @@ Each holds d x d state (``cache_c``) per AlphaEdit layer, about 0.8 GB per layer
 at Llama3-8B's d = 14336: ``keep_last`` prunes older checkpoints once a newer
 one is in place (default: keep all).
 Resuming loads the newest one and continues with the next batch; the final
-weights equal those of an uninterrupted run bit for bit on CPU.
+weights equal those of an uninterrupted run bit for bit on CPU. A checkpoint
+also resumes a longer list that begins with the one it was written for (a
+study whose horizon grew), as long as it holds whole batches of that list.
 """
 from __future__ import annotations
 
@@ -30,11 +32,26 @@ from ..editing.requests import EditRequest
 CHECKPOINT_PREFIX = "batch-"
 
 
+def _request_bytes(r: EditRequest) -> bytes:
+    return repr((r.prompt, r.subject, r.target_new, r.case_id)).encode()
+
+
 def _requests_hash(requests: Sequence[EditRequest]) -> str:
     h = hashlib.sha256()
     for r in requests:
-        h.update(repr((r.prompt, r.subject, r.target_new, r.case_id)).encode())
+        h.update(_request_bytes(r))
     return h.hexdigest()[:16]
+
+
+def _prefix_edited(requests: Sequence[EditRequest], requests_hash: str, edited: int) -> bool:
+    """Whether ``requests`` begins with the request list whose hash is ``requests_hash``, and that list
+    reaches at least ``edited`` requests (the checkpoint's whole batches are the same requests here)."""
+    h = hashlib.sha256()
+    for n, r in enumerate(requests, 1):
+        h.update(_request_bytes(r))
+        if n >= edited and h.hexdigest()[:16] == requests_hash:
+            return True
+    return False
 
 
 def _rng_states() -> dict:
@@ -150,10 +167,13 @@ def run_sequential(editor, requests: Sequence[EditRequest], *, batch_size: int, 
         ckpt = latest_checkpoint(checkpoint_dir)
         if ckpt is not None:
             meta = json.loads((ckpt / "meta.json").read_text())
-            if meta["batch_size"] != batch_size or meta["requests_hash"] != req_hash:
+            same = meta["requests_hash"] == req_hash or _prefix_edited(
+                requests, meta["requests_hash"], int(meta["next_batch"]) * batch_size)
+            if meta["batch_size"] != batch_size or not same:
                 raise ValueError(
-                    f"checkpoint {str(ckpt)!r} was written for batch_size={meta['batch_size']} and another request "
-                    f"list (hash {meta['requests_hash']}); got batch_size={batch_size}, hash {req_hash}"
+                    f"checkpoint {str(ckpt)!r} was written for batch_size={meta['batch_size']} and a request list "
+                    f"(hash {meta['requests_hash']}) that this one (batch_size={batch_size}, hash {req_hash}) "
+                    "neither equals nor extends by whole batches"
                 )
             load_checkpoint(editor, ckpt)
             start = int(meta["next_batch"])

@@ -2,7 +2,7 @@
 
 A study is a spec (:func:`load_spec`: a YAML/JSON file or a dict) and an output folder::
 
-    spec.json                   the spec as run (a rerun must match it)
+    spec.json                   the spec as run (a rerun must match it, or only lengthen its horizon)
     baseline.json               the unedited model's general abilities, shared by all runs
     runs/<name>/status.json     state (pending, running, paused, done, collapsed), edits done
     runs/<name>/edits.csv       one row per batch: energies, timings; metrics at each evaluation
@@ -12,7 +12,9 @@ A study is a spec (:func:`load_spec`: a YAML/JSON file or a dict) and an output 
 Checkpoints live under the cache folder (``<cache>/study/<spec hash>/<run>``), never in ``out``.
 :func:`run_study` runs what is missing; with a time budget it stops at the next checkpoint and a
 later call continues. A run whose weights turn NaN/Inf, or whose batch fails to solve, is recorded
-as collapsed at that edit count and the study goes on. :mod:`.study_report` merges the runs.
+as collapsed at that edit count and the study goes on. A spec that differs from the one in ``out``
+only by a longer horizon continues it (:func:`extension_of`): the records so far are kept and the runs
+edit on from their last checkpoints. :mod:`.study_report` merges the runs.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from ..editing.editor import Editor
 from ..editing.methods import METHODS as EDIT_METHODS
 from .datasets import DatasetError, load_requests
 from .general_tasks import TASKS, evaluate_task, load_task
-from .metrics import evaluate, generate, layer_energies, neighborhood_predictions, ngram_entropy, \
+from .metrics import evaluate, generate, layer_energies, neighborhood_predictions, ngram_entropy, scored_counts, \
     teacher_forced_predictions
 from .report import read_csv, read_json, write_csv, write_json
 from .running import choose_hparams, hparams_source
@@ -46,6 +48,7 @@ GENERAL_METRICS = ("perplexity", "kl", "top1_agreement", "retention", "fluency")
 # Fields that only add measures to later evaluations: they stay out of the spec's key and may be added to
 # (or changed in) a study under way, whose earlier evaluations then lack them.
 EVALUATION_ONLY = ("general_tasks", "general_task_samples")
+EDIT_METRICS = ("efficacy", "generalization", "specificity", "locality")
 
 
 class StudySpecError(ValueError):
@@ -345,15 +348,21 @@ class GeneralProbe:
                 "retention": retained, "fluency": sum(map(ngram_entropy, texts)) / len(texts), **tasks}
 
 
-def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> dict:
-    """The unedited model's side: facts it knows (retention set), fluency prompts, its general abilities."""
+def retention_pool(spec: StudySpec, requests: Sequence) -> list:
+    """The facts retention may measure: the retention data's first ``retention_candidates`` requests whose
+    subject none of ``requests`` edits (and that have a true target)."""
     import warnings
 
     edited_subjects = {r.subject for r in requests}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         candidates = load_requests(_retention_data(spec), limit=spec.retention_candidates, invalid="skip")
-    candidates = [c for c in candidates if c.subject not in edited_subjects and c.target_true]
+    return [c for c in candidates if c.subject not in edited_subjects and c.target_true]
+
+
+def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> dict:
+    """The unedited model's side: facts it knows (retention set), fluency prompts, its general abilities."""
+    candidates = retention_pool(spec, requests)
     preds = teacher_forced_predictions(model, tokenizer, [c.text for c in candidates],
                                        [c.target_true for c in candidates], batch_size=spec.eval_batch_size)
     known = [c for c, (p, t) in zip(candidates, preds) if p == t][: spec.retention_max]
@@ -375,10 +384,11 @@ def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> d
 # --------------------------------------------------------------------------- runs
 
 
-def _work_dir(spec: StudySpec, out: Path) -> Path:
-    """The study's folder in the cache (checkpoints, the unedited predictions), one per spec and output folder."""
+def _work_dir(spec: StudySpec, out: Path, key: str | None = None) -> Path:
+    """The study's folder in the cache (checkpoints, the unedited predictions), one per spec (``key``,
+    default the spec's) and output folder."""
     where = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:8]
-    return paths.cache_dir() / "study" / f"{spec.key()}-{where}"
+    return paths.cache_dir() / "study" / f"{key or spec.key()}-{where}"
 
 
 def checkpoint_dir(spec: StudySpec, out: Path, run_name: str) -> Path:
@@ -394,6 +404,11 @@ def checkpoint_edits(spec: StudySpec, ckpt: Path) -> int:
 def _status(run_dir: Path) -> dict:
     path = run_dir / "status.json"
     return read_json(path) if path.exists() else {"state": "pending", "edits": 0}
+
+
+def finished(spec: StudySpec, status: dict) -> bool:
+    """Collapsed, or done up to this spec's horizon (a run done to a shorter one goes on)."""
+    return status["state"] == "collapsed" or (status["state"] == "done" and status["edits"] >= spec.horizon)
 
 
 def _run_hparams(spec: StudySpec, run: RunSpec, model, model_name: str | None):
@@ -456,7 +471,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     """Edit one run up to the horizon (or until ``deadline``), evaluating every ``eval_every`` edits."""
     run_dir = out / "runs" / run.name
     status = _status(run_dir)
-    if status["state"] in ("done", "collapsed"):
+    if finished(spec, status):
         return status
     ckpt_dir = checkpoint_dir(spec, out, run.name)
     if status["state"] in ("running", "paused") and latest_checkpoint(ckpt_dir) is None:
@@ -487,8 +502,10 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
         row0.update(baseline["general"])
         rows = {0: row0}
         write_csv(csv_path, [rows[0]])
-    elif any(k not in rows[0] for k in baseline["general"]):  # tasks added under way: their unedited scores
+    elif any(k not in rows[0] for k in baseline["general"]) or int(rows[0]["eval_requests"]) != len(requests):
+        # Tasks added under way, or a longer horizon: the unedited scores over what the study now holds.
         rows[0].update({k: v for k, v in baseline["general"].items() if k not in rows[0]})
+        rows[0].update({"eval_requests": len(requests), **baseline["edit_metrics"]})
         write_csv(csv_path, [rows[k] for k in sorted(rows)])
     write_json(run_dir / "status.json", {**status, "state": "running", "run": dataclasses.asdict(run),
                                          "hparams": hp.to_dict(), "skipped": skipped})
@@ -515,7 +532,7 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
             general = probe.measure()
             t2 = time.perf_counter()
             row.update({"eval_requests": len(idx), "seconds_eval_edits": t1 - t0, "seconds_eval_general": t2 - t1})
-            row.update({k: metrics[k] for k in ("efficacy", "generalization", "specificity", "locality")})
+            row.update({k: metrics[k] for k in EDIT_METRICS})
             row.update(general)
             write_json(run_dir / "metrics" / f"edits_{edits:05d}.json",
                        {"edits": edits, "eval_indices": "all" if len(idx) == edits else idx,
@@ -615,6 +632,16 @@ def set_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return old
 
 
+def _pooled_means(a: dict, counts_a: dict, b: dict, counts_b: dict) -> dict:
+    """Per-request means over two sets of requests from each set's means and counts."""
+    pooled = {}
+    for k in EDIT_METRICS:
+        parts = [(m[k], c[k]) for m, c in ((a, counts_a), (b, counts_b)) if m.get(k) is not None and c.get(k)]
+        n = sum(c for _, c in parts)
+        pooled[k] = sum(v * c for v, c in parts) / n if n else None
+    return pooled
+
+
 def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], tuple],
             log: Callable[[str], None] = print):
     """Model, tokenizer, baseline (computed once) and the unedited neighbourhood predictions."""
@@ -624,6 +651,21 @@ def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], t
     if baseline_path.exists() and ref_path.exists():
         baseline = read_json(baseline_path)
         reference = read_json(ref_path)
+        scored = baseline.get("edit_requests", len(reference))  # older baselines: the reference's length
+        if scored < len(requests) or len(reference) < len(requests):  # a longer horizon: the requests added
+            log(f"[study] the unedited model on requests {min(scored, len(reference))}-{len(requests)} "
+                "(the horizon grew)")
+            reference = reference + neighborhood_predictions(model, tokenizer, requests[len(reference):],
+                                                             batch_size=spec.eval_batch_size)
+            if scored < len(requests):  # the baseline first: a stop before the reference is written redoes only it
+                added = evaluate(model, tokenizer, requests[scored:], batch_size=spec.eval_batch_size,
+                                 reference=reference[scored:])
+                baseline["edit_metrics"] = _pooled_means(baseline["edit_metrics"], scored_counts(requests[:scored]),
+                                                         added, added["counts"])
+                baseline["edit_requests"] = len(requests)
+                baseline["retention"]["candidates"] = len(retention_pool(spec, requests))
+                write_json(baseline_path, baseline)
+            write_json(ref_path, reference)
     else:
         log(f"[study] the unedited model: neighbourhood predictions on {len(requests)} requests, general abilities")
         t0 = time.perf_counter()
@@ -632,7 +674,8 @@ def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], t
         metrics = evaluate(model, tokenizer, requests, batch_size=spec.eval_batch_size, reference=reference)
         t2 = time.perf_counter()
         baseline = compute_baseline(spec, model, tokenizer, requests)
-        baseline["edit_metrics"] = {k: metrics[k] for k in ("efficacy", "generalization", "specificity", "locality")}
+        baseline["edit_metrics"] = {k: metrics[k] for k in EDIT_METRICS}
+        baseline["edit_requests"] = len(requests)
         baseline["seconds"] = {"neighbourhood": t1 - t0, "evaluate_all": t2 - t1,
                                "evaluate_per_request": (t2 - t1) / len(requests),
                                "general": time.perf_counter() - t2}
@@ -665,9 +708,11 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
         raise StudySpecError("only", f"no run named {unknown[0]!r} (runs: {', '.join(r.name for r in spec.runs)})")
     spec_path = out / "spec.json"
     current = json.loads(json.dumps(spec.to_dict()))
+    grown_from = None
     if spec_path.exists():
         old = read_json(spec_path)
-        if identity(old.get("spec") or {}) != identity(current):
+        grown_from = extension_of(old.get("spec") or {}, current)
+        if grown_from is None and identity(old.get("spec") or {}) != identity(current):
             raise StudySpecError("spec", f"{str(out)!r} holds a study with another spec ({spec_path}); "
                                          "use another output folder")
 
@@ -677,6 +722,8 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
         model_name = named_model(spec.model)
         load = lambda: load_model(spec.model, dtype=spec.dtype)  # noqa: E731
     requests = spec_requests(spec)  # the spec's errors before anything is written
+    if grown_from is not None:
+        _grow(spec, out, requests, grown_from, log)
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
         write_json(spec_path, {"spec": current, "key": spec.key(), "commit": _commit()})
@@ -710,6 +757,55 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
     return statuses
 
 
+def extension_of(old: dict, new: dict) -> int | None:
+    """The horizon of study spec ``old`` (dicts as in spec.json) when ``new`` differs from it only by a
+    longer horizon and by full evaluations past it, else None."""
+    a, b = identity(old), identity(new)
+    rest = lambda d: {k: v for k, v in d.items() if k not in ("horizon", "full_eval_at")}  # noqa: E731
+    if not a or rest(a) != rest(b) or not b["horizon"] > a["horizon"]:
+        return None
+    return int(a["horizon"])
+
+
+def _grow(spec: StudySpec, out: Path, requests: Sequence, old_horizon: int, log: Callable[[str], None]) -> None:
+    """Continue the study in ``out`` to ``spec``'s longer horizon, or raise StudySpecError (naming
+    ``horizon``) where its records so far would not be those of ``spec`` and nothing is changed.
+
+    One difference stays, recorded in spec.json's ``grown``: the evaluations on a sample made before,
+    drew it from the requests of the shorter horizon."""
+    old = read_json(out / "spec.json")
+    why = None
+    # Every evaluation so far must be one the longer study makes, scoring all requests where it did.
+    full_before = {e for e in old["spec"]["full_eval_at"] if e <= old_horizon} | {old_horizon}
+    full_now = {e for e in spec.full_eval_at if e <= old_horizon}
+    if old_horizon % spec.eval_every:
+        why = f"the study's horizon {old_horizon} is not a multiple of eval_every ({spec.eval_every})"
+    elif {e for e in full_before if e > spec.eval_sample} != {e for e in full_now if e > spec.eval_sample}:
+        why = (f"full_eval_at up to {old_horizon} must be {sorted(full_before)} as in the study so far "
+               f"(its evaluation at {old_horizon} scored every request)")
+    baseline_path = out / "baseline.json"
+    if why is None and baseline_path.exists():
+        # The retention facts and fluency prompts must stay: the added requests may not edit their subjects.
+        baseline = read_json(baseline_path)
+        pool = retention_pool(spec, requests)
+        texts = {c.text for c in pool}
+        lost = [p for p in baseline["retention"]["prompts"] if p not in texts]
+        if lost or [c.text for c in pool[:spec.fluency_prompts]] != baseline["fluency_prompts"]:
+            why = (f"the requests added edit the subject of {len(lost)} retention fact(s)" if lost else
+                   "the requests added edit the subject of a fluency prompt")
+    if why is not None:
+        raise StudySpecError("horizon", f"{spec.horizon} cannot continue the study in {str(out)!r} "
+                                        f"(horizon {old_horizon}): {why}; use another output folder")
+    before, after = _work_dir(spec, out, old["key"]), _work_dir(spec, out)
+    if before.exists() and not after.exists():
+        before.rename(after)  # the checkpoints and the unedited predictions go on under the new spec's key
+    log(f"[study] horizon {old_horizon} -> {spec.horizon}: the runs edit on from their last checkpoints")
+    grown = old.get("grown", []) + [{"from_horizon": old_horizon, "commit": _commit(),
+                                     "date": time.strftime("%Y-%m-%d")}]
+    write_json(out / "spec.json", {**old, "spec": json.loads(json.dumps(spec.to_dict())), "key": spec.key(),
+                                   "grown": grown})
+
+
 def _commit() -> str | None:
     import subprocess
 
@@ -737,7 +833,7 @@ def shipped_spec(name: str = "smollm2-counterfact") -> Path:
 def pending_runs(spec: StudySpec, out: str | Path, only: Sequence[str] = ()) -> list[str]:
     """The runs of ``spec`` (of ``only`` when given) not yet done or collapsed in ``out``, in spec order."""
     return [r.name for r in spec.runs if (not only or r.name in only)
-            and _status(Path(out) / "runs" / r.name)["state"] not in ("done", "collapsed")]
+            and not finished(spec, _status(Path(out) / "runs" / r.name))]
 
 
 def default_jobs(pending: int, cpu_count: int | None, cuda: bool) -> int:

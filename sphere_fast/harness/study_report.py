@@ -120,6 +120,8 @@ def summarise(out: Path) -> dict:
     for name, run in runs.items():
         done = max((int(r["edits"]) for r in run["rows"]), default=0)  # status.json is written at checkpoints
         states[name] = {**run["status"], "edits": max(done, int(run["status"].get("edits") or 0))}
+        if states[name]["state"] == "done" and states[name]["edits"] < spec["spec"]["horizon"]:
+            states[name]["state"] = "paused"  # done to a shorter horizon the study has since grown from
         evals = run["evals"]
         if not evals:
             continue
@@ -190,6 +192,10 @@ def _markdown(summary: dict) -> str:
                  f"{spec['batch_size']}, evaluation every {spec['eval_every']} edits on a fixed sample of "
                  f"{spec['eval_sample']} edited requests (all of them at {', '.join(map(str, spec['full_eval_at']))} "
                  f"edits and at the horizon); commit {str(summary['spec'].get('commit'))[:10]}.")
+    for grown in summary["spec"].get("grown", []):
+        lines.append(f"The horizon grew from {grown['from_horizon']} on {grown['date']} (commit "
+                     f"{str(grown['commit'])[:10]}): the sampled evaluations up to it drew from the first "
+                     f"{grown['from_horizon']} requests.")
     lines.append("")
     lines.append("| run | state | edits done | note |")
     lines.append("|---|---|---|---|")

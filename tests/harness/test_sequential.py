@@ -79,6 +79,28 @@ def test_resume_reproduces_uninterrupted_run(tok, stats_cache, tmp_path, method)
                           progress=False) == []
 
 
+def test_resume_continues_a_longer_list_that_begins_with_the_checkpointed_one(tok, stats_cache, tmp_path):
+    reqs = subject_end_requests(tok, 6)
+    full = editor(tok, stats_cache)
+    run_sequential(full, reqs, batch_size=2, progress=False)
+    first = editor(tok, stats_cache)
+    run_sequential(first, reqs[:4], batch_size=2, checkpoint_every=1, checkpoint_dir=tmp_path / "c", progress=False)
+    grown, ran = editor(tok, stats_cache), []
+    run_sequential(grown, reqs, batch_size=2, checkpoint_every=1, checkpoint_dir=tmp_path / "c", resume=True,
+                   on_batch=lambda b, batch, info: ran.append(b), progress=False)
+    assert ran == [2]
+    for name, w in grown.edited_weights().items():
+        assert torch.equal(w, full.edited_weights()[name]), name
+
+    # A checkpoint whose list ended inside a batch, or another list, does not resume.
+    run_sequential(editor(tok, stats_cache), reqs[:3], batch_size=2, checkpoint_every=1,
+                   checkpoint_dir=tmp_path / "odd", progress=False)
+    for ckpt, longer in ((tmp_path / "odd", reqs), (tmp_path / "c", reqs[1:] + reqs[:1])):
+        with pytest.raises(ValueError, match="neither equals nor extends"):
+            run_sequential(editor(tok, stats_cache), longer, batch_size=2, checkpoint_every=1, checkpoint_dir=ckpt,
+                           resume=True, progress=False)
+
+
 def test_resume_from_cached_statistics(tok, stats_cache, tmp_path):
     """An Editor built on already-edited weights restores C0 from the disk cache by its stored key."""
     from sphere_fast.harness.sequential import load_checkpoint

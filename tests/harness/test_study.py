@@ -85,8 +85,8 @@ def test_unreadable_spec_file_through_the_cli(tmp_path):
 
 def test_shipped_spec_loads():
     spec = load_spec(shipped_spec())
-    assert spec.horizon == 2000 and [r.name for r in spec.runs] == ["memit", "memit+sphere", "alphaedit",
-                                                                     "alphaedit+sphere"]
+    assert spec.horizon == 3000 and spec.full_eval_at == (1000, 2000, 3000)
+    assert [r.name for r in spec.runs] == ["memit", "memit+sphere", "alphaedit", "alphaedit+sphere"]
     assert spec.runs[1].alpha == 0.8 and spec.runs[3].alpha == 0.5
 
 
@@ -150,6 +150,62 @@ def test_another_spec_in_the_same_folder_is_refused(files, tok, tmp_path):
     with pytest.raises(StudySpecError) as info:
         run_study(load_spec(spec_dict(files, seed=1)), out, load=loader(tok), log=lambda m: None)
     assert info.value.field == "spec"
+
+
+def test_a_longer_horizon_continues_the_study(files, tok, tmp_path):
+    """Grown from 4 edits to 6, a study keeps its records and ends as a study run to 6 from the start."""
+    quiet = lambda m: None  # noqa: E731
+    longer = load_spec(spec_dict(files, eval_sample=6))  # every evaluation scores every request: no samples
+    run_study(longer, tmp_path / "whole", load=loader(tok), log=quiet)
+    out = tmp_path / "grown"
+    shorter = load_spec(spec_dict(files, horizon=4, full_eval_at=[4], eval_sample=6))
+    run_study(shorter, out, load=loader(tok), log=quiet)
+    first = {run: read_csv(out / "runs" / run / "edits.csv") for run in ("memit", "alphaedit+sphere")}
+    old_key = read_json(out / "spec.json")["key"]
+    assert study.pending_runs(shorter, out) == [] and study.pending_runs(longer, out) == ["memit", "alphaedit+sphere"]
+
+    grown = run_study(longer, out, load=loader(tok), log=quiet)
+    assert {s["state"] for s in grown.values()} == {"done"} and {s["edits"] for s in grown.values()} == {6}
+    written = read_json(out / "spec.json")
+    assert written["key"] == longer.key() != old_key and written["grown"][0]["from_horizon"] == 4
+    assert not study._work_dir(longer, out, old_key).exists()  # the checkpoints moved to the new key
+    whole_base, grown_base = read_json(tmp_path / "whole" / "baseline.json"), read_json(out / "baseline.json")
+    assert grown_base["edit_requests"] == 6
+    for key, value in whole_base["edit_metrics"].items():
+        assert grown_base["edit_metrics"][key] == pytest.approx(value, rel=1e-12, abs=1e-15)
+    for run in ("memit", "alphaedit+sphere"):
+        a = read_csv(tmp_path / "whole" / "runs" / run / "edits.csv")
+        b = read_csv(out / "runs" / run / "edits.csv")
+        assert [r["edits"] for r in a] == [r["edits"] for r in b] == [0, 2, 4, 6]
+        assert b[1:3] == first[run][1:3]  # the records before the horizon grew are kept as they were
+        assert b[0]["eval_requests"] == 6
+        for ra, rb in zip(a[1:], b[1:]):
+            for key in ra:
+                if key.startswith("energy:") or key in ("efficacy", "specificity", "locality", "perplexity", "kl"):
+                    assert ra[key] == rb[key], (run, ra["edits"], key, ra[key], rb[key])
+    write_report(out)
+    assert "The horizon grew from 4" in (out / "report" / "study.md").read_text()
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"eval_sample": 1}, "full_eval_at"),  # the evaluation at 4 scored every request; the longer spec samples
+    ({"retention_first": True}, "subject"),  # the added requests edit the subject of a fluency prompt
+])
+def test_a_longer_horizon_that_would_change_the_records_is_refused(files, tok, tmp_path, change, why):
+    changes = {"eval_sample": change.get("eval_sample", 6)}
+    if change.get("retention_first"):
+        retention = tmp_path / "retention.json"
+        requests = subject_end_requests(tok, 6)[4:5] + counterfact_requests(12, offset=200)
+        retention.write_text(json.dumps(_records(requests)))
+        changes["retention_data"] = str(retention)
+    out = tmp_path / "out"
+    run_study(load_spec(spec_dict(files, horizon=4, full_eval_at=[4], **changes)), out, budget_minutes=0,
+              load=loader(tok), log=lambda m: None)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(StudySpecError) as info:
+        run_study(load_spec(spec_dict(files, **changes)), out, load=loader(tok), log=lambda m: None)
+    assert info.value.field == "horizon" and why in str(info.value), str(info.value)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_collapsed_run_is_recorded_and_the_study_goes_on(files, tok, tmp_path, monkeypatch):
@@ -341,6 +397,8 @@ def test_default_jobs_and_pending_runs(files, tmp_path):
     (tmp_path / "runs" / "memit" / "status.json").write_text(json.dumps({"state": "done", "edits": 6}))
     assert study.pending_runs(spec, tmp_path) == ["alphaedit+sphere"]
     assert study.pending_runs(spec, tmp_path, only=["memit"]) == []
+    (tmp_path / "runs" / "memit" / "status.json").write_text(json.dumps({"state": "done", "edits": 4}))
+    assert study.pending_runs(spec, tmp_path) == ["memit", "alphaedit+sphere"]  # done to a shorter horizon
 
 
 def test_worker_command_names_files_the_workers_can_find(tmp_path, monkeypatch):
