@@ -36,6 +36,7 @@ The benchmark gives the Editor :class:`PathProjector` as its projector and a syn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -140,42 +141,42 @@ class PathProjector:
     def fit(cls, W: torch.Tensor, eta: float = 0.5, alpha: float = 0.5) -> "PathProjector":
         return cls(eta, alpha).refit(W)
 
-    def refit(self, W: torch.Tensor) -> "PathProjector":
-        timed = PathProjector.path != "overlap"
-        if timed:
-            sync(W.device)
+    @staticmethod
+    @contextlib.contextmanager
+    def _clock(part: str, device: torch.device):
+        """Add the block's time, device work included, to ``seconds[part]`` (on "overlap": nothing)."""
+        if PathProjector.path == "overlap":
+            yield
+            return
+        sync(device)
         start = time.perf_counter()
-        if PathProjector.path == "reference":
-            self.inner = None
-            _, self.P, U = sparse_projection_reference(W.float(), W.new_zeros(0, W.shape[1], dtype=torch.float32),
-                                                       self.eta, self.alpha)
-            self.rank, self.method = U.shape[1], "reference"
-            PathProjector.methods.add(self.method)
-        else:
-            self.P = None
-            if PathProjector.path in ("refit", "overlap") and self.inner is not None:
-                self.inner.refit(W)
+        yield
+        sync(device)
+        PathProjector.seconds[part] += time.perf_counter() - start
+
+    def refit(self, W: torch.Tensor) -> "PathProjector":
+        with self._clock("fit", W.device):
+            if PathProjector.path == "reference":
+                self.inner = None
+                _, self.P, U = sparse_projection_reference(
+                    W.float(), W.new_zeros(0, W.shape[1], dtype=torch.float32), self.eta, self.alpha)
+                self.rank, self.method = U.shape[1], "reference"
             else:
-                self.inner = SphereProjector.fit(W, self.eta, self.alpha)
-            self.rank, self.method = self.inner.rank, self.inner.method
+                self.P = None
+                if PathProjector.path in ("refit", "overlap") and self.inner is not None:
+                    self.inner.refit(W)
+                else:
+                    self.inner = SphereProjector.fit(W, self.eta, self.alpha)
+                self.rank, self.method = self.inner.rank, self.inner.method
         PathProjector.methods.add(self.method)
-        if timed:
-            sync(W.device)
-            PathProjector.seconds["fit"] += time.perf_counter() - start
         return self
 
     def apply_(self, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        timed = PathProjector.path != "overlap"
-        if timed:
-            sync(W.device)
-        start = time.perf_counter()
-        if self.P is not None:
-            W.add_((B.float() @ self.P.T).to(W.dtype))  # the reference's B_proj = B P^T, then W += B_proj
-        else:
-            self.inner.apply_(W, B)
-        if timed:
-            sync(W.device)
-            PathProjector.seconds["apply"] += time.perf_counter() - start
+        with self._clock("apply", W.device):
+            if self.P is not None:
+                W.add_((B.float() @ self.P.T).to(W.dtype))  # the reference's B_proj = B P^T, then W += B_proj
+            else:
+                self.inner.apply_(W, B)
         return W
 
 
