@@ -723,7 +723,7 @@ def run_study(spec: StudySpec, out: str | Path, *, budget_minutes: float | None 
         load = lambda: load_model(spec.model, dtype=spec.dtype)  # noqa: E731
     requests = spec_requests(spec)  # the spec's errors before anything is written
     if grown_from is not None:
-        _grow(spec, out, requests, grown_from, log)
+        _grow(spec, out, old, requests, log)
     out.mkdir(parents=True, exist_ok=True)
     if not spec_path.exists():
         write_json(spec_path, {"spec": current, "key": spec.key(), "commit": _commit()})
@@ -767,13 +767,13 @@ def extension_of(old: dict, new: dict) -> int | None:
     return int(a["horizon"])
 
 
-def _grow(spec: StudySpec, out: Path, requests: Sequence, old_horizon: int, log: Callable[[str], None]) -> None:
+def _grow(spec: StudySpec, out: Path, old: dict, requests: Sequence, log: Callable[[str], None]) -> None:
     """Continue the study in ``out`` to ``spec``'s longer horizon, or raise StudySpecError (naming
     ``horizon``) where its records so far would not be those of ``spec`` and nothing is changed.
 
     One difference stays, recorded in spec.json's ``grown``: the evaluations on a sample made before,
-    drew it from the requests of the shorter horizon."""
-    old = read_json(out / "spec.json")
+    drew it from the requests of the shorter horizon. ``old``: the study's spec.json."""
+    old_horizon = int(old["spec"]["horizon"])
     why = None
     # Every evaluation so far must be one the longer study makes, scoring all requests where it did.
     full_before = {e for e in old["spec"]["full_eval_at"] if e <= old_horizon} | {old_horizon}
