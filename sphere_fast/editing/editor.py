@@ -51,6 +51,11 @@ _TEMPLATE_CACHE: dict[tuple, list[list[str]]] = {}
 TIMED_PARTS = ("stats", "targets", "keys", "solve", "sphere", "apply", "cache")
 
 
+class EditCollapsed(FloatingPointError):
+    """A batch's update, or the weights it produced, held NaN/Inf: the method diverged (the weights are
+    restored). Studies record it as the run's collapse; anything else that fails is a bug to surface."""
+
+
 @contextlib.contextmanager
 def _timed(seconds: dict[str, float], part: str, clock):
     """Add the block's time by ``clock`` to ``seconds[part]``."""
@@ -232,6 +237,8 @@ class Editor:
                                f"weight {tuple(W.shape)} (is hidden_size the module's output size?)")
         with torch.no_grad():
             delta = self.edit_method.before_projection(name, W, delta)
+            if not all_finite(delta):  # before SPHERE, whose argument check would call it bad input
+                raise EditCollapsed(f"{name}: the update holds NaN/Inf")
             before_w = W.clone()
             rank = None
             if self.sphere:
@@ -246,7 +253,7 @@ class Editor:
                 with _timed(seconds, "apply", self.clock):
                     W.add_(delta.to(W.dtype))
             if not all_finite(W):
-                raise FloatingPointError(f"{name}: the update produced NaN/Inf weights")
+                raise EditCollapsed(f"{name}: the update produced NaN/Inf weights")
             return {
                 "rank": rank,
                 "update_norm": float(delta.norm()),

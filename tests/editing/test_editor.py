@@ -241,6 +241,53 @@ def test_failed_batch_leaves_no_trace(tok, cache):
         assert torch.equal(w, clean.edited_weights()[n]), n
 
 
+def test_failure_after_the_last_layer_keeps_cache_c(tok, cache, monkeypatch):
+    """A batch that fails after every layer was updated (its last forward) leaves AlphaEdit's cache_c as it was."""
+    from sphere_fast.editing import strategy
+
+    reqs = small(tok, 4)
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST)
+    real, calls = strategy.layer_outputs, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if fail_at and len(calls) == fail_at:
+            raise RuntimeError("injected failure in the last forward")
+        return real(*a, **k)
+
+    monkeypatch.setattr(strategy, "layer_outputs", counted)
+    fail_at = 0
+    ed.edit_batch(reqs[:2])
+    fail_at, calls[:] = len(calls), []  # the same forwards, the last one fails
+    before, state = params_copy(model), ed.state_dict()
+    with pytest.raises(RuntimeError, match="last forward"):
+        ed.edit_batch(reqs[2:])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for n in ed.edited_module_names:
+        assert torch.equal(ed.state_dict()["layers"][n]["cache_c"], state["layers"][n]["cache_c"]), n
+
+
+@pytest.mark.parametrize("sphere", [False, True])
+def test_non_finite_update_is_a_collapse(tok, cache, monkeypatch, sphere):
+    """A NaN update is the method's divergence (EditCollapsed), with or without SPHERE; nothing changes."""
+    from sphere_fast.editing.editor import EditCollapsed
+    from sphere_fast.editing.memit import MEMIT
+
+    reqs = small(tok, 2)
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, cache, "memit", hp=FAST, sphere=sphere)
+    real = MEMIT.layer_update
+    monkeypatch.setattr(MEMIT, "layer_update", lambda self, *a: real(self, *a) * float("nan"))
+    before = params_copy(model)
+    with pytest.raises(EditCollapsed, match="NaN/Inf"):
+        ed.edit_batch(reqs)
+    assert ed.batches_done == 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 class RefitFails(SphereProjector):
     """A projector whose warm refit (the second batch's fits) fails."""
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sphere_fast.editing.editor import Editor
+from sphere_fast.editing.memit import MEMIT
 from sphere_fast.harness import study
 from sphere_fast.harness.report import read_csv, read_json
 from sphere_fast.harness.study import StudySpecError, load_spec, run_study, shipped_spec
@@ -209,27 +210,38 @@ def test_a_longer_horizon_that_would_change_the_records_is_refused(files, tok, t
 
 
 def test_collapsed_run_is_recorded_and_the_study_goes_on(files, tok, tmp_path, monkeypatch):
-    real = Editor.edit_batch
+    """MEMIT's second batch diverges (its update turns NaN): recorded as a collapse, not a crash."""
+    real = MEMIT.layer_update
+    calls = []
 
-    def poisoned(self, requests):
-        info = real(self, requests)
-        if self.method == "memit" and self.batches_done == 2:
-            with torch.no_grad():
-                next(iter(self.edited_weights().values()))[0, 0] = float("nan")
-        return info
+    def diverging(self, name, K, R, W):
+        calls.append(name)
+        delta = real(self, name, K, R, W)
+        return delta * float("nan") if len(calls) > len(self.hparams.layers) else delta
 
-    monkeypatch.setattr(Editor, "edit_batch", poisoned)
+    monkeypatch.setattr(MEMIT, "layer_update", diverging)
     out = tmp_path / "out"
     statuses = run_study(load_spec(spec_dict(files)), out, load=loader(tok), log=lambda m: None)
     assert statuses["memit"]["state"] == "collapsed"
     assert statuses["memit"]["edits"] == 2 and statuses["memit"]["collapsed_at"] == 4
-    assert "non-finite" in statuses["memit"]["reason"]
+    assert statuses["memit"]["reason"].startswith("EditCollapsed") and "NaN/Inf" in statuses["memit"]["reason"]
     assert statuses["alphaedit+sphere"]["state"] == "done"
     md = (write_report(out)[1]).read_text()
     assert "collapsed" in md
     # A collapsed run stays collapsed: calling again does not retry it.
     assert run_study(load_spec(spec_dict(files)), out, load=loader(tok), log=lambda m: None)["memit"]["state"] == \
         "collapsed"
+
+
+def test_a_bug_is_not_a_collapse(files, tok, tmp_path, monkeypatch):
+    """An error that is not the run's numerical failure stops the study, whatever its message says."""
+    def broken(self, name, K, R, W):
+        raise RuntimeError("Inference tensors cannot be saved for backward")
+
+    monkeypatch.setattr(MEMIT, "layer_update", broken)
+    with pytest.raises(RuntimeError, match="Inference tensors"):
+        run_study(load_spec(spec_dict(files)), tmp_path / "out", load=loader(tok), log=lambda m: None)
+    assert read_json(tmp_path / "out" / "runs" / "memit" / "status.json")["state"] == "running"
 
 
 def test_spearman():
