@@ -181,7 +181,15 @@ class Editor:
         self._set_stats(c0s)
 
     def key_statistics(self, name: str) -> torch.Tensor:
-        """C0 of an edited module (computed or read from the cache)."""
+        """C0 of an edited module, always of the unedited weights: computed (or read from the cache) while the
+        model holds them, afterwards only read from the cache by its key (never computed on edited weights)."""
+        if weights_fingerprint(self.model) != self._base_fp:
+            key = self._stats_keys.get(name)
+            c0 = load_cached(self.model, name, key, self.cache_dir) if key else None
+            if c0 is None:
+                raise RuntimeError(f"key statistics of {name}: the model no longer holds the unedited weights and the "
+                                   f"cache in {str(self.cache_dir)!r} has no entry for them")
+            return c0
         c0s, _ = layer_second_moments(
             self.model, self.tokenizer, [name], corpus=self.stats_corpus, n_samples=self.hparams.mom2_n_samples,
             dtype=self.hparams.mom2_dtype, cache_dir=self.cache_dir, progress=self.progress, weights_fp=self._base_fp,

@@ -174,6 +174,22 @@ def test_sphere_layer_order(tok, cache):
     assert all(type(p).__name__ == "Recording" for p in ed._projectors.values())
 
 
+def test_key_statistics_are_never_computed_on_edited_weights(tok, tmp_path):
+    """After an edit C0 comes only from the cache (the unedited weights' entry); without it, an error."""
+    import shutil
+
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, tmp_path / "stats", "memit", hp=FAST)
+    name = ed.edited_module_names[0]
+    unedited = ed.key_statistics(name).clone()
+    ed.edit_batch(small(tok, 2))
+    assert torch.equal(ed.key_statistics(name), unedited)
+    shutil.rmtree(tmp_path / "stats")
+    with pytest.raises(RuntimeError, match="no longer holds the unedited weights"):
+        ed.key_statistics(name)
+    assert not (tmp_path / "stats").exists()
+
+
 def test_nullspace_property(tok, cache):
     """AlphaEdit's update annihilates C0's directions above the threshold (chosen relative to the spectrum)."""
     model = tiny_model("llama", tok)
