@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -192,6 +193,9 @@ def layer_second_moments(model, tok, module_names: Sequence[str], *, corpus: str
     missing = [name for name in module_names if name not in result]
     if missing:
         texts = read_corpus(corpus, n_samples)
+        if len(texts) < n_samples:
+            warnings.warn(f"stats_corpus {str(corpus)!r} holds {len(texts)} texts, fewer than mom2_n_samples="
+                          f"{n_samples}: C0 is their mean", stacklevel=2)
         fresh = compute_second_moments(model, tok, missing, texts, max_length=max_length, batch_tokens=batch_tokens,
                                        progress=progress)
         for name in missing:

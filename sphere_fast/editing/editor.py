@@ -25,6 +25,7 @@ import contextlib
 import copy
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -117,6 +118,9 @@ class Editor:
             # mom2_dataset may name a local corpus file; names like "wikipedia" fall back to WikiText-2.
             named = Path(str(hparams.mom2_dataset)).expanduser()
             stats_corpus = named if named.suffix in (".txt", ".jsonl") and named.is_file() else paths.wikitext_path()
+            if stats_corpus != named and hparams.mom2_dataset != "wikitext":
+                warnings.warn(f"mom2_dataset {hparams.mom2_dataset!r} is not a local .txt/.jsonl file: key statistics "
+                              f"from {str(stats_corpus)!r} (pass stats_corpus to choose)", stacklevel=2)
         self.stats_corpus = Path(stats_corpus)
         if not self.stats_corpus.exists():
             raise FileNotFoundError(f"stats_corpus {str(self.stats_corpus)!r} does not exist")

@@ -106,8 +106,6 @@ def run_edit(
     csv_path, png_path = out / "edits.csv", out / "edits.png"
     if hparams is None:
         hparams = choose_hparams(model, method)
-    if stats_corpus is None and paths.wikitext_path("test").exists():
-        stats_corpus = paths.wikitext_path("test")
 
     t_start = time.perf_counter()
     log(f"[{title or method}] neighbourhood predictions of the unedited model ({len(requests)} requests)")

@@ -455,6 +455,8 @@ def test_editor_argument_errors(tok, cache):
     assert (ed.eta, ed.alpha) == (0.5, 0.5)
     assert Editor(model, tok, hp, method="memit", cache_dir=cache).alpha == 0.8
     assert Editor(model, tok, hp.replace(suppression_strength=0.3), method="memit", cache_dir=cache).alpha == 0.3
+    with pytest.warns(UserWarning, match="mom2_dataset 'wikipedia' is not a local"):
+        Editor(model, tok, hp.replace(mom2_dataset="wikipedia"), method="memit", cache_dir=cache)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gptj"])
