@@ -88,14 +88,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
+def _checked(name: str):
+    """An argparse type for ``name`` (eta, alpha): a number passing the library's own range check."""
+    def parse(text: str) -> float:
+        from . import _validation  # here: the parser itself does not import torch
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return getattr(_validation, f"check_{name}")(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 # --------------------------------------------------------------------------- edit
@@ -470,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="editing method (rect and prune edit with MEMIT's update, then restrain it)")
     edit.add_argument("--sphere", action=argparse.BooleanOptionalAction, default=True,
                       help="project each update with SPHERE (default: on)")
-    edit.add_argument("--eta", type=_unit_interval, default=None, help="SPHERE cumulative ratio (default 0.5)")
-    edit.add_argument("--alpha", type=_unit_interval, default=None,
+    edit.add_argument("--eta", type=_checked("eta"), default=None, help="SPHERE cumulative ratio (default 0.5)")
+    edit.add_argument("--alpha", type=_checked("alpha"), default=None,
                       help="SPHERE suppression strength (default 0.5 AlphaEdit, 0.8 MEMIT)")
     edit.add_argument("--edits", type=_positive_int, required=True, help="number of requests to edit (file order)")
     edit.add_argument("--batch-size", type=_positive_int, required=True, help="requests per sequential batch")

@@ -30,9 +30,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .._validation import check_positive_int
+from .._validation import check_alpha, check_eta, check_positive_int
 from ..editing import paths
 from ..editing.editor import EditCollapsed, Editor
+from ..editing.hparams import FIELDS as HPARAM_FIELDS, load_hparams
 from ..eigensolver import ConvergenceError
 from ..editing.methods import METHODS as EDIT_METHODS
 from .datasets import DatasetError, load_requests
@@ -209,7 +210,33 @@ def load_spec(source: str | Path | dict, **overrides) -> StudySpec:
     for name, value in (("general_text", _general_text(spec)), ("retention_data", _retention_data(spec))):
         if not value.is_file():
             raise StudySpecError(name, f"default file not found: {str(value)!r} (set SPHERE_FAST_DATA_DIR or the field)")
+    _check_run_hparams(spec)
     return spec
+
+
+def _check_run_hparams(spec: StudySpec) -> None:
+    """Each run's settings load with the spec's overrides, as far as they can without the model (a model
+    without shipped settings is sized when loaded: only the override keys are checked here)."""
+    import yaml
+
+    from .model_sources import named_model
+
+    model_name = named_model(spec.model)
+    errors = (OSError, ValueError, TypeError, yaml.YAMLError)
+    for i, run in enumerate(spec.runs):
+        source = hparams_source(run.base_method, sphere=run.sphere, given=run.hparams, model_name=model_name)
+        try:
+            base = load_hparams(source) if source is not None else None
+        except errors as exc:
+            raise StudySpecError(f"runs[{i}].hparams", " ".join(str(exc).split())) from None
+        try:
+            if base is not None:
+                base.replace(**spec.hparams_overrides)
+            elif set(spec.hparams_overrides) - set(HPARAM_FIELDS):
+                raise ValueError(f"unknown hparam key(s) {sorted(set(spec.hparams_overrides) - set(HPARAM_FIELDS))}; "
+                                 f"known: {sorted(HPARAM_FIELDS)}")
+        except errors as exc:
+            raise StudySpecError("hparams_overrides", " ".join(str(exc).split())) from None
 
 
 def _as_list(value, field: str) -> list:
@@ -231,11 +258,13 @@ def _run_spec(entry, index: int) -> RunSpec:
     method = str(entry.get("method", "")).lower()
     if method not in METHODS:
         raise StudySpecError(f"{field}.method", f"unknown method {entry.get('method')!r} (known: {', '.join(METHODS)})")
-    for name in ("eta", "alpha"):
+    for name, check in (("eta", check_eta), ("alpha", check_alpha)):
         value = entry.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not 0.0 <= float(value) <= 1.0):
-            raise StudySpecError(f"{field}.{name}", f"must be a number in [0, 1], got {value!r}")
+        try:
+            if value is not None:
+                check(value)
+        except (TypeError, ValueError) as exc:
+            raise StudySpecError(f"{field}.{name}", str(exc).removeprefix(f"{name} ")) from None
     name = str(entry.get("name") or method)
     if not name.replace("+", "").replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise StudySpecError(f"{field}.name", f"letters, digits and + - _ . only, got {name!r}")

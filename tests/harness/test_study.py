@@ -60,6 +60,11 @@ def loader(tok):
     ({"eval_every": 3}, "eval_every"),
     ({"batch": 2}, "batch"),
     ({"runs": [{"method": "memit", "alpha": 1.5}]}, "runs[0].alpha"),
+    ({"runs": [{"method": "memit+sphere", "eta": 0}]}, "runs[0].eta"),
+    ({"hparams_overrides": {"v_num_grad_stepz": 3}}, "hparams_overrides"),
+    ({"runs": [{"method": "memit", "hparams": "/nonexistent/memit.yaml"}]}, "runs[0].hparams"),
+    ({"runs": [{"method": "memit", "hparams": "MEMIT/smollm2-135m"}], "hparams_overrides": {"L2": "big"}},
+     "hparams_overrides"),
 ])
 def test_bad_spec_names_the_field_and_writes_nothing(files, tok, tmp_path, change, field):
     out = tmp_path / "out"
