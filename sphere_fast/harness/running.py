@@ -108,10 +108,11 @@ def run_edit(
         hparams = choose_hparams(model, method)
 
     t_start = time.perf_counter()
-    log(f"[{title or method}] neighbourhood predictions of the unedited model ({len(requests)} requests)")
-    reference = neighborhood_predictions(model, tokenizer, requests, batch_size=eval_batch_size, progress=progress)
+    # The Editor first: it checks the settings against the model before minutes of predictions.
     editor = Editor(model, tokenizer, hparams, method=method, sphere=sphere, eta=eta, alpha=alpha,
                     stats_corpus=stats_corpus, cache_dir=paths.cache_dir(), seed=seed, progress=progress)
+    log(f"[{title or method}] neighbourhood predictions of the unedited model ({len(requests)} requests)")
+    reference = neighborhood_predictions(model, tokenizer, requests, batch_size=eval_batch_size, progress=progress)
 
     rows: dict[int, dict[str, Any]] = {}
     if resume and csv_path.exists():
