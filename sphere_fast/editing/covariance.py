@@ -88,6 +88,22 @@ def cache_key(weights_fp: str, tok_fp: str, module_name: str, dtype: str, n_samp
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
+def default_max_length(model) -> int:
+    """Tokens per corpus text: the model's context, at most 2048."""
+    return int(min(getattr(model.config, "max_position_embeddings", None)
+                   or getattr(model.config, "n_positions", 2048), 2048))
+
+
+def stats_keys(model, tok, module_names: Sequence[str], *, corpus: str | Path, n_samples: int, dtype: str,
+               max_length: int | None = None, weights_fp: str | None = None) -> dict[str, str]:
+    """The cache key of each module's C0: what :func:`layer_second_moments` would compute it from."""
+    weights_fp = weights_fp or weights_fingerprint(model)
+    tok_fp = tokenizer_fingerprint(tok)
+    max_length = max_length or default_max_length(model)
+    return {name: cache_key(weights_fp, tok_fp, name, dtype, n_samples, max_length, Path(corpus))
+            for name in module_names}
+
+
 def _cache_file(cache_dir: Path, module_name: str, key: str) -> Path:
     return Path(cache_dir) / "stats" / f"{module_name.replace('.', '_')}-{key}.safetensors"
 
@@ -179,12 +195,9 @@ def layer_second_moments(model, tok, module_names: Sequence[str], *, corpus: str
     if not corpus.exists():
         raise FileNotFoundError(f"stats_corpus {str(corpus)!r} does not exist")
     cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
-    if max_length is None:
-        max_length = int(min(getattr(model.config, "max_position_embeddings", None)
-                             or getattr(model.config, "n_positions", 2048), 2048))
-    weights_fp = weights_fp or weights_fingerprint(model)
-    tok_fp = tokenizer_fingerprint(tok)
-    keys = {name: cache_key(weights_fp, tok_fp, name, dtype, n_samples, max_length, corpus) for name in module_names}
+    max_length = max_length or default_max_length(model)
+    keys = stats_keys(model, tok, module_names, corpus=corpus, n_samples=n_samples, dtype=dtype,
+                      max_length=max_length, weights_fp=weights_fp)
     result: dict[str, torch.Tensor] = {}
     for name in module_names:
         cached = _load(_cache_file(cache_dir, name, keys[name]), keys[name])

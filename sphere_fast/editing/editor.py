@@ -35,8 +35,8 @@ from .._validation import all_finite, check_alpha, check_eta
 from ..projector import SphereProjector
 from . import paths
 from .compute import context_templates, validate_request
-from .covariance import layer_second_moments, load_cached
-from .hparams import EditHparams
+from .covariance import layer_second_moments, load_cached, stats_keys
+from .hparams import FIELDS as HPARAM_FIELDS, EditHparams
 from .methods import method_class
 from .model_utils import get_module, is_conv1d, oriented_weight, tokenizer_fingerprint, weights_fingerprint
 from .requests import EditRequest
@@ -308,6 +308,7 @@ class Editor:
             "alpha": self.alpha,
             "seed": self.seed,
             "layers_edited": list(self.hparams.layers),
+            "hparams": self._hparams_record(),
             "batches_done": self.batches_done,
             "templates": copy.deepcopy(self.templates),
             "base_fingerprint": self._base_fp,
@@ -315,6 +316,10 @@ class Editor:
             "layers": layers,
             "rng": {"torch": torch.get_rng_state()},
         }
+
+    def _hparams_record(self) -> dict:
+        """The settings a resumed run must share (the hparams fields, without bookkeeping keys)."""
+        return {k: v for k, v in self.hparams.to_dict().items() if k in HPARAM_FIELDS}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`. Call it before loading the edited weights into the model.
@@ -331,10 +336,23 @@ class Editor:
         missing = [n for n in self.edited_module_names if n not in state["layers"]]
         if missing:
             raise ValueError(f"state has no entry for edited module(s) {missing}")
+        saved, mine = state.get("hparams"), self._hparams_record()  # saved: None in states from before it was kept
+        changed = [] if saved is None else sorted(k for k in {*saved, *mine} if saved.get(k) != mine.get(k))
+        if changed:
+            raise ValueError("state was saved with other hparams: " + "; ".join(
+                f"{k}={saved.get(k)!r}, this Editor has {mine.get(k)!r}" for k in changed))
+        unedited = weights_fingerprint(self.model) == state["base_fingerprint"]
+        if self.edit_method.uses_key_statistics and unedited and state.get("stats_keys"):
+            keys = stats_keys(self.model, self.tokenizer, self.edited_module_names, corpus=self.stats_corpus,
+                              n_samples=self.hparams.mom2_n_samples, dtype=self.hparams.mom2_dtype,
+                              weights_fp=state["base_fingerprint"])
+            if keys != state["stats_keys"]:
+                raise ValueError(f"state's key statistics came from another corpus or tokenizer than this Editor's "
+                                 f"stats_corpus {str(self.stats_corpus)!r}")
         self._templates = copy.deepcopy(state["templates"])
         self._base_fp = state["base_fingerprint"]
         self.edit_method, self._projectors = self._method_class(self.hparams), {}
-        if not self.edit_method.uses_key_statistics or weights_fingerprint(self.model) == state["base_fingerprint"]:
+        if not self.edit_method.uses_key_statistics or unedited:
             self._prepare()
         else:
             c0s = {}

@@ -27,7 +27,8 @@ from .report import energy_drift, plot_run, read_csv, read_json, write_csv, writ
 from .sequential import run_sequential
 
 # The settings a resumed run must share with the run recorded in its folder's run.json.
-RUN_KEYS = ("model", "data", "method", "sphere", "eta", "alpha", "edits", "batch_size", "hparams", "seed", "schema")
+RUN_KEYS = ("model", "data", "method", "sphere", "eta", "alpha", "edits", "batch_size", "hparams", "seed", "schema",
+            "stats_corpus", "dtype")
 
 
 def hparams_source(method: str, *, sphere: bool, given: str | Path | None = None,
@@ -58,7 +59,7 @@ def record_run(out: str | Path, settings: dict, *, resume: bool, log=print) -> N
     path = out / "run.json"
     if resume and path.exists():
         old = read_json(path)
-        diff = [k for k in RUN_KEYS if old.get(k) != settings.get(k)]
+        diff = [k for k in RUN_KEYS if k in old and old[k] != settings.get(k)]  # absent: not recorded then
         if diff:
             details = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
             raise ValueError(f"{out} holds a different run ({details})")

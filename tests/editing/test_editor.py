@@ -490,7 +490,7 @@ def test_full_counterfact_prompts_run(tok, cache):
     assert all(layer["rank"] >= 1 for layer in info["layers"].values())
 
 
-def test_state_dict_round_trip(tok, cache):
+def test_state_dict_round_trip(tok, cache, tmp_path):
     model = tiny_model("llama", tok)
     ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True)
     ed.edit_batch(small(tok, 2))
@@ -507,6 +507,20 @@ def test_state_dict_round_trip(tok, cache):
     wrong = make_editor(tiny_model("llama", tok), tok, cache, "memit", hp=FAST, sphere=True)
     with pytest.raises(ValueError, match="method"):
         wrong.load_state_dict(state)
+    # Other settings, or C0 from another corpus: refused before anything changes.
+    other_hp = make_editor(tiny_model("llama", tok), tok, cache, "alphaedit", hp={**FAST, "L2": 20.0}, sphere=True)
+    with pytest.raises(ValueError, match=r"other hparams: L2=.*this Editor has 20\.0"):
+        other_hp.load_state_dict(state)
+    assert other_hp.batches_done == 0 and other_hp._templates is None
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Another corpus, for other key statistics.\n" * 8)
+    other_corpus = make_editor(tiny_model("llama", tok), tok, cache, "alphaedit", hp=FAST, sphere=True,
+                               stats_corpus=corpus)
+    with pytest.raises(ValueError, match="another corpus"):
+        other_corpus.load_state_dict(state)
+    assert other_corpus.batches_done == 0 and other_corpus._templates is None
+    legacy = {k: v for k, v in state.items() if k != "hparams"}  # saved before the hparams were kept
+    make_editor(tiny_model("llama", tok), tok, cache, "alphaedit", hp=FAST, sphere=True).load_state_dict(legacy)
 
 
 def test_bf16_model_keeps_its_dtype(tok, cache):
