@@ -284,8 +284,11 @@ def generate(
     top_k: int = 5,
     seed: int = 0,
     batch_size: int = 16,
+    continuation: bool = False,
 ) -> list[str]:
-    """Prompt plus continuation for each prompt (greedy, or top-k sampling as in ROME), left-padded batches."""
+    """Prompt plus continuation for each prompt (greedy, or top-k sampling as in ROME), left-padded batches;
+    with ``continuation`` only the generated text (decoded from the new tokens: whether the decoded whole
+    starts with the prompt string depends on the tokenizer)."""
     prefix = special_prefix(tokenizer)
     pad = pad_token_id(tokenizer)
     device = model_device(model)
@@ -310,7 +313,8 @@ def generate(
             )
             for row, seq in enumerate(chunk):
                 new = out[row, width:].tolist()
-                texts.append(tokenizer.decode(seq[len(prefix):] + new, skip_special_tokens=True))
+                texts.append(tokenizer.decode(new if continuation else seq[len(prefix):] + new,
+                                              skip_special_tokens=True))
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
