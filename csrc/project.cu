@@ -202,9 +202,7 @@ Status launch_project(const ProjectArgs& a, cudaStream_t stream) {
 
 // Stage 2 on tensor cores (fp16/bf16 B, r > 0, the t3/u3/C workspaces given).
 template <typename BT, typename OutT>
-Status launch_project_tensor_core(const ProjectArgs& a, cudaStream_t stream) {
-  cublasHandle_t blas;
-  SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
+Status launch_project_tensor_core(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   auto* t3 = static_cast<__nv_bfloat16*>(a.t3);
   auto* u3 = static_cast<__nv_bfloat16*>(a.u3);
   _split3_kernel<<<blocks_for(a.n * a.r, 256), 256, 0, stream>>>(static_cast<const float*>(a.T), a.n, a.r, a.r, t3,
@@ -230,20 +228,20 @@ Status launch_project_tensor_core(const ProjectArgs& a, cudaStream_t stream) {
 }
 
 template <typename Acc, typename BT, typename OutT>
-Status launch_stage_two(const ProjectArgs& a, cudaStream_t stream) {
+Status launch_stage_two(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   if constexpr (std::is_same_v<BT, __half> || std::is_same_v<BT, __nv_bfloat16>) {
-    if (a.t3 != nullptr && a.r > 0) return launch_project_tensor_core<BT, OutT>(a, stream);
+    if (a.t3 != nullptr && a.r > 0) return launch_project_tensor_core<BT, OutT>(a, blas, stream);
   }
   return launch_project<Acc, BT, OutT>(a, stream);
 }
 
 template <typename Acc, typename BT>
-Status dispatch_out(const ProjectArgs& a, cudaStream_t stream) {
+Status dispatch_out(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   switch (a.out_dtype) {
-    case kFloat32: return launch_stage_two<Acc, BT, float>(a, stream);
-    case kFloat64: return launch_stage_two<Acc, BT, double>(a, stream);
-    case kFloat16: return launch_stage_two<Acc, BT, __half>(a, stream);
-    case kBFloat16: return launch_stage_two<Acc, BT, __nv_bfloat16>(a, stream);
+    case kFloat32: return launch_stage_two<Acc, BT, float>(a, blas, stream);
+    case kFloat64: return launch_stage_two<Acc, BT, double>(a, blas, stream);
+    case kFloat16: return launch_stage_two<Acc, BT, __half>(a, blas, stream);
+    case kBFloat16: return launch_stage_two<Acc, BT, __nv_bfloat16>(a, blas, stream);
     default:
       return Status::Error(StatusCode::kInvalidArgument,
                            std::string("out must be float16, bfloat16, float32 or float64, got ") + dtype_name(a.out_dtype));
@@ -251,10 +249,8 @@ Status dispatch_out(const ProjectArgs& a, cudaStream_t stream) {
 }
 
 // T (n x r row-major, i.e. column-major r x n) = B U.
-Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
+Status stage_one(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   if (a.r == 0) return Status::Ok();
-  cublasHandle_t blas;
-  SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
   const int r = static_cast<int>(a.r), n = static_cast<int>(a.n), d = static_cast<int>(a.d);
   const int ldb = static_cast<int>(a.ldb), ldu = static_cast<int>(a.ldu), ldh = static_cast<int>(a.ldh);
   if (a.b_dtype == kFloat64) {
@@ -296,6 +292,7 @@ bool is_float_code(int c) { return c == kFloat32 || c == kFloat64 || c == kFloat
 }  // namespace
 
 Status project(const ProjectArgs& a, cudaStream_t stream) {
+  detail::clear_stale_error();
   auto invalid = [](const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); };
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   if (!is_float_code(a.b_dtype)) return invalid(std::string("B has an unsupported dtype ") + dtype_name(a.b_dtype));
@@ -345,12 +342,18 @@ Status project(const ProjectArgs& a, cudaStream_t stream) {
     if (a.c_rows < 1) return invalid("c_rows (rows of C) must be >= 1, got " + std::to_string(a.c_rows));
   }
   if (!std::isfinite(a.alpha)) return invalid("alpha must be finite, got " + std::to_string(a.alpha));
-  SF_RETURN_IF_ERROR(stage_one(a, stream));
+
+  // What a retry could cure (the cuBLAS workspace's allocation, an error of an earlier call) fails before the
+  // first kernel that writes out: a failed call leaves W as it was.
+  cublasHandle_t blas = nullptr;
+  if (a.r > 0) SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
+  SF_RETURN_IF_ERROR(stage_one(a, blas, stream));
+  SF_RETURN_IF_ERROR(detail::launch_status("B U (stage one)"));
   switch (a.b_dtype) {
-    case kFloat64: return dispatch_out<double, double>(a, stream);
-    case kFloat32: return dispatch_out<float, float>(a, stream);
-    case kFloat16: return dispatch_out<float, __half>(a, stream);
-    default: return dispatch_out<float, __nv_bfloat16>(a, stream);
+    case kFloat64: return dispatch_out<double, double>(a, blas, stream);
+    case kFloat32: return dispatch_out<float, float>(a, blas, stream);
+    case kFloat16: return dispatch_out<float, __half>(a, blas, stream);
+    default: return dispatch_out<float, __nv_bfloat16>(a, blas, stream);
   }
 }
 
