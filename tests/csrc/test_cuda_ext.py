@@ -548,6 +548,19 @@ def test_project_into_an_overlapping_view_of_b():
     assert _rel(out, expected) <= PROJECT_TOL[torch.float32]
 
 
+@needs_ext
+def test_project_more_row_tiles_than_grid_y_holds():
+    """More than 65535 tiles of 128 rows: the FMA kernel's tiles run along grid x."""
+    n, d, r = 65535 * 128 + 77, 5, 2
+    B = torch.randn(n, d, generator=torch.Generator().manual_seed(29)).cuda()
+    U = _basis(d, r, torch.float32)
+    ref = B.double() - 0.8 * (B.double() @ U.double()) @ U.double().T
+    out = _cuda.project(B, U, 0.8)
+    assert _rel(out, ref) <= PROJECT_TOL[torch.float32]
+    # The last rows, those of tiles past grid y's limit, on their own.
+    assert _rel(out[-200:], ref[-200:]) <= PROJECT_TOL[torch.float32]
+
+
 CUDA_ERROR_MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation
 
 
