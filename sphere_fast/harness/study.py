@@ -9,7 +9,8 @@ A study is a spec (:func:`load_spec`: a YAML/JSON file or a dict) and an output 
     runs/<name>/metrics/        every evaluation in full (JSON)
     runs/<name>/geometry.json   the first edited layer's rows in 2-D, unedited and at the last checkpoint
 
-Checkpoints live under the cache folder (``<cache>/study/<spec hash>/<run>``), never in ``out``.
+Checkpoints live under the cache folder (``<cache>/study/<spec hash>-<hash of out's absolute path>/<run>``),
+never in ``out``: the same study run from another checkout starts its runs again.
 :func:`run_study` runs what is missing; with a time budget it stops at the next checkpoint and a
 later call continues. A run whose weights turn NaN/Inf, or whose batch fails to solve, is recorded
 as collapsed at that edit count and the study goes on. A spec that differs from the one in ``out``
@@ -503,11 +504,11 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     if finished(spec, status):
         return status
     ckpt_dir = checkpoint_dir(spec, out, run.name)
-    if status["state"] in ("running", "paused") and latest_checkpoint(ckpt_dir) is None:
-        # The checkpoints live in the cache, which a new machine does not have: the records stay and
-        # are replaced batch by batch as the run is redone from its start.
-        log(f"[{run.name}] no checkpoint in {ckpt_dir} (a new machine, or a cleared cache): "
-            f"editing again from 0 edits (the records showed {status.get('edits', 0)})")
+    if status["state"] in ("running", "paused", "done") and latest_checkpoint(ckpt_dir) is None:
+        # The checkpoints live in the cache, which a new machine (or another --out path) does not have:
+        # the run is redone from its start, and its first batch drops the rows it had past row 0.
+        log(f"[{run.name}] no checkpoint in {ckpt_dir} (a new machine, a cleared cache or another --out path): "
+            f"editing again from 0 edits; its records of {status.get('edits', 0)} edits are replaced as it goes")
     if status["state"] == "pending" and ckpt_dir.exists():
         import shutil
 
