@@ -1,10 +1,11 @@
 """Editing metrics: efficacy, generalisation, specificity, locality, fluency, energy.
 
-Accuracy metrics are teacher-forced top-1 token accuracy, as in MEMIT's ZsRE
-evaluation and SPHERE/AlphaEdit's tables: the prompt is followed by the target
-with a leading space (``" " + target``); for every target token, the model's
-arg-max at the position before it is compared with it; a prompt scores the
-fraction of its target tokens predicted correctly. Per request:
+Accuracy metrics are teacher-forced top-1 token accuracy, as EasyEdit scores
+both CounterFact and ZsRE and MEMIT scores ZsRE (ROME/MEMIT/AlphaEdit's own
+CounterFact tables count P(new) > P(true) instead, a looser test): the prompt is
+followed by the target with a leading space (``" " + target``); for every target
+token, the model's arg-max at the position before it is compared with it; a
+prompt scores the fraction of its target tokens predicted correctly. Per request:
 
 * efficacy        ``prompt.format(subject)`` -> ``target_new``
 * generalization  each rephrase prompt -> ``target_new`` (mean over prompts)
