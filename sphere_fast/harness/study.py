@@ -665,13 +665,15 @@ def prepare(spec: StudySpec, out: Path, requests: Sequence, load: Callable[[], t
     model, tokenizer = load()
     baseline_path = out / "baseline.json"
     ref_path = _work_dir(spec, out) / "reference.json"
-    if baseline_path.exists() and ref_path.exists():
+    if baseline_path.exists():
+        # The baseline is the study's record and stays; the reference lives in the cache, which a new
+        # machine lacks: it is computed again there.
         baseline = read_json(baseline_path)
-        reference = read_json(ref_path)
-        scored = baseline.get("edit_requests", len(reference))  # older baselines: the reference's length
-        if scored < len(requests) or len(reference) < len(requests):  # a longer horizon: the requests added
+        reference = read_json(ref_path) if ref_path.exists() else []
+        scored = baseline.get("edit_requests", len(reference) or len(requests))  # older: the reference's length
+        if scored < len(requests) or len(reference) < len(requests):  # a longer horizon, or a new machine
             log(f"[study] the unedited model on requests {min(scored, len(reference))}-{len(requests)} "
-                "(the horizon grew)")
+                f"({'the horizon grew' if scored < len(requests) else 'its predictions are not in this cache'})")
             reference = reference + neighborhood_predictions(model, tokenizer, requests[len(reference):],
                                                              batch_size=spec.eval_batch_size)
             if scored < len(requests):  # the baseline first: a stop before the reference is written redoes only it

@@ -193,6 +193,21 @@ def test_a_longer_horizon_continues_the_study(files, tok, tmp_path):
     assert "The horizon grew from 4" in (out / "report" / "study.md").read_text()
 
 
+def test_a_new_machine_keeps_the_baseline(files, tok, tmp_path):
+    """Without the cache's unedited predictions (a new machine), they are computed again; baseline.json, the
+    study's record (its retention facts among it), stays byte for byte."""
+    spec = load_spec(spec_dict(files, horizon=2, full_eval_at=[2]))
+    out = tmp_path / "out"
+    run_study(spec, out, load=loader(tok), log=lambda m: None)
+    ref_path = study._work_dir(spec, out) / "reference.json"
+    baseline, reference = (out / "baseline.json").read_bytes(), read_json(ref_path)
+    ref_path.unlink()
+    said = []
+    study.prepare(spec, out, study.spec_requests(spec), loader(tok), log=said.append)
+    assert (out / "baseline.json").read_bytes() == baseline
+    assert read_json(ref_path) == reference and "not in this cache" in said[0]
+
+
 @pytest.mark.parametrize("change,why", [
     ({"eval_sample": 1}, "full_eval_at"),  # the evaluation at 4 scored every request; the longer spec samples
     ({"retention_first": True}, "subject"),  # the added requests edit the subject of a fluency prompt
