@@ -21,11 +21,13 @@ both cases.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -110,6 +112,11 @@ class Editor:
             raise TypeError(f"overlap_sphere_fit must be True or False, got {overlap_sphere_fit!r}")
         self.overlap_sphere_fit = overlap_sphere_fit
         self._prefit: _Prefit | None = None
+        # One fitting thread and one side stream per device for the Editor's life: the extension's
+        # cuBLAS/cuSOLVER handles are per thread, and a thread per batch would create and destroy them
+        # (a device-wide sync) every batch.
+        self._prefit_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prefit_streams: dict[torch.device, torch.cuda.Stream] = {}
         eta = eta if eta is not None else hparams.cumulative_ratio
         alpha = alpha if alpha is not None else hparams.suppression_strength
         self.eta = check_eta(DEFAULT_ETA if eta is None else eta)
@@ -380,8 +387,8 @@ class Editor:
 
 
 class _Prefit:
-    """One batch's SPHERE fits, started when the batch starts on a background thread (on CUDA, in a
-    side stream of each weight's device) so that they run while the method computes its targets.
+    """One batch's SPHERE fits, started when the batch starts on the Editor's fitting thread (on CUDA, in
+    its side stream of each weight's device) so that they run while the method computes its targets.
 
     Each fit reads the batch-start copy of its weight (FT changes the live weight while it trains);
     :meth:`take` hands it over only while the weight still equals that copy."""
@@ -395,11 +402,13 @@ class _Prefit:
         self._streams = {}
         for W in snapshot.values():
             if W.device.type == "cuda" and W.device not in self._streams:
-                stream = torch.cuda.Stream(W.device)
+                stream = editor._prefit_streams.setdefault(W.device, torch.cuda.Stream(W.device))
                 stream.wait_stream(torch.cuda.current_stream(W.device))  # the snapshot's copies are done
                 self._streams[W.device] = stream
-        self._thread = threading.Thread(target=self._run, name="sphere-prefit", daemon=True)
-        self._thread.start()
+        if editor._prefit_thread is None:
+            editor._prefit_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sphere-prefit")
+            weakref.finalize(editor, editor._prefit_thread.shutdown, wait=False)
+        self._running = editor._prefit_thread.submit(self._run)
 
     def _run(self) -> None:
         for name, W in self._snapshot.items():
@@ -427,8 +436,8 @@ class _Prefit:
         return projector
 
     def close(self) -> None:
-        """Join the thread; the editing stream then waits for the side streams, so that the batch-start
+        """Wait for the fits; the editing stream then waits for the side streams, so that the batch-start
         copies (freed with the batch) outlive any fit still reading them, used or not."""
-        self._thread.join()
+        concurrent.futures.wait([self._running])
         for device, stream in self._streams.items():
             torch.cuda.current_stream(device).wait_stream(stream)
