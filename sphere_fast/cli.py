@@ -451,14 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench-projection", parents=[seeded],
         help="time the reference projection against sphere_fast on one layer")
-    bench.add_argument("--shape", type=int, nargs=2, metavar=("N", "D"),
+    bench.add_argument("--shape", type=_positive_int, nargs=2, metavar=("N", "D"),
                        help=f"weight shape (default {' '.join(map(str, CPU_SHAPE))} on CPU, "
                             f"{' '.join(map(str, GPU_SHAPE))} on a GPU)")
     bench.add_argument("--spectrum", choices=("decaying", "steep", "gaussian"), default="decaying",
                        help="singular-value profile of the synthetic weight (see sphere_fast.synthetic)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
-    bench.add_argument("--eta", type=float, default=0.5)
-    bench.add_argument("--alpha", type=float, default=0.5)
+    bench.add_argument("--eta", type=_checked("eta"), default=0.5)
+    bench.add_argument("--alpha", type=_checked("alpha"), default=0.5)
     bench.add_argument("--device", default=None)
     bench.add_argument("--skip-reference", action="store_true", help="do not run the slow reference")
     bench.add_argument("--skip-error", action="store_true", help="do not compute the float64 error")
