@@ -309,8 +309,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .harness.study import StudySpecError, default_jobs, load_spec, pending_runs, run_study, set_threads, shipped_spec
+    from .harness.study import default_jobs, pending_runs, run_study, set_threads
     from .harness.study_report import write_report
+    from .harness.study_spec import StudySpecError, load_spec, shipped_spec
 
     command = "study"
     if args.report is not None:
@@ -385,7 +386,7 @@ def study_worker_command(args, out: Path, threads: int) -> list[str]:
     """The command line of one ``--jobs`` worker, less its ``--only``. Paths are absolute, so the workers can
     start in ``out`` (a checkout root as the current folder would put its kernels/ folder on sys.path); a
     shipped spec's name becomes its file, and "data:" request paths stay as they are."""
-    from .harness.study import spec_path
+    from .harness.study_spec import spec_path
 
     def absolute(value):
         return str(Path(value).resolve()) if value is not None and Path(value).exists() else value

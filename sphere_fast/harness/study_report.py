@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .report import atomic_write_bytes, format_table, mean_energy_drift, read_csv, read_json, write_json
-from .study import EDIT_METRICS, GENERAL_METRICS
+from .study_spec import EDIT_METRICS, GENERAL_METRICS
 
 GAIN_METRICS = ("efficacy", "generalization", "specificity")  # the paper's Fig. 7
 

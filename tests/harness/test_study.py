@@ -11,10 +11,11 @@ import torch
 
 from sphere_fast.editing.editor import Editor
 from sphere_fast.editing.memit import MEMIT
-from sphere_fast.harness import study
+from sphere_fast.harness import study, study_baseline, study_spec
 from sphere_fast.harness.report import read_csv, read_json
-from sphere_fast.harness.study import StudySpecError, load_spec, run_study, shipped_spec
+from sphere_fast.harness.study import run_study
 from sphere_fast.harness.study_report import spearman, write_report
+from sphere_fast.harness.study_spec import StudySpecError, load_spec, shipped_spec
 
 from tests.editing.fixtures import counterfact_requests, subject_end_requests, tiny_model
 
@@ -174,7 +175,7 @@ def test_a_longer_horizon_continues_the_study(files, tok, tmp_path):
     assert {s["state"] for s in grown.values()} == {"done"} and {s["edits"] for s in grown.values()} == {6}
     written = read_json(out / "spec.json")
     assert written["key"] == longer.key() != old_key and written["grown"][0]["from_horizon"] == 4
-    assert not study._work_dir(longer, out, old_key).exists()  # the checkpoints moved to the new key
+    assert not study_spec._work_dir(longer, out, old_key).exists()  # the checkpoints moved to the new key
     whole_base, grown_base = read_json(tmp_path / "whole" / "baseline.json"), read_json(out / "baseline.json")
     assert grown_base["edit_requests"] == 6
     for key, value in whole_base["edit_metrics"].items():
@@ -199,11 +200,11 @@ def test_a_new_machine_keeps_the_baseline(files, tok, tmp_path):
     spec = load_spec(spec_dict(files, horizon=2, full_eval_at=[2]))
     out = tmp_path / "out"
     run_study(spec, out, load=loader(tok), log=lambda m: None)
-    ref_path = study._work_dir(spec, out) / "reference.json"
+    ref_path = study_spec._work_dir(spec, out) / "reference.json"
     baseline, reference = (out / "baseline.json").read_bytes(), read_json(ref_path)
     ref_path.unlink()
     said = []
-    study.prepare(spec, out, study.spec_requests(spec), loader(tok), log=said.append)
+    study_baseline.prepare(spec, out, study_spec.spec_requests(spec), loader(tok), log=said.append)
     assert (out / "baseline.json").read_bytes() == baseline
     assert read_json(ref_path) == reference and "not in this cache" in said[0]
 
