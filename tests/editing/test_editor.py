@@ -316,13 +316,17 @@ class ThreadRecording(SphereProjector):
 
     threads: list[str] = []
 
+    seen: list[threading.Thread] = []  # the threads themselves: an ident may be reused once one ends
+
     @classmethod
     def fit(cls, W, *a, **k):
         cls.threads.append(threading.current_thread().name)
+        cls.seen.append(threading.current_thread())
         return super().fit(W, *a, **k)
 
     def refit(self, W, *a, **k):
         ThreadRecording.threads.append(threading.current_thread().name)
+        ThreadRecording.seen.append(threading.current_thread())
         return super().refit(W, *a, **k)
 
 
@@ -353,7 +357,7 @@ def test_overlapped_sphere_fit_edits_the_same(tok, cache, method):
                              overlap_sphere_fit=overlap, projector=ThreadRecording)
             if nudge:
                 nudged(ed, ed.edited_module_names[0])
-            ThreadRecording.threads = []
+            ThreadRecording.threads, ThreadRecording.seen = [], []
             ranks = [{n: layer["rank"] for n, layer in ed.edit_batch(batch)["layers"].items()}
                      for batch in (reqs[:2], reqs[2:])]
             runs.append((ed, ranks))
@@ -363,6 +367,7 @@ def test_overlapped_sphere_fit_edits_the_same(tok, cache, method):
             expected = ((["sphere-prefit_0"] * layers + ["MainThread"] * nudge) * 2 if overlap
                         else ["MainThread"] * layers * 2)
             assert sorted(ThreadRecording.threads) == sorted(expected), (overlap, nudge)
+            assert len({id(t) for t in ThreadRecording.seen}) == 1 + (overlap and nudge), (overlap, nudge)
         (plain, plain_ranks), (overlapped, overlapped_ranks) = runs
         assert overlapped_ranks == plain_ranks
         assert all(r is not None for batch in plain_ranks for r in batch.values())
