@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,15 @@ def cuda_headers_found(nvcc: str, roots: list[str]) -> bool:
     return have("cublas_v2.h") and have("cusolverDn.h")
 
 
+def pybind11_cmake_dir() -> str | None:
+    """pybind11's CMake package folder; None where pybind11 is missing (an install with --no-build-isolation)."""
+    try:
+        import pybind11
+    except ImportError:
+        return None
+    return pybind11.get_cmake_dir()
+
+
 class CMakeExtension(Extension):
     def __init__(self, name: str, source_dir: Path):
         super().__init__(name, sources=[])
@@ -92,14 +102,21 @@ class CMakeBuild(build_ext):
             return False
         nvcc = find_nvcc()
         roots = nvidia_wheel_roots()
-        if nvcc is None or not cuda_headers_found(nvcc, roots):
-            why = "nvcc not found" if nvcc is None else "cuBLAS/cuSOLVER headers not found"
+        pybind11_dir = pybind11_cmake_dir()
+        why = None
+        if nvcc is None:
+            why = "nvcc not found"
+        elif not cuda_headers_found(nvcc, roots):
+            why = "cuBLAS/cuSOLVER headers not found"
+        elif pybind11_dir is None:
+            why = "pybind11 not found (pip install pybind11)"
+        if why is not None:
             if mode == "1":
                 raise SystemExit(f"sphere_fast: cannot build the CUDA extension: {why}")
             print(f"sphere_fast: {why}; installing without the CUDA extension")
             return False
         try:
-            self._cmake(ext, nvcc, roots)
+            self._cmake(ext, nvcc, roots, pybind11_dir)
         except (subprocess.CalledProcessError, OSError) as exc:
             if mode == "1":
                 raise
@@ -107,23 +124,21 @@ class CMakeBuild(build_ext):
             return False
         return True
 
-    def _cmake(self, ext, nvcc, roots):
+    def _cmake(self, ext, nvcc, roots, pybind11_dir):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         # SPHERE_FAST_BUILD_DIR keeps CMake's folder between installs (setuptools
         # gives each editable install a fresh temporary build_temp).
         build_dir = Path(os.environ.get("SPHERE_FAST_BUILD_DIR") or self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
-        import pybind11
-
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPython_EXECUTABLE={sys.executable}",
-            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-Dpybind11_DIR={pybind11_dir}",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DSPHERE_FAST_CUDA_ROOTS={';'.join(roots)}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
-        args += os.environ.get("CMAKE_ARGS", "").split()
+        args += shlex.split(os.environ.get("CMAKE_ARGS", ""))  # keeps quoted values with spaces whole
         build_args = ["--config", "Release"]
         if "CMAKE_BUILD_PARALLEL_LEVEL" not in os.environ:
             build_args += ["--parallel", str(os.cpu_count() or 2)]

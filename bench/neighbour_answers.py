@@ -22,7 +22,8 @@ from sphere_fast.harness.metrics import teacher_forced_predictions, token_accura
 from sphere_fast.harness.model_sources import load_model
 from sphere_fast.harness.report import read_json, write_json
 from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
-from sphere_fast.harness.study import checkpoint_dir, checkpoint_edits, load_spec, set_weights, spec_requests
+from sphere_fast.harness.study_baseline import set_weights
+from sphere_fast.harness.study_spec import checkpoint_dir, checkpoint_edits, load_spec, spec_requests
 
 TOP_FIRST = 12
 

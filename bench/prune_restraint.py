@@ -19,7 +19,7 @@ import torch
 
 from sphere_fast.harness.report import read_json, write_json
 from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
-from sphere_fast.harness.study import checkpoint_dir, checkpoint_edits, load_spec
+from sphere_fast.harness.study_spec import checkpoint_dir, checkpoint_edits, load_spec
 
 
 def layer_rows(ckpt: Path) -> list[dict]:

@@ -18,8 +18,11 @@ namespace detail {
 const char* cublas_status_name(cublasStatus_t s);
 const char* cusolver_status_name(cusolverStatus_t s);
 
+// A failed runtime call (cudaMalloc too) also leaves its error for cudaGetLastError: clear it, or the next
+// launch_status would report it again after its kernel ran.
 inline Status cuda_status(cudaError_t err, const char* what) {
   if (err == cudaSuccess) return Status::Ok();
+  (void)cudaGetLastError();
   return Status::Error(StatusCode::kCudaError,
                        std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
 }
@@ -37,6 +40,9 @@ inline Status cusolver_status(cusolverStatus_t s, const char* what) {
 // The last launch's error, if any (launch configuration errors and earlier
 // asynchronous faults).
 inline Status launch_status(const char* kernel) { return cuda_status(cudaGetLastError(), kernel); }
+
+// At the entry of a public call: an error an earlier, unrelated call left behind is not this call's to report.
+inline void clear_stale_error() { (void)cudaGetLastError(); }
 
 #define SF_RETURN_IF_ERROR(expr)           \
   do {                                     \

@@ -773,6 +773,7 @@ EigResult::~EigResult() {
 }
 
 Status EigResult::copy_out(double* values_out, void* vectors_out, int64_t ld, cudaStream_t out_stream) const {
+  detail::clear_stale_error();
   if (rank > 0 && (values_out == nullptr || vectors_out == nullptr)) {
     return Status::Error(StatusCode::kInvalidArgument, "copy_out: values and vectors must be device pointers, got null");
   }
@@ -803,6 +804,7 @@ Status EigResult::copy_out(double* values_out, void* vectors_out, int64_t ld, cu
 Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace, double eta, const void* init, int k0,
                       int64_t init_s0, int64_t init_s1, const EigOptions& options, cudaStream_t stream,
                       std::unique_ptr<EigResult>* result) {
+  detail::clear_stale_error();
   auto invalid = [](const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); };
   if (result == nullptr) return invalid("result must not be null");
   result->reset();

@@ -3,8 +3,8 @@
 //     out = [W +] B - alpha (B U) U^T
 //
 // Stage 1, T = B U (n x r), on cuBLAS: fp32 B uses a full-fp32 GEMM
-// (CUBLAS_COMPUTE_32F, no TF32: a TF32 product would cost ~1e-4 relative, the
-// fp32 contract is 1e-5); fp16/bf16 B is read in its own dtype on tensor cores
+// (CUBLAS_COMPUTE_32F, no TF32: TF32 operands carry 10 mantissa bits, a unit
+// roundoff of 2^-11 per product, against the fp32 contract's 1e-5); fp16/bf16 B is read in its own dtype on tensor cores
 // against U split into two halves of B's dtype, 2^12 U = u_hi + u_lo (~2^-16
 // relative for bf16, ~2^-22 for fp16), accumulated in fp32 and scaled back by
 // 2^-12 in the GEMMs' alpha; fp64 B uses DGEMM. The scale (a power of two,
@@ -21,7 +21,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <type_traits>
 
@@ -71,6 +73,9 @@ __device__ __forceinline__ void write_out(OutT* out, const OutT* W, const BT* B,
   out[i * os0 + j * os1] = from_acc<OutT>(v);
 }
 
+// Tiles of out per _project_kernel launch: one block each along grid x (rows on grid y would cap n at 65535 tiles).
+inline int64_t project_tiles(int64_t n, int64_t d) { return ((n + kTileM - 1) / kTileM) * ((d + kTileN - 1) / kTileN); }
+
 // out[i, j] = [W[i, j] +] B[i, j] - alpha * sum_k T[i, k] U[j, k]
 template <typename Acc, typename BT, typename OutT>
 __global__ void __launch_bounds__(kThreadsX * kThreadsY)
@@ -88,8 +93,11 @@ __global__ void __launch_bounds__(kThreadsX * kThreadsY)
   __shared__ Acc tile_u[kTileK][kTileN + kPad];
   const int tid = threadIdx.x;
   const int tx = tid % kThreadsX, ty = tid / kThreadsX;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTileM;
-  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  // Row-major order of tiles: consecutive blocks share a row tile of T.
+  const int64_t tiles_n = (d + kTileN - 1) / kTileN;
+  const int64_t tile = blockIdx.x;
+  const int64_t i0 = (tile / tiles_n) * kTileM;
+  const int64_t j0 = (tile % tiles_n) * kTileN;
 
   Acc acc[kMicro][kMicro];
 #pragma unroll
@@ -184,15 +192,10 @@ __global__ void _split_kernel(const float* __restrict__ U, int64_t d, int64_t r,
   }
 }
 
+// project() has checked that the tiles fit grid x.
 template <typename Acc, typename BT, typename OutT>
 Status launch_project(const ProjectArgs& a, cudaStream_t stream) {
-  const int64_t tiles_n = (a.d + kTileN - 1) / kTileN;
-  const int64_t tiles_m = (a.n + kTileM - 1) / kTileM;
-  if (tiles_m > 65535 || tiles_n > std::numeric_limits<int>::max()) {
-    return Status::Error(StatusCode::kInvalidArgument,
-                         "project: too many rows for one launch (n = " + std::to_string(a.n) + ")");
-  }
-  dim3 grid(static_cast<unsigned>(tiles_n), static_cast<unsigned>(tiles_m));
+  const dim3 grid(static_cast<unsigned>(project_tiles(a.n, a.d)));
   _project_kernel<Acc, BT, OutT><<<grid, kThreadsX * kThreadsY, 0, stream>>>(
       static_cast<OutT*>(a.out), static_cast<const OutT*>(a.W), static_cast<const BT*>(a.B),
       static_cast<const Acc*>(a.T), static_cast<const Acc*>(a.U), a.n, a.d, a.r, a.os0, a.os1, a.ws0, a.ws1, a.ldb,
@@ -202,9 +205,7 @@ Status launch_project(const ProjectArgs& a, cudaStream_t stream) {
 
 // Stage 2 on tensor cores (fp16/bf16 B, r > 0, the t3/u3/C workspaces given).
 template <typename BT, typename OutT>
-Status launch_project_tensor_core(const ProjectArgs& a, cudaStream_t stream) {
-  cublasHandle_t blas;
-  SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
+Status launch_project_tensor_core(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   auto* t3 = static_cast<__nv_bfloat16*>(a.t3);
   auto* u3 = static_cast<__nv_bfloat16*>(a.u3);
   _split3_kernel<<<blocks_for(a.n * a.r, 256), 256, 0, stream>>>(static_cast<const float*>(a.T), a.n, a.r, a.r, t3,
@@ -230,31 +231,30 @@ Status launch_project_tensor_core(const ProjectArgs& a, cudaStream_t stream) {
 }
 
 template <typename Acc, typename BT, typename OutT>
-Status launch_stage_two(const ProjectArgs& a, cudaStream_t stream) {
+Status launch_stage_two(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   if constexpr (std::is_same_v<BT, __half> || std::is_same_v<BT, __nv_bfloat16>) {
-    if (a.t3 != nullptr && a.r > 0) return launch_project_tensor_core<BT, OutT>(a, stream);
+    if (a.t3 != nullptr && a.r > 0) return launch_project_tensor_core<BT, OutT>(a, blas, stream);
   }
   return launch_project<Acc, BT, OutT>(a, stream);
 }
 
 template <typename Acc, typename BT>
-Status dispatch_out(const ProjectArgs& a, cudaStream_t stream) {
+Status dispatch_out(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   switch (a.out_dtype) {
-    case kFloat32: return launch_stage_two<Acc, BT, float>(a, stream);
-    case kFloat64: return launch_stage_two<Acc, BT, double>(a, stream);
-    case kFloat16: return launch_stage_two<Acc, BT, __half>(a, stream);
-    case kBFloat16: return launch_stage_two<Acc, BT, __nv_bfloat16>(a, stream);
+    case kFloat32: return launch_stage_two<Acc, BT, float>(a, blas, stream);
+    case kFloat64: return launch_stage_two<Acc, BT, double>(a, blas, stream);
+    case kFloat16: return launch_stage_two<Acc, BT, __half>(a, blas, stream);
+    case kBFloat16: return launch_stage_two<Acc, BT, __nv_bfloat16>(a, blas, stream);
     default:
       return Status::Error(StatusCode::kInvalidArgument,
-                           std::string("out must be float16, bfloat16, float32 or float64, got ") + dtype_name(a.out_dtype));
+                           std::string("out must be float16, bfloat16, float32 or float64, got ") +
+                               dtype_name(a.out_dtype));
   }
 }
 
 // T (n x r row-major, i.e. column-major r x n) = B U.
-Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
+Status stage_one(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   if (a.r == 0) return Status::Ok();
-  cublasHandle_t blas;
-  SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
   const int r = static_cast<int>(a.r), n = static_cast<int>(a.n), d = static_cast<int>(a.d);
   const int ldb = static_cast<int>(a.ldb), ldu = static_cast<int>(a.ldu), ldh = static_cast<int>(a.ldh);
   if (a.b_dtype == kFloat64) {
@@ -293,13 +293,63 @@ Status stage_one(const ProjectArgs& a, cudaStream_t stream) {
 
 bool is_float_code(int c) { return c == kFloat32 || c == kFloat64 || c == kFloat16 || c == kBFloat16; }
 
+int64_t dtype_bytes(int c) { return c == kFloat64 ? 8 : c == kFloat32 ? 4 : 2; }
+
+// An n x d matrix at p with element strides (s0, s1), each >= 1 where its dimension is longer than 1 (the stride
+// of a length-1 dimension is never used).
+struct Layout {
+  const void* p;
+  int64_t n, d, s0, s1, elem;
+
+  // The same element (i, j) at the same address and of the same dtype as in o, for every (i, j).
+  bool same_as(const Layout& o) const {
+    return p == o.p && elem == o.elem && n == o.n && d == o.d && (n == 1 || s0 == o.s0) && (d == 1 || s1 == o.s1);
+  }
+  // The offset of the last element, in elements; false where it would not fit int64 (the kernels' index math),
+  // with room to count it in bytes.
+  bool last_offset(int64_t* last) const {
+    constexpr int64_t kMax = std::numeric_limits<int64_t>::max() / 8 - 1;
+    int64_t off = 0;
+    auto add = [&off](int64_t size, int64_t stride) {
+      if (size <= 1) return true;
+      if (stride > (kMax - off) / (size - 1)) return false;
+      off += (size - 1) * stride;
+      return true;
+    };
+    if (!add(n, s0) || !add(d, s1)) return false;
+    *last = off;
+    return true;
+  }
+  // Whether the byte ranges from the first to the last element of the two matrices intersect.
+  bool may_overlap(const Layout& o) const {
+    int64_t last = 0, o_last = 0;
+    if (!last_offset(&last) || !o.last_offset(&o_last)) return true;
+    const auto lo = reinterpret_cast<uintptr_t>(p), o_lo = reinterpret_cast<uintptr_t>(o.p);
+    const uintptr_t hi = lo + static_cast<uintptr_t>((last + 1) * elem);
+    const uintptr_t o_hi = o_lo + static_cast<uintptr_t>((o_last + 1) * o.elem);
+    return lo < o_hi && o_lo < hi;
+  }
+  // Whether two elements share an address: (i - i') s0 = (j' - j) s1 has a solution other than 0 inside the
+  // matrix exactly when s1 / g < n and s0 / g < d, g = gcd(s0, s1).
+  bool self_overlaps() const {
+    if (n == 1 || d == 1) return false;
+    const int64_t g = std::gcd(s0, s1);
+    return s1 / g < n && s0 / g < d;
+  }
+};
+
+std::string strides_text(int64_t s0, int64_t s1) { return "(" + std::to_string(s0) + ", " + std::to_string(s1) + ")"; }
+
 }  // namespace
 
 Status project(const ProjectArgs& a, cudaStream_t stream) {
+  detail::clear_stale_error();
   auto invalid = [](const std::string& msg) { return Status::Error(StatusCode::kInvalidArgument, msg); };
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   if (!is_float_code(a.b_dtype)) return invalid(std::string("B has an unsupported dtype ") + dtype_name(a.b_dtype));
-  if (!is_float_code(a.out_dtype)) return invalid(std::string("out has an unsupported dtype ") + dtype_name(a.out_dtype));
+  if (!is_float_code(a.out_dtype)) {
+    return invalid(std::string("out has an unsupported dtype ") + dtype_name(a.out_dtype));
+  }
   if (a.out == nullptr) return invalid("out must be a device pointer, got null");
   if (a.B == nullptr) return invalid("B must be a device pointer, got null");
   if (a.n < 1 || a.d < 1) {
@@ -344,13 +394,54 @@ Status project(const ProjectArgs& a, cudaStream_t stream) {
     }
     if (a.c_rows < 1) return invalid("c_rows (rows of C) must be >= 1, got " + std::to_string(a.c_rows));
   }
+  const int64_t out_elem = dtype_bytes(a.out_dtype);
+  if ((a.n > 1 && a.os0 < 1) || (a.d > 1 && a.os1 < 1)) {
+    return invalid("out's strides must be >= 1 along dimensions longer than 1, got " + strides_text(a.os0, a.os1));
+  }
+  const Layout out{a.out, a.n, a.d, a.os0, a.os1, out_elem};
+  int64_t last = 0;
+  if (!out.last_offset(&last)) return invalid("out's strides " + strides_text(a.os0, a.os1) + " overflow int64");
+  if (out.self_overlaps()) {
+    return invalid("out's strides " + strides_text(a.os0, a.os1) + " map different elements of the " +
+                   std::to_string(a.n) + " x " + std::to_string(a.d) + " out to one address");
+  }
+  // The thread that writes out[i, j] reads W[i, j] and B[i, j] just before: an alias is safe element for element.
+  if (a.W != nullptr) {
+    if ((a.n > 1 && a.ws0 < 1) || (a.d > 1 && a.ws1 < 1)) {
+      return invalid("W's strides must be >= 1 along dimensions longer than 1, got " + strides_text(a.ws0, a.ws1));
+    }
+    const Layout w{a.W, a.n, a.d, a.ws0, a.ws1, out_elem};
+    if (!w.last_offset(&last)) return invalid("W's strides " + strides_text(a.ws0, a.ws1) + " overflow int64");
+    if (!w.same_as(out) && w.may_overlap(out)) {
+      return invalid("W must be out itself (same pointer and strides) or not overlap it, got W strides " +
+                     strides_text(a.ws0, a.ws1) + " and out strides " + strides_text(a.os0, a.os1));
+    }
+  }
+  const Layout b{a.B, a.n, a.d, a.ldb, 1, dtype_bytes(a.b_dtype)};
+  if (!b.same_as(out) && b.may_overlap(out)) {
+    return invalid(std::string("B must be out itself (same pointer, dtype and strides) or not overlap it, got B ") +
+                   dtype_name(a.b_dtype) + " strides " + strides_text(a.ldb, 1) + " and out " +
+                   dtype_name(a.out_dtype) + " strides " + strides_text(a.os0, a.os1));
+  }
+  const bool tensor_core = a.t3 != nullptr && a.r > 0;
+  if (!tensor_core && project_tiles(a.n, a.d) > kIntMax) {
+    return invalid("B of " + std::to_string(a.n) + " x " + std::to_string(a.d) +
+                   " needs more than 2^31 - 1 tiles of " + std::to_string(kTileM) + " x " + std::to_string(kTileN) +
+                   " (one launch of the FMA kernel)");
+  }
   if (!std::isfinite(a.alpha)) return invalid("alpha must be finite, got " + std::to_string(a.alpha));
-  SF_RETURN_IF_ERROR(stage_one(a, stream));
+
+  // What a retry could cure (the cuBLAS workspace's allocation, an error of an earlier call) fails before the
+  // first kernel that writes out: a failed call leaves W as it was.
+  cublasHandle_t blas = nullptr;
+  if (a.r > 0) SF_RETURN_IF_ERROR(detail::blas_handle(stream, &blas));
+  SF_RETURN_IF_ERROR(stage_one(a, blas, stream));
+  SF_RETURN_IF_ERROR(detail::launch_status("B U (stage one)"));
   switch (a.b_dtype) {
-    case kFloat64: return dispatch_out<double, double>(a, stream);
-    case kFloat32: return dispatch_out<float, float>(a, stream);
-    case kFloat16: return dispatch_out<float, __half>(a, stream);
-    default: return dispatch_out<float, __nv_bfloat16>(a, stream);
+    case kFloat64: return dispatch_out<double, double>(a, blas, stream);
+    case kFloat32: return dispatch_out<float, float>(a, blas, stream);
+    case kFloat16: return dispatch_out<float, __half>(a, blas, stream);
+    default: return dispatch_out<float, __nv_bfloat16>(a, blas, stream);
   }
 }
 

@@ -133,8 +133,11 @@ Status top_eigenpairs(const void* G, int m, int64_t ldg, int dtype, double trace
 // U:   d x r row-major, row stride ldu, dtype acc (kFloat64 iff B is kFloat64,
 //      else kFloat32).
 // W:   optional (nullptr), n x d with strides (ws0, ws1), dtype out_dtype.
-// out: n x d with strides (os0, os1), dtype out_dtype; may alias W exactly
-//      (same pointer and strides: the in-place update W += ...).
+// out: n x d with strides (os0, os1), dtype out_dtype, no two elements at one
+//      address. W and B may each be out itself (same pointer, strides and
+//      dtype: the in-place update W += ..., or project(B, out=B)); otherwise
+//      neither may overlap out. Strides are in elements and >= 1 along a
+//      dimension longer than 1; kInvalidArgument where any of this fails.
 // T:   workspace n x r, dtype acc, contiguous.
 // u_hi, u_lo: workspace d x ldh row-major in B's dtype, ldh >= r (only for
 //      fp16/bf16 B; else nullptr): 2^12 U = u_hi + u_lo (the scale keeps fp16's

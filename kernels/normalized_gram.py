@@ -205,6 +205,7 @@ def normalized_gram(W: torch.Tensor, *, precision: str = "fp32") -> NormalizedGr
         on a CUDA device (or CPU under ``TRITON_INTERPRET=1``). Read in its
         stored dtype; never copied.
     precision : "fp32" (default; IEEE fp32 dots, the fp32 accuracy contract),
+        "tf32x3" (three TF32 tensor-core products per dot, near fp32 accuracy),
         "tf32" or "bf16" (tensor-core input precisions for fp32 operands; under
         the interpreter "tf32" runs as fp32 and "bf16" rounds operands to bf16).
         Unscaled fp16/bf16 tiles (rows side) use the tensor cores in every mode:

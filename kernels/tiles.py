@@ -240,14 +240,13 @@ def _tuned(kernel, capability: tuple[int, int], dot: tl.constexpr, elem_bytes: i
 
 
 def launch_kernel(kernel, W: torch.Tensor, m: int, dot: tl.constexpr, args: tuple, kwargs: dict,
-                  reset: tuple[str, ...] = ()):
-    """Launch ``kernel`` over the upper triangle of tiles of an m x m result; returns the BLOCK it ran with."""
+                  reset: tuple[str, ...] = ()) -> None:
+    """Launch ``kernel`` over the upper triangle of tiles of an m x m result."""
     if interpreting():
         grid = (num_upper_tiles(m, INTERPRET_CONFIG["BLOCK"]),)
         kernel[grid](*args, **kwargs, **INTERPRET_CONFIG, INTERPRET=True)
-        return INTERPRET_CONFIG["BLOCK"]
+        return
     tuned = _tuned(kernel, torch.cuda.get_device_capability(W.device), dot, W.element_size(), reset)
     grid = lambda meta: (num_upper_tiles(m, meta["BLOCK"]),)  # noqa: E731
     with torch.cuda.device(W.device):
         tuned[grid](*args, **kwargs, INTERPRET=False)
-    return tuned.best_config.kwargs["BLOCK"]

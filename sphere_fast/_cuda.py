@@ -45,8 +45,9 @@ from .gram import work_dtype
 EXTENSION_MODULE = "sphere_fast._C"
 SPLIT_ALIGN = 8  # elements per row of the fp16/bf16 halves of U: a multiple of 8 is 16 bytes
 # (B U) U^T on tensor cores for fp16/bf16 B from this rank on. That path moves 8 more bytes
-# per output element (its fp32 chunk C, written and read) and saves the FMA kernel's
-# 2r fp32 flops per element; the two meet near r = 64 on an H100's roofline.
+# per output element (its fp32 chunk C, written and read) and saves the FMA kernel's 2r fp32
+# flops per element, so it wins once r is large enough. The switch point is a roofline
+# estimate, not yet measured: retune it from bench/bench_cuda.py's apply cases on a GPU.
 TENSOR_CORE_MIN_RANK = 64
 TENSOR_CORE_CHUNK_BYTES = 64 << 20  # the fp32 chunk C of T U^T: rows per GEMM are sized to this
 BUILD_HINT = (
@@ -85,14 +86,7 @@ def load_extension():
     return _import_extension(EXTENSION_MODULE)
 
 
-# -- argument checks -------------------------------------------------------------
-
-
-def _check_cuda_matrix(x, name: str, dtypes: tuple[torch.dtype, ...]) -> torch.Tensor:
-    """A 2-D CUDA tensor of one of ``dtypes``; sizes and values are checked where they are used."""
-    val.check_matrix(x, name, finite=False, dtypes=dtypes, empty_ok=True)
-    val.check_cuda(x, name)
-    return x
+# -- layout and stream -----------------------------------------------------------
 
 
 def _row_major(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -147,19 +141,14 @@ def top_eigenpairs(
     seed : seed of the random start / growth columns.
     return_stats : also return a dict (iterations, tf32_iterations, residuals, ...).
     """
-    _check_cuda_matrix(G, "G", (torch.float32, torch.float64))
+    # NaN/Inf in G and init are found by the extension, on the device.
+    trace, eta, tol = val.check_eig_args(G, trace, eta, method=method, methods=METHODS, init=init, tol=tol,
+                                         max_iter=max_iter, finite=False)
+    val.check_int_range(oversample, "oversample", 0, none_ok=True)
+    val.check_int_range(seed, "seed", 0, 2**64)
+    val.check_cuda(G, "G")
     m = G.shape[0]
-    if G.shape[1] != m:
-        raise ValueError(f"G must be square, got shape {tuple(G.shape)}")
-    val.check_choice(method, "method", METHODS)
-    trace = val.check_positive(trace, "trace")
-    eta = val.check_eta(eta)
-    tol = DEFAULT_TOL[G.dtype] if tol is None else val.check_positive(tol, "tol")
-    val.check_positive_int(max_iter, "max_iter")
-    if oversample is not None and (isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0):
-        raise ValueError(f"oversample must be an int >= 0 or None, got {oversample!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    tol = DEFAULT_TOL[G.dtype] if tol is None else tol
 
     # G is symmetric: a column-major view is the same matrix.
     if G.stride(1) == 1 and (m == 1 or G.stride(0) >= m):
@@ -172,11 +161,6 @@ def top_eigenpairs(
 
     init_ptr, k0, s0, s1 = 0, 0, 0, 0
     if init is not None:
-        _check_cuda_matrix(init, "init", val.FLOAT_DTYPES)
-        if init.device != G.device:
-            raise ValueError(f"init must be on G's device {G.device}, got {init.device}")
-        if init.shape[0] != m or not 1 <= init.shape[1] <= m:
-            raise ValueError(f"init must have shape (m, k) with m = {m} and 1 <= k <= m, got {tuple(init.shape)}")
         if init.dtype != G.dtype:
             init = init.to(G.dtype)
         init_ptr, k0, s0, s1 = init.data_ptr(), init.shape[1], init.stride(0), init.stride(1)
@@ -217,11 +201,18 @@ def top_eigenpairs(
 
 
 def _with_memory_retry(call):
-    """Run an extension call; if a device allocation fails, free torch's cached blocks and retry once.
+    """Run an extension call; if it fails on a device allocation, empty torch's cache and run it once more.
 
-    The extension allocates its workspace outside torch's caching allocator, which
-    during editing often holds most free memory. Only failed allocations are
-    retried; they happen before any output is written.
+    The extension takes its memory (the eigensolver's workspace, cuBLAS's workspace
+    and handles) outside torch's caching allocator, which during editing often holds
+    most of the free memory; ``torch.cuda.empty_cache`` returns torch's unused cached
+    blocks to the device. The extension clears CUDA's last-error state when an
+    allocation fails, so the second call starts clean and really allocates again
+    rather than reporting the first failure. Nothing the caller sees has been written
+    when an allocation fails (the eigensolver's results are copied out by a later
+    call; the projection allocates before its output pass), so the second call runs on
+    unchanged inputs. A second allocation failure raises torch.cuda.OutOfMemoryError;
+    any other error is raised as it is, without a retry.
     """
     try:
         return call()
@@ -297,14 +288,10 @@ def _project_call(out: torch.Tensor, W: torch.Tensor | None, B: torch.Tensor, U:
 
 
 def _check_project_args(B, U, alpha) -> float:
-    _check_cuda_matrix(B, "B", val.FLOAT_DTYPES)
-    _check_cuda_matrix(U, "U", (torch.float32, torch.float64))
-    if U.device != B.device:
-        raise ValueError(f"U must be on B's device {B.device}, got {U.device}")
-    if U.shape[0] != B.shape[1]:
-        raise ValueError(f"U must have {B.shape[1]} rows (as many as B has columns), got shape {tuple(U.shape)}")
-    if B.numel() == 0:
-        raise ValueError(f"B must not be empty, got shape {tuple(B.shape)}")
+    # Values are not scanned here: the public entries (SphereProjector.apply / apply_) do that.
+    val.check_matrix(B, "B", finite=False)
+    val.check_cuda(B, "B")  # before U's device is compared with B's: the message then says what is wrong
+    val.check_update(B, U, finite=False)
     return val.real_number(alpha, "alpha")
 
 
@@ -325,12 +312,10 @@ def project(B: torch.Tensor, U: torch.Tensor, alpha: float, *, out: torch.Tensor
     if out is None:
         out = torch.empty(B.shape, dtype=B.dtype, device=B.device)
     else:
-        _check_cuda_matrix(out, "out", (B.dtype,))
-        if out.shape != B.shape or out.device != B.device:
-            raise ValueError(
-                f"out must have B's shape {tuple(B.shape)} on {B.device}, got {tuple(out.shape)} on {out.device}"
-            )
-        _check_writable(out, "out")
+        val.check_matrix(out, "out", finite=False, dtypes=(B.dtype,))
+        val.check_same_shape(out=out, B=B)
+        val.check_same_device(out=out, B=B)
+        val.check_writable(out, "out")
     return _project_call(out, None, B, U, alpha)
 
 
@@ -341,16 +326,9 @@ def project_add_(W: torch.Tensor, B: torch.Tensor, U: torch.Tensor, alpha: float
     before W is touched.
     """
     alpha = _check_project_args(B, U, alpha)
-    _check_cuda_matrix(W, "W", val.FLOAT_DTYPES)
-    if W.shape != B.shape:
-        raise ValueError(f"W and B must have the same shape, got W {tuple(W.shape)} and B {tuple(B.shape)}")
-    if W.device != B.device:
-        raise ValueError(f"W must be on B's device {B.device}, got {W.device}")
-    _check_writable(W, "W")
+    val.check_matrix(W, "W", finite=False)
+    val.check_same_shape(W=W, B=B)
+    val.check_same_device(W=W, B=B)
+    val.check_writable(W, "W")
     return _project_call(W, W, B, U, alpha)
 
-
-def _check_writable(x: torch.Tensor, name: str) -> None:
-    for size, stride in zip(x.shape, x.stride()):
-        if size > 1 and stride == 0:
-            raise ValueError(f"{name} must not be an expanded (stride-0) view, got strides {x.stride()}")

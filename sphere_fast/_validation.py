@@ -68,6 +68,87 @@ def check_columns(b: torch.Tensor, d: int, name: str = "B", what: str = "A") -> 
         )
 
 
+def check_same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = " and ".join(f"{n} {s}" for n, s in shapes.items())
+        raise ValueError(f"{' and '.join(shapes)} must have the same shape, got {listed}")
+
+
+def check_shape(x: torch.Tensor, name: str, shape: tuple, what: str) -> None:
+    """x has ``shape``, described as ``what`` (e.g. "the fitted shape")."""
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have {what} {tuple(shape)}, got {tuple(x.shape)}")
+
+
+def check_writable(x: torch.Tensor, name: str) -> None:
+    """No element of x is shared with another (an expanded view would be written several times)."""
+    for size, stride in zip(x.shape, x.stride()):
+        if size > 1 and stride == 0:
+            raise ValueError(f"{name} must not be an expanded (stride-0) view, got strides {x.stride()}")
+
+
+def check_update(B: torch.Tensor, U: torch.Tensor, name: str = "B", *, finite: bool = True) -> None:
+    """An update B (n x d, non-empty) for a basis U (d x r, fp32 or fp64, r may be 0) on B's device."""
+    check_matrix(B, name, finite=False)
+    check_matrix(U, "U", finite=False, dtypes=(torch.float32, torch.float64), empty_ok=True)
+    check_same_device(**{name: B, "U": U})
+    if U.shape[0] != B.shape[1]:
+        raise ValueError(
+            f"U must have {B.shape[1]} rows (as many as {name} has columns), got shape {tuple(U.shape)}"
+        )
+    if finite:
+        check_finite(B, name)
+
+
+# -- the eigensolver's arguments (the torch twin and the CUDA extension's wrapper alike) --
+
+EIG_DTYPES = (torch.float32, torch.float64)
+
+
+def check_square(x, name: str, *, dtypes=FLOAT_DTYPES, finite: bool = True) -> int:
+    """A non-empty square matrix of one of ``dtypes``; returns its size."""
+    check_matrix(x, name, finite=False, dtypes=dtypes)
+    if x.shape[0] != x.shape[1]:
+        raise ValueError(f"{name} must be square, got shape {tuple(x.shape)}")
+    if finite:
+        check_finite(x, name)
+    return x.shape[0]
+
+
+def check_init(init, G: torch.Tensor, *, finite: bool = True) -> None:
+    """A warm start for the eigensolver on G (m x m): None, or (m, k) with 1 <= k <= m on G's device."""
+    if init is None:
+        return
+    check_matrix(init, "init", finite=False)
+    check_same_device(G=G, init=init)
+    m = G.shape[0]
+    if init.shape[0] != m or not 1 <= init.shape[1] <= m:
+        raise ValueError(f"init must have shape (m, k) with m = {m} and 1 <= k <= m, got {tuple(init.shape)}")
+    if finite:
+        check_finite(init, "init")
+
+
+def check_eig_args(G, trace, eta, *, method, methods: tuple, init, tol, max_iter, finite: bool = True):
+    """The arguments both eigensolver twins take; returns ``(trace, eta, tol)`` as floats (tol may be None).
+
+    ``finite=False`` leaves the NaN/Inf scan of G and init to the caller (the CUDA
+    extension does it on the device). Shapes and scalars are checked before any scan.
+    """
+    check_square(G, "G", dtypes=EIG_DTYPES, finite=False)
+    check_choice(method, "method", methods)
+    trace = check_positive(trace, "trace")
+    eta = check_eta(eta)
+    tol = None if tol is None else check_positive(tol, "tol")
+    check_positive_int(max_iter, "max_iter")
+    check_init(init, G, finite=False)
+    if finite:
+        check_finite(G, "G")
+        if init is not None:
+            check_finite(init, "init")
+    return trace, eta, tol
+
+
 def check_eta(eta) -> float:
     eta = real_number(eta, "eta")
     if not (0.0 < eta <= 1.0):
@@ -105,6 +186,20 @@ def check_positive_int(value, name: str, *, none_ok: bool = False) -> int | None
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer{' or None' if none_ok else ''}, got {value!r}")
+    return value
+
+
+def check_int_range(value, name: str, low: int, high: int | None = None, *, none_ok: bool = False) -> int | None:
+    """An int (a bool is not one) in [low, high) (no upper bound when high is None), or None when ``none_ok``."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
+        if high is None:
+            bounds = f">= {low}"
+        else:  # a large power of two reads better as one
+            top = f"2**{high.bit_length() - 1}" if high > 2**16 and high & (high - 1) == 0 else str(high)
+            bounds = f"in [{low}, {top})"
+        raise ValueError(f"{name} must be an int {bounds}{' or None' if none_ok else ''}, got {value!r}")
     return value
 
 

@@ -88,14 +88,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
-    return value
+def _checked(name: str):
+    """An argparse type for ``name`` (eta, alpha): a number passing the library's own range check."""
+    def parse(text: str) -> float:
+        from . import _validation  # here: the parser itself does not import torch
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return getattr(_validation, f"check_{name}")(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
 
 
 # --------------------------------------------------------------------------- edit
@@ -303,8 +309,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .harness.study import StudySpecError, default_jobs, load_spec, pending_runs, run_study, set_threads, shipped_spec
+    from .harness.study import default_jobs, pending_runs, run_study, set_threads
     from .harness.study_report import write_report
+    from .harness.study_spec import StudySpecError, load_spec, shipped_spec
 
     command = "study"
     if args.report is not None:
@@ -379,7 +386,7 @@ def study_worker_command(args, out: Path, threads: int) -> list[str]:
     """The command line of one ``--jobs`` worker, less its ``--only``. Paths are absolute, so the workers can
     start in ``out`` (a checkout root as the current folder would put its kernels/ folder on sys.path); a
     shipped spec's name becomes its file, and "data:" request paths stay as they are."""
-    from .harness.study import spec_path
+    from .harness.study_spec import spec_path
 
     def absolute(value):
         return str(Path(value).resolve()) if value is not None and Path(value).exists() else value
@@ -445,14 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench-projection", parents=[seeded],
         help="time the reference projection against sphere_fast on one layer")
-    bench.add_argument("--shape", type=int, nargs=2, metavar=("N", "D"),
+    bench.add_argument("--shape", type=_positive_int, nargs=2, metavar=("N", "D"),
                        help=f"weight shape (default {' '.join(map(str, CPU_SHAPE))} on CPU, "
                             f"{' '.join(map(str, GPU_SHAPE))} on a GPU)")
     bench.add_argument("--spectrum", choices=("decaying", "steep", "gaussian"), default="decaying",
                        help="singular-value profile of the synthetic weight (see sphere_fast.synthetic)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"), default="float32")
-    bench.add_argument("--eta", type=float, default=0.5)
-    bench.add_argument("--alpha", type=float, default=0.5)
+    bench.add_argument("--eta", type=_checked("eta"), default=0.5)
+    bench.add_argument("--alpha", type=_checked("alpha"), default=0.5)
     bench.add_argument("--device", default=None)
     bench.add_argument("--skip-reference", action="store_true", help="do not run the slow reference")
     bench.add_argument("--skip-error", action="store_true", help="do not compute the float64 error")
@@ -470,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="editing method (rect and prune edit with MEMIT's update, then restrain it)")
     edit.add_argument("--sphere", action=argparse.BooleanOptionalAction, default=True,
                       help="project each update with SPHERE (default: on)")
-    edit.add_argument("--eta", type=_unit_interval, default=None, help="SPHERE cumulative ratio (default 0.5)")
-    edit.add_argument("--alpha", type=_unit_interval, default=None,
+    edit.add_argument("--eta", type=_checked("eta"), default=None, help="SPHERE cumulative ratio (default 0.5)")
+    edit.add_argument("--alpha", type=_checked("alpha"), default=None,
                       help="SPHERE suppression strength (default 0.5 AlphaEdit, 0.8 MEMIT)")
     edit.add_argument("--edits", type=_positive_int, required=True, help="number of requests to edit (file order)")
     edit.add_argument("--batch-size", type=_positive_int, required=True, help="requests per sequential batch")

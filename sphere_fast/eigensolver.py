@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_choice, check_finite
+from ._validation import check_eig_args
 from .gram import ieee_fp32_matmul
 
 # Energy left above which the cut is not "at the end of the spectrum": beyond
@@ -108,8 +108,10 @@ def dense_eigenpairs(G: torch.Tensor, trace: float, eta: float) -> Eigenpairs:
 
 # Costs in units of the block method's flops (docs/design.md, "Eigensolver plan").
 # A dense eigh of m x m (syevd: tridiagonal reduction, divide and conquer,
-# back-transformation) costs about as long as 3 m^3 of block-method work: its
-# tridiagonal reduction runs at matrix-vector speed, the block method at GEMM speed.
+# back-transformation) is charged DENSE_COST m^3: its tridiagonal reduction runs at
+# matrix-vector speed, the block method at GEMM speed, so each of its flops costs
+# more. The factor is a calibration, not yet measured: retune it from the cold / warm
+# solves against torch_eigh in bench/bench_cuda.py on a GPU.
 DENSE_COST = 3.0
 # One block iteration on k columns, a m^2 k + b m k^2 + c k^3: G @ X, the
 # CholeskyQR2 and Rayleigh-Ritz block Grams (fp64, counted twice), the k x k
@@ -330,10 +332,11 @@ def top_eigenpairs(
 ) -> Eigenpairs:
     """The top-r eigenpairs of the symmetric PSD matrix G, r by the cumulative rule.
 
+    G is m x m, float32 or float64; ``trace`` > 0 is its trace; ``eta`` in (0, 1].
     ``init`` (m x k, orthonormal columns) warm-starts the block method.
     """
-    check_choice(method, "method", METHODS)
-    check_finite(G, "G")
+    trace, eta, tol = check_eig_args(G, trace, eta, method=method, methods=METHODS, init=init, tol=tol,
+                                     max_iter=max_iter)
     if method == "dense":
         return dense_eigenpairs(G, trace, eta)
     if method == "block":

@@ -7,6 +7,7 @@ Rows are normalised as in the reference ``sparse_projection``:
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -57,43 +58,91 @@ def ieee_fp32_matmul():
     """fp32 matrix products inside run in full IEEE fp32, whatever the caller set.
 
     ``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision("high")``
-    would otherwise put them on TF32 (10-bit operands, ~1e-3 relative) on a GPU,
-    and "medium" on bf16 in oneDNN on a CPU, against the 1e-5 fp32 contract.
-    The caller's settings are restored on exit. The switches are process-wide:
-    other threads' fp32 products in that window run in IEEE fp32 too. Also a
-    decorator.
+    would otherwise put them on TF32 on a GPU (10 explicit mantissa bits: unit roundoff
+    2^-11, about 4.9e-4, per product), and "medium" on bf16 in oneDNN on a CPU, against
+    the 1e-5 fp32 contract. The caller's settings are restored when the last window
+    closes (:func:`fp32_matmul`). Also a decorator.
     """
     return fp32_matmul("ieee")
 
 
+_LEGACY_PRECISION = {"ieee": "highest", "tf32": "high"}
+# torch's switches are process-wide, and the editor fits projectors on a background thread
+# while the main thread refits and applies: windows from any thread are counted, the first
+# to open saves the caller's settings and the last to close restores them.
+_windows_lock = threading.Lock()
+_open_windows = {"ieee": 0, "tf32": 0}
+_callers_settings: dict[str, str] = {}
+
+
+def _per_backend_switches() -> dict:
+    """The per-backend fp32 matmul switches (torch >= 2.9); empty where only the legacy one exists."""
+    found = {name: b.matmul for name, b in (("cuda", torch.backends.cuda), ("mkldnn", torch.backends.mkldnn))}
+    return {name: m for name, m in found.items() if hasattr(m, "fp32_precision")}
+
+
+def _read_settings() -> dict[str, str]:
+    switches = _per_backend_switches()
+    if not switches:
+        return {"legacy": torch.get_float32_matmul_precision()}
+    return {name: m.fp32_precision for name, m in switches.items()}
+
+
+def _mode_settings(mode: str) -> dict[str, str]:
+    """What ``mode`` sets: "ieee" on cuBLAS and oneDNN, "tf32" on cuBLAS only."""
+    switches = _per_backend_switches()
+    if not switches:
+        return {"legacy": _LEGACY_PRECISION[mode]}
+    names = ("cuda", "mkldnn") if mode == "ieee" else ("cuda",)
+    return {name: mode for name in names if name in switches}
+
+
+def _write_settings(settings: dict[str, str]) -> None:
+    switches = _per_backend_switches()
+    for name, value in settings.items():
+        if name == "legacy":
+            torch.set_float32_matmul_precision(value)
+        else:
+            switches[name].fp32_precision = value
+
+
+def _settings_for_open_windows() -> dict[str, str]:
+    """The caller's settings, overridden by the open modes; "ieee" outranks "tf32" (the contract
+    outranks a benchmark's TF32 baseline)."""
+    settings = dict(_callers_settings)
+    for mode in ("tf32", "ieee"):
+        if _open_windows[mode]:
+            settings.update(_mode_settings(mode))
+    return settings
+
+
 @contextlib.contextmanager
 def fp32_matmul(mode: str):
-    """torch's fp32 matmul precision set to ``mode`` inside, restored on exit.
+    """torch's fp32 matmul precision set to ``mode`` inside; the caller's is back once no window is open.
 
     "ieee": full fp32 on cuBLAS and oneDNN; "tf32": TF32 tensor cores on cuBLAS
     (the benchmarks' unfused baseline). torch < 2.9 has only the legacy switch.
+    Windows may nest and overlap across threads: while any "ieee" window is open,
+    fp32 products run in IEEE fp32 on every thread. A setting the caller changes
+    while a window is open is replaced by the one saved when the first opened.
     """
-    legacy = {"ieee": "highest", "tf32": "high"}
-    if mode not in legacy:
-        raise ValueError(f"mode must be one of {sorted(legacy)}, got {mode!r}")
-    backends = (torch.backends.cuda, torch.backends.mkldnn) if mode == "ieee" else (torch.backends.cuda,)
-    matmul = [b.matmul for b in backends if hasattr(b.matmul, "fp32_precision")]
-    if not matmul:
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(legacy[mode])
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        return
-    saved = [b.fp32_precision for b in matmul]
+    if mode not in _LEGACY_PRECISION:
+        raise ValueError(f"mode must be one of {sorted(_LEGACY_PRECISION)}, got {mode!r}")
+    with _windows_lock:
+        if not any(_open_windows.values()):
+            _callers_settings.clear()
+            _callers_settings.update(_read_settings())
+        _open_windows[mode] += 1
     try:
-        for b in matmul:
-            b.fp32_precision = mode
+        with _windows_lock:
+            _write_settings(_settings_for_open_windows())
         yield
     finally:
-        for b, value in zip(matmul, saved):
-            b.fp32_precision = value
+        with _windows_lock:
+            _open_windows[mode] -= 1
+            _write_settings(_settings_for_open_windows())
+            if not any(_open_windows.values()):
+                _callers_settings.clear()
 
 
 def trace_from_norms(row_norms: torch.Tensor) -> float:

@@ -24,14 +24,17 @@ def _ratio(eta, energy_ratio, default: float, function: str) -> float:
 
 
 def _project(A: torch.Tensor, B: torch.Tensor, eta: float, alpha: float, backend: str):
+    # Every check here, each tensor scanned once; the projector's own entries would repeat them.
     val.check_matrix(A, "A", finite=False)
     val.check_matrix(B, "B", finite=False)
     val.check_same_device(A=A, B=B)
     val.check_columns(B, A.shape[1], "B", "A")
+    eta = val.check_eta(eta)
+    alpha = val.check_alpha(alpha)
     val.check_finite(A, "A")
     val.check_finite(B, "B")
-    projector = SphereProjector.fit(A, eta, alpha, backend=backend)
-    return projector.apply(B), projector.projection_matrix(), projector.U.flip(1)
+    projector = SphereProjector._fit(A, eta, alpha, backend=backend, method="auto", precision="fp32", init=None)
+    return projector._apply(B), projector.projection_matrix(), projector.U.flip(1)
 
 
 def sparse_projection(A: torch.Tensor, B: torch.Tensor, eta: float | None = None, alpha: float = 0.5, *,

@@ -15,7 +15,12 @@ from . import _validation as val
 from .backends import implementation
 from .eigensolver import Eigenpairs, orthonormalize
 from .gram import NormalizedGram, ieee_fp32_matmul, work_dtype
-from .ops import normalized_gram
+
+
+def _gram(W: torch.Tensor, *, backend: str, precision: str) -> NormalizedGram:
+    """:func:`sphere_fast.normalized_gram` for a W its caller has checked: its values are scanned once, there."""
+    val.check_precision(precision)
+    return implementation("gram", backend, W.device)(W, precision=precision)
 
 
 def _solve(gram: NormalizedGram, eta: float, *, backend: str, method: str, init: torch.Tensor | None) -> Eigenpairs:
@@ -23,7 +28,8 @@ def _solve(gram: NormalizedGram, eta: float, *, backend: str, method: str, init:
     return top_eigenpairs(gram.gram, gram.trace, eta, method=method, init=init)
 
 
-@ieee_fp32_matmul()  # a caller's TF32 setting would cost ~1e-3 here, against the 1e-5 contract
+# A caller's TF32 setting (unit roundoff 2^-11, about 4.9e-4, per product) would break the 1e-5 contract.
+@ieee_fp32_matmul()
 def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Tensor:
     """Eigenvectors of C (d x r) from those of the Gram on the smaller side."""
     if gram.side == "cols":
@@ -81,14 +87,16 @@ class SphereProjector:
         method : eigensolver, "auto", "dense" or "block".
         precision : input precision of the Gram products (``sphere_fast.gram.PRECISIONS``).
         """
-        val.check_matrix(W, "W")
+        val.check_matrix(W, "W", finite=False)
         eta = val.check_eta(eta)
         alpha = val.check_alpha(alpha)
+        val.check_finite(W, "W")
         return cls._fit(W, eta, alpha, backend=backend, method=method, precision=precision, init=None)
 
     @classmethod
     def _fit(cls, W, eta, alpha, *, backend, method, precision, init):
-        gram = normalized_gram(W, backend=backend, precision=precision)
+        """fit for a W, eta and alpha its caller has checked."""
+        gram = _gram(W, backend=backend, precision=precision)
         if gram.trace == 0.0:
             raise ValueError("W has only zero rows: it has no principal directions to project out")
         pairs = _solve(gram, eta, backend=backend, method=method, init=init)
@@ -114,9 +122,9 @@ class SphereProjector:
         same ``precision``; the warm start only makes it faster. Updates this
         projector and returns it.
         """
-        val.check_matrix(W_new, "W_new")
-        if tuple(W_new.shape) != self.shape:
-            raise ValueError(f"W_new must have the fitted shape {self.shape}, got {tuple(W_new.shape)}")
+        val.check_matrix(W_new, "W_new", finite=False)
+        val.check_shape(W_new, "W_new", self.shape, "the fitted shape")
+        val.check_finite(W_new, "W_new")
         init = self._basis.to(device=W_new.device, dtype=work_dtype(W_new.dtype))
         fresh = self._fit(
             W_new, self.eta, self.alpha, backend=self.backend, method=method, precision=self.precision, init=init
@@ -167,15 +175,20 @@ class SphereProjector:
         )
 
     # -- application --------------------------------------------------------------
-    def _check_update(self, B: torch.Tensor, name: str) -> None:
+    def _check_update(self, B: torch.Tensor, name: str, *, finite: bool = True) -> None:
         val.check_matrix(B, name, finite=False)
         val.check_same_device(**{name: B, "U": self.U})
         val.check_columns(B, self.d, name, "the fitted weight")
-        val.check_finite(B, name)
+        if finite:
+            val.check_finite(B, name)
 
     def apply(self, B: torch.Tensor) -> torch.Tensor:
         """``B - alpha (B U) U^T`` in B's dtype (fp32 accumulation), any number of rows."""
         self._check_update(B, "B")
+        return self._apply(B)
+
+    def _apply(self, B: torch.Tensor) -> torch.Tensor:
+        """apply for a B the caller has checked."""
         return implementation("apply", self.backend, B.device)(B, self.U, self.alpha)
 
     def apply_(self, W: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -184,10 +197,11 @@ class SphereProjector:
         All checks run before W is touched: on error W is unchanged.
         """
         val.check_matrix(W, "W", finite=False)
-        self._check_update(B, "B")
-        if W.shape != B.shape:
-            raise ValueError(f"W and B must have the same shape, got W {tuple(W.shape)} and B {tuple(B.shape)}")
+        self._check_update(B, "B", finite=False)
+        val.check_same_shape(W=W, B=B)
         val.check_same_device(W=W, B=B)
+        val.check_writable(W, "W")
+        val.check_finite(B, "B")
         with torch.no_grad():
             return implementation("apply_", self.backend, W.device)(W, B, self.U, self.alpha)
 
@@ -203,13 +217,15 @@ class SphereProjector:
 
 @ieee_fp32_matmul()
 def project_work(B: torch.Tensor, U: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``B - alpha (B U) U^T`` in U's dtype, the working precision."""
-    Bw = B.to(U.dtype)
-    return torch.addmm(Bw, Bw @ U, U.T, alpha=-alpha)
+    """``B - alpha (B U) U^T`` in B's working precision (:func:`~sphere_fast.gram.work_dtype`: fp64 for
+    fp64 B, else fp32), as the CUDA backend computes it, whatever U's dtype."""
+    dtype = work_dtype(B.dtype)
+    Bw, Uw = B.to(dtype), U.to(dtype)
+    return torch.addmm(Bw, Bw @ Uw, Uw.T, alpha=-alpha)
 
 
 def project(B: torch.Tensor, U: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``B - alpha (B U) U^T`` in B's dtype, computed in U's."""
+    """``B - alpha (B U) U^T`` in B's dtype, computed in its working precision."""
     return project_work(B, U, alpha).to(B.dtype)
 
 

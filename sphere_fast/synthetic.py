@@ -9,12 +9,13 @@ SPECTRA = ("gaussian", *SPECTRUM_EXPONENTS)
 def synthetic_weight(n: int, d: int, *, spectrum: str, dtype, device, seed: int = 0):
     """A test weight with a chosen singular-value profile.
 
-    ``gaussian``: i.i.d. N(0, 1) entries (a flat Marchenko-Pastur spectrum; the
-    cut at eta = 0.5 needs about 30 % of the eigenpairs).
+    ``gaussian``: i.i.d. N(0, 1) entries (a flat Marchenko-Pastur spectrum: the
+    cut at eta = 0.5 needs a large share of the eigenpairs).
     ``decaying`` / ``steep``: W = Q_n diag(s) Q_d^T with random orthonormal
     factors and singular values s_k = k^-0.3 / k^-0.6, plus 1 % Gaussian noise:
-    the slow power-law decay seen in trained FFN weights (about 20 % / 0.5 % of
-    the eigenpairs at eta = 0.5 for a [2048 x 7168] weight).
+    the slow power-law decay seen in trained FFN weights, and a steeper one whose
+    cut needs few eigenpairs. The rank r at eta = 0.5 for each spectrum and shape
+    is the "r" column of bench/results/cpu-projection-2026-11-21.md.
     """
     # Random numbers come from a seeded CPU generator (the same weight on every
     # device); the QR factorisations and the product run on ``device``.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sphere_fast.harness.study import load_spec
+from sphere_fast.harness.study_spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))

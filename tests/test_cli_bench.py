@@ -25,3 +25,11 @@ def test_bench_projection_rejects_a_bad_spectrum(capsys):
     with pytest.raises(SystemExit):
         main(["bench-projection", "--spectrum", "bogus"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,says", [(["--eta", "0"], "eta must be in (0, 1]"), (["--alpha", "1.5"], "alpha must be"),
+                                       (["--shape", "0", "8"], "--shape: expected a positive integer")])
+def test_bench_projection_refuses_bad_numbers_before_running(args, says, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench-projection", *args])
+    assert info.value.code == 2 and says in capsys.readouterr().err

@@ -162,7 +162,7 @@ def test_argument_errors(env, tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"--hparams .*unknown hparam key\(s\) \['bogus_key'\]"):
         main(_args({**env, "hparams": str(hp)}, tmp_path / "o"))
     for bad_args, flag in ((["--edits", "0"], "--edits"), (["--batch-size", "x"], "--batch-size"),
-                           (["--eta", "1.5"], "--eta")):
+                           (["--eta", "1.5"], "--eta"), (["--eta", "0"], "eta must be in (0, 1]")):
         args = _args(env, tmp_path / "o")
         i = args.index(bad_args[0]) if bad_args[0] in args else len(args)
         args[i:i + 2] = bad_args

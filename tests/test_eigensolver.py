@@ -6,6 +6,7 @@ orthogonality, never by eigenvector entries.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -45,7 +46,8 @@ def assert_eigenpairs(G, pairs, true_eigs, eta, tol):
     r = V.shape[1]
     expected_r = select_rank(true_eigs.sort(descending=True).values, float(true_eigs.sum()), eta, complete=True)
     assert r == expected_r
-    torch.testing.assert_close(pairs.values, true_eigs.sort(descending=True).values[:r], rtol=0, atol=tol * float(true_eigs.max()) * 10)
+    torch.testing.assert_close(pairs.values, true_eigs.sort(descending=True).values[:r], rtol=0,
+                               atol=tol * float(true_eigs.max()) * 10)
     residual = torch.linalg.vector_norm(G64 @ V - V * pairs.values, dim=0).max()
     assert float(residual) <= tol * float(true_eigs.max()) * 10
     assert float((V.T @ V - torch.eye(r, dtype=torch.float64)).abs().max()) <= 1e-5
@@ -140,6 +142,94 @@ def test_bad_method_raises():
         top_eigenpairs(torch.eye(3), 3.0, 0.5, method="lanczos")
 
 
+_G6, _EIGS6 = psd_with_spectrum([6.0, 5.0, 4.0, 3.0, 2.0, 1.0], seed=11)
+_TRACE6 = float(_EIGS6.sum())
+
+
+def _nan_at(x, index):
+    x = x.clone()
+    x[index] = float("nan")
+    return x
+
+
+# (keyword changes to a valid call, the exception, the start of its message); the NaN cases
+# are the torch twin's alone: the CUDA twin scans G and init on the device.
+BAD_EIG_ARGS = [
+    ({"eta": 0.0}, ValueError, "eta must be in (0, 1]"),
+    ({"eta": -1.0}, ValueError, "eta must be in (0, 1]"),
+    ({"eta": 2.0}, ValueError, "eta must be in (0, 1]"),
+    ({"eta": float("nan")}, ValueError, "eta must be finite"),
+    ({"eta": "0.5"}, TypeError, "eta must be a real number"),
+    ({"trace": float("nan")}, ValueError, "trace must be finite"),
+    ({"trace": 0.0}, ValueError, "trace must be > 0"),
+    ({"trace": -1.0}, ValueError, "trace must be > 0"),
+    ({"G": _G6[:, :5]}, ValueError, "G must be square"),
+    ({"G": _G6[0]}, ValueError, "G must be 2-D"),
+    ({"G": torch.empty(0, 0)}, ValueError, "G must not be empty"),
+    ({"G": _G6.half()}, TypeError, "G must be float32 or float64"),
+    ({"G": _G6.tolist()}, TypeError, "G must be a torch.Tensor"),
+    ({"method": "lanczos"}, ValueError, "method must be one of"),
+    ({"init": torch.eye(5, 2, dtype=torch.float64)}, ValueError, "init must have shape (m, k) with m = 6"),
+    ({"init": torch.zeros(6, 7, dtype=torch.float64)}, ValueError, "init must have shape (m, k) with m = 6"),
+    ({"init": torch.zeros(6, 0, dtype=torch.float64)}, ValueError, "init must not be empty"),
+    ({"init": torch.zeros(6, dtype=torch.float64)}, ValueError, "init must be 2-D"),
+    ({"init": torch.zeros(6, 2, dtype=torch.int64)}, TypeError, "init must be"),
+    ({"init": torch.empty(6, 2, device="meta")}, ValueError,
+     "tensors must be on one device, got G on cpu, init on meta"),
+    ({"tol": 0.0}, ValueError, "tol must be > 0"),
+    ({"tol": float("inf")}, ValueError, "tol must be finite"),
+    ({"max_iter": 0}, ValueError, "max_iter must be a positive integer"),
+    ({"max_iter": 2.5}, ValueError, "max_iter must be a positive integer"),
+]
+BAD_EIG_VALUES = [
+    ({"G": _nan_at(_G6, (2, 3))}, ValueError, "G contains NaN or Inf"),
+    ({"init": _nan_at(torch.eye(6, 2, dtype=torch.float64), (4, 1))}, ValueError, "init contains NaN or Inf"),
+]
+
+
+def _call_with(top, change: dict, method: str):
+    args = {"G": _G6, "trace": _TRACE6, "eta": 0.5, "method": method, **change}
+    return top(args.pop("G"), args.pop("trace"), args.pop("eta"), **args)
+
+
+@pytest.mark.parametrize("method", ["auto", "dense", "block"])
+@pytest.mark.parametrize("change, exc, message", BAD_EIG_ARGS + BAD_EIG_VALUES,
+                         ids=[m for _, _, m in BAD_EIG_ARGS + BAD_EIG_VALUES])
+def test_each_bad_argument_raises_naming_it(change, exc, message, method):
+    """The torch twin refuses what the CUDA twin refuses, with the same message; none is read as a valid
+    request (eta = 0 or a NaN trace used to give rank 1, eta = 2 every eigenpair)."""
+    with pytest.raises(exc, match="^" + re.escape(message)):
+        _call_with(top_eigenpairs, change, method)
+
+
+@pytest.mark.parametrize("change, exc, message", BAD_EIG_ARGS, ids=[m for _, _, m in BAD_EIG_ARGS])
+def test_the_cuda_twin_checks_its_arguments_alike(change, exc, message):
+    """The CUDA twin runs the same check (sphere_fast._validation.check_eig_args) before it looks at the
+    device or loads the extension, so on a CPU tensor it raises the torch twin's message."""
+    from sphere_fast import _cuda
+
+    with pytest.raises(exc, match="^" + re.escape(message)):
+        _call_with(_cuda.top_eigenpairs, change, "auto")
+
+
+def test_the_cuda_twin_refuses_a_cpu_matrix_and_bad_seeds():
+    from sphere_fast import _cuda
+
+    with pytest.raises(ValueError, match="^G must be a CUDA tensor, got a tensor on cpu"):
+        _cuda.top_eigenpairs(_G6, _TRACE6, 0.5)
+    with pytest.raises(ValueError, match=re.escape("seed must be an int in [0, 2**64), got -1")):
+        _cuda.top_eigenpairs(_G6, _TRACE6, 0.5, seed=-1)
+    with pytest.raises(ValueError, match=re.escape("oversample must be an int >= 0 or None, got True")):
+        _cuda.top_eigenpairs(_G6, _TRACE6, 0.5, oversample=True)
+
+
+def test_valid_arguments_still_solve():
+    init = dense_eigenpairs(_G6, _TRACE6, 0.5).vectors
+    for method in ("auto", "dense", "block"):
+        pairs = top_eigenpairs(_G6, _TRACE6, 0.5, method=method, init=init.float(), tol=1e-10, max_iter=50)
+        assert_eigenpairs(_G6, pairs, _EIGS6, 0.5, 1e-10)
+
+
 # -- the auto rules (shared with the CUDA extension) -------------------------------------
 
 
@@ -201,7 +291,8 @@ def test_warm_start_gives_up_after_its_first_step_when_the_cut_is_flat(monkeypat
     """A few large eigenvalues, then a shelf that the cut falls into: subspace
     iteration there converges at about 0.99 per step, so the refit goes dense
     after one block step instead of spending a dense solve's budget first."""
-    eigs = torch.cat([torch.tensor([100.0, 80.0, 60.0, 50.0]), torch.linspace(20.0, 18.0, 56), torch.full((964,), 0.01)])
+    eigs = torch.cat([torch.tensor([100.0, 80.0, 60.0, 50.0]), torch.linspace(20.0, 18.0, 56),
+                      torch.full((964,), 0.01)])
     G, _ = psd_with_spectrum(eigs, seed=11, dtype=torch.float32)
     first = dense_eigenpairs(G, float(eigs.sum()), 0.5)
     G2, eigs2 = _edited(G, 0.5, seed=12)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 
 import pytest
 import torch
@@ -187,3 +188,93 @@ def test_fp32_matmul_sets_the_mode_inside_and_restores_the_callers(mode):
         assert cuda.fp32_precision == other
     finally:
         cuda.fp32_precision = saved
+
+
+# -- fp32_matmul windows on several threads (the editor prefits on a background thread) ---------
+
+def _matmul_settings(legacy: bool):
+    if legacy:
+        return torch.get_float32_matmul_precision()
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision
+
+
+@pytest.fixture
+def restore_matmul_settings():
+    """Puts torch's fp32 matmul switches back as they were, whatever the test did."""
+    legacy = torch.get_float32_matmul_precision()
+    per_backend = _matmul_settings(legacy=False)
+    yield
+    torch.set_float32_matmul_precision(legacy)
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = per_backend
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="needs torch >= 2.9")
+@pytest.mark.parametrize("legacy", [False, True], ids=["per-backend", "legacy-switch"])
+def test_fp32_matmul_windows_overlapping_on_two_threads(monkeypatch, restore_matmul_settings, legacy):
+    """A opens, B opens, A closes, B closes: B's window stays IEEE after A has left, and the caller's
+    own TF32 choice is back once both have closed (a save/restore per window would lose both)."""
+    import sphere_fast.gram as gram
+
+    if legacy:  # torch < 2.9: only torch.set_float32_matmul_precision
+        monkeypatch.setattr(gram, "_per_backend_switches", lambda: {})
+        torch.set_float32_matmul_precision("high")
+        callers, ieee = "high", "highest"
+    else:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        callers, ieee = ("tf32", "bf16"), ("ieee", "ieee")
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen, errors = {}, []
+
+    def thread_a():
+        with gram.fp32_matmul("ieee"):
+            seen["A alone"] = _matmul_settings(legacy)
+            a_inside.set()
+            assert b_inside.wait(10)
+            seen["A beside B"] = _matmul_settings(legacy)
+        a_left.set()
+
+    def thread_b():
+        assert a_inside.wait(10)
+        with gram.fp32_matmul("ieee"):
+            b_inside.set()
+            assert a_left.wait(10)
+            seen["B after A left"] = _matmul_settings(legacy)
+
+    def guarded(body):
+        def run():
+            try:
+                body()
+            except BaseException as exc:  # surfaced below, in the test's thread
+                errors.append(exc)
+                for event in (a_inside, b_inside, a_left):  # let the other thread finish
+                    event.set()
+        return threading.Thread(target=run)
+
+    threads = [guarded(thread_a), guarded(thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert seen == {"A alone": ieee, "A beside B": ieee, "B after A left": ieee}
+    assert _matmul_settings(legacy) == callers
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="needs torch >= 2.9")
+def test_fp32_matmul_nested_windows_ieee_outranks_tf32(restore_matmul_settings):
+    from sphere_fast.gram import fp32_matmul
+
+    cuda = torch.backends.cuda.matmul
+    cuda.fp32_precision = "none"
+    with fp32_matmul("tf32"):
+        assert cuda.fp32_precision == "tf32"
+        with fp32_matmul("ieee"):
+            assert cuda.fp32_precision == "ieee"
+        assert cuda.fp32_precision == "tf32"
+    assert cuda.fp32_precision == "none"
+    with fp32_matmul("ieee"):
+        with fp32_matmul("tf32"):  # a TF32 baseline never downgrades an open IEEE window
+            assert cuda.fp32_precision == "ieee"
+        assert cuda.fp32_precision == "ieee"
+    assert cuda.fp32_precision == "none"

@@ -13,8 +13,15 @@ import math
 import pytest
 import torch
 
-from sphere_fast import SphereProjector, sparse_projection
+from sphere_fast import (
+    SphereProjector,
+    hyperspherical_energy,
+    normalized_gram,
+    project_B_into_soft_dirs,
+    sparse_projection,
+)
 from sphere_fast.accuracy import ORTHO_TOL, TOL_GAPPED, TOL_OVER_GAP
+from sphere_fast.gram import work_dtype
 from sphere_fast.projector import project_work
 from sphere_fast.reference import oracle, sparse_projection_reference
 
@@ -63,7 +70,8 @@ def assert_contract(A, B, eta, alpha, B_proj, U, values=None, *, gaussian_B=True
     dtype = A.dtype
     orc = oracle(A.double(), eta)
     r = U.shape[1]
-    assert r in orc.acceptable_ranks(eta), f"rank {r}, oracle {orc.rank}, acceptable {sorted(orc.acceptable_ranks(eta))}"
+    acceptable = sorted(orc.acceptable_ranks(eta))
+    assert r in acceptable, f"rank {r}, oracle {orc.rank}, acceptable {acceptable}"
     assert B_proj.dtype == B.dtype and B_proj.device == B.device and B_proj.shape == B.shape
 
     U64 = U.double().cpu()
@@ -236,7 +244,8 @@ def test_apply_in_place(dtype, device):
 def apply_bound(W0: torch.Tensor, B: torch.Tensor, U: torch.Tensor, alpha: float):
     """``W0 + B - alpha (B U) U^T`` in float64, and how far any in-place apply may round from it.
 
-    The work runs in U's dtype, each operation off by at most eps relative (an ulp, which also
+    The work runs in B's working precision (fp64 for fp64 B, else fp32), each operation off by at most
+    eps relative (an ulp, which also
     covers adders that truncate, as tensor cores may). Summed in any order, B U (d terms) and
     (B U) U^T (r terms), then the scaling and two additions, stay within (Higham, Accuracy and
     Stability, 3.1 and 3.5, to first order)
@@ -245,7 +254,7 @@ def apply_bound(W0: torch.Tensor, B: torch.Tensor, U: torch.Tensor, alpha: float
     csrc/project.cu). Rounding to W's dtype then adds half an ulp of the result (u_W |exact|, or a
     subnormal step).
     """
-    eps = torch.finfo(U.dtype).eps
+    eps = torch.finfo(work_dtype(B.dtype)).eps
     s = (torch.finfo(B.dtype).eps / 2) ** 2 if B.element_size() == 2 else 0.0
     d, r = U.shape
     B64, U64 = B.double(), U.double()
@@ -281,6 +290,29 @@ def test_apply_in_place_into_a_wider_weight(device):
     P.apply_(W, B)
     # Rounding W to fp32 on the way would cost ~3e-8; an ulp of the update is below 1e-10.
     torch.testing.assert_close(W, W64 + P.apply(B).double(), rtol=0, atol=1e-9)
+
+
+def test_torch_apply_computes_in_the_working_precision_of_the_update():
+    """fp64 input is computed in fp64 (docs/design.md), as the CUDA backend does: an fp64 update
+    projected by an fp32-fitted U is exact to fp64 rounding, an fp32 update by an fp64-fitted U
+    is computed in fp32 and meets the fp32 contract."""
+    W = make_weight("gaussian", 40, 96, seed=43)
+    g = torch.Generator().manual_seed(44)
+    alpha = 0.8
+    P32 = SphereProjector.fit(W.float(), 0.5, alpha, backend="torch")
+    B64 = torch.randn(7, 96, generator=g, dtype=torch.float64)
+    U = P32.U.double()
+    expected = B64 - alpha * (B64 @ U) @ U.T
+    for out in (P32.apply(B64), P32.apply_(torch.zeros_like(B64), B64)):
+        assert out.dtype == torch.float64
+        assert float((out - expected).norm() / B64.norm()) <= 1e-14
+
+    P64 = SphereProjector.fit(W, 0.5, alpha, backend="torch")
+    B32 = torch.randn(7, 96, generator=g)
+    assert_contract(W.float(), B32, 0.5, alpha, P64.apply(B32), P64.U)
+    W32 = torch.zeros(7, 96)
+    P64.apply_(W32, B32)
+    assert_contract(W.float(), B32, 0.5, alpha, W32, P64.U)
 
 
 def test_refit_after_low_rank_change_matches_cold_fit():
@@ -324,9 +356,10 @@ def test_refit_keeps_the_fitted_precision(monkeypatch):
     import sphere_fast.projector as projector_module
 
     seen = []
-    real = projector_module.normalized_gram
-    monkeypatch.setattr(projector_module, "normalized_gram",
-                        lambda W, *, backend, precision: seen.append(precision) or real(W, backend=backend))
+    real = projector_module._gram
+    monkeypatch.setattr(projector_module, "_gram",
+                        lambda W, *, backend, precision: seen.append(precision) or real(W, backend=backend,
+                                                                                        precision=precision))
     W = make_weight("steep", 48, 100, seed=33).float()
     P = SphereProjector.fit(W, 0.5, 0.5, precision="tf32x3")
     P.refit(W * 1.01)
@@ -344,7 +377,8 @@ BAD_CASES = [
     (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=1.1), ValueError, "alpha"),
     (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta="0.5"), TypeError, "eta"),
     (lambda: sparse_projection(torch.full((4, 5), float("nan")), torch.randn(3, 5)), ValueError, "A contains NaN"),
-    (lambda: sparse_projection(torch.randn(4, 5), torch.tensor([[float("inf")] * 5])), ValueError, "B contains NaN or Inf"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.tensor([[float("inf")] * 5])), ValueError,
+     "B contains NaN or Inf"),
     (lambda: sparse_projection(torch.empty(0, 5), torch.randn(3, 5)), ValueError, "A must not be empty"),
     (lambda: sparse_projection(torch.ones(4, 5, dtype=torch.int64), torch.randn(3, 5)), TypeError, "A must be"),
     (lambda: sparse_projection([[1.0]], torch.randn(3, 5)), TypeError, "A must be a torch.Tensor"),
@@ -356,6 +390,78 @@ BAD_CASES = [
 def test_bad_input_raises_naming_the_argument(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def _nan(shape, where=(1, 2)):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(45))
+    x[where] = float("nan")
+    return x
+
+
+def _fitted():
+    return SphereProjector.fit(torch.randn(6, 9, generator=torch.Generator().manual_seed(46)), 0.5, 0.5)
+
+
+# Every public entry that takes a weight or an update, with NaN in one tensor argument.
+NAN_CASES = [
+    ("sparse_projection", "A", lambda: sparse_projection(_nan((6, 9)), torch.randn(3, 9))),
+    ("sparse_projection", "B", lambda: sparse_projection(torch.randn(6, 9), _nan((3, 9)))),
+    ("project_B_into_soft_dirs", "A", lambda: project_B_into_soft_dirs(_nan((6, 9)), torch.randn(3, 9))),
+    ("project_B_into_soft_dirs", "B", lambda: project_B_into_soft_dirs(torch.randn(6, 9), _nan((3, 9)))),
+    ("SphereProjector.fit", "W", lambda: SphereProjector.fit(_nan((6, 9)))),
+    ("SphereProjector.refit", "W_new", lambda: _fitted().refit(_nan((6, 9)))),
+    ("SphereProjector.apply", "B", lambda: _fitted().apply(_nan((4, 9)))),
+    ("SphereProjector.apply_", "B", lambda: _fitted().apply_(torch.zeros(6, 9), _nan((6, 9)))),
+    ("normalized_gram", "W", lambda: normalized_gram(_nan((6, 9)))),
+    ("hyperspherical_energy", "W", lambda: hyperspherical_energy(_nan((6, 9)))),
+]
+
+
+@pytest.mark.parametrize("entry, name, call", NAN_CASES, ids=[f"{e}-{n}" for e, n, _ in NAN_CASES])
+def test_each_public_entry_rejects_nan_naming_the_argument(entry, name, call):
+    with pytest.raises(ValueError, match=f"^{name} contains NaN or Inf$"):
+        call()
+
+
+def test_apply_in_place_refuses_an_expanded_weight():
+    P = _fitted()
+    with pytest.raises(ValueError, match=r"^W must not be an expanded \(stride-0\) view"):
+        P.apply_(torch.zeros(9).expand(6, 9), torch.randn(6, 9))
+
+
+def test_a_refit_on_nan_leaves_the_projector_as_it_was():
+    P = _fitted()
+    before = P.state_dict()
+    with pytest.raises(ValueError, match="^W_new contains NaN or Inf$"):
+        P.refit(_nan((6, 9)))
+    after = P.state_dict()
+    assert all(torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k] for k, v in before.items())
+
+
+SCAN_CASES = [
+    ("sparse_projection", lambda W, B, P: sparse_projection(W, B), {"A": 1, "B": 1}),
+    ("project_B_into_soft_dirs", lambda W, B, P: project_B_into_soft_dirs(W, B), {"A": 1, "B": 1}),
+    ("SphereProjector.fit", lambda W, B, P: SphereProjector.fit(W), {"W": 1}),
+    ("SphereProjector.refit", lambda W, B, P: P.refit(1.01 * W), {"W_new": 1}),
+    ("SphereProjector.apply", lambda W, B, P: P.apply(B), {"B": 1}),
+    ("SphereProjector.apply_", lambda W, B, P: P.apply_(W.clone(), B), {"B": 1}),
+]
+
+
+@pytest.mark.parametrize("entry, call, expected", SCAN_CASES, ids=[c[0] for c in SCAN_CASES])
+def test_each_public_entry_scans_its_inputs_once(monkeypatch, entry, call, expected):
+    """A NaN/Inf scan is a full read and a host sync: the public entry scans each input once and
+    its internal calls do not repeat it (G, the Gram, is the eigensolver's own input)."""
+    import sphere_fast._validation as validation
+
+    W = torch.randn(16, 40, generator=torch.Generator().manual_seed(47))
+    B = torch.randn(16, 40, generator=torch.Generator().manual_seed(48))
+    P = SphereProjector.fit(W, 0.5, 0.5)
+    scans = []
+    real = validation.check_finite
+    monkeypatch.setattr(validation, "check_finite", lambda x, name: scans.append(name) or real(x, name))
+    call(W, B, P)
+    assert {n: scans.count(n) for n in set(scans) - {"G", "init"}} == expected
 
 
 def test_all_zero_weight_raises():
@@ -410,9 +516,9 @@ class Fp32MatmulPrecision(torch.overrides.TorchFunctionMode):
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="needs torch >= 2.9")
 @pytest.mark.parametrize("method", ["auto", "block"])
 def test_fp32_products_run_in_ieee_fp32_whatever_the_caller_set(method):
-    """set_float32_matmul_precision("medium") puts fp32 products on TF32 (CUDA) / bf16 (oneDNN),
-    ~1e-3 relative against the 1e-5 contract: the Gram, the eigensolver, the lift and the
-    projection force IEEE fp32 for their own products and restore the caller's setting."""
+    """set_float32_matmul_precision("medium") puts fp32 products on TF32 (CUDA; unit roundoff 2^-11
+    per product) / bf16 (oneDNN; 2^-8), against the 1e-5 contract: the Gram, the eigensolver, the
+    lift and the projection force IEEE fp32 for their own products and restore the caller's setting."""
     g = torch.Generator().manual_seed(31)
     W = make_weight("steep", 96, 240, seed=32).float()
     W2 = W + 1e-3 * torch.randn(96, 240, generator=g)

@@ -91,7 +91,8 @@ def validate_request(tok, request: EditRequest, fact_token: str, where: str) -> 
 @torch.no_grad()
 def context_templates(model, tok, *, seed: int = 0, length: int = 10, n_per_prefix: int = 1, top_k: int = 5
                       ) -> list[list[str]]:
-    """``[["{}"], [sampled ". {}" templates]]``; deterministic for a given model and seed."""
+    """``[["{}"], [sampled ". {}" templates]]``: each prefix and ``length`` new tokens (docs/editing.md: how
+    the public code's differ); deterministic for a given model and seed."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     device = model_device(model)
     out = []

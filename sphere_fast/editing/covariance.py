@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -85,6 +86,22 @@ def cache_key(weights_fp: str, tok_fp: str, module_name: str, dtype: str, n_samp
     parts = [weights_fp, tok_fp, module_name, dtype, str(n_samples), str(max_length), file_sha256(corpus)[:16],
              STATS_DEFINITION]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def default_max_length(model) -> int:
+    """Tokens per corpus text: the model's context, at most 2048."""
+    return int(min(getattr(model.config, "max_position_embeddings", None)
+                   or getattr(model.config, "n_positions", 2048), 2048))
+
+
+def stats_keys(model, tok, module_names: Sequence[str], *, corpus: str | Path, n_samples: int, dtype: str,
+               max_length: int | None = None, weights_fp: str | None = None) -> dict[str, str]:
+    """The cache key of each module's C0: what :func:`layer_second_moments` would compute it from."""
+    weights_fp = weights_fp or weights_fingerprint(model)
+    tok_fp = tokenizer_fingerprint(tok)
+    max_length = max_length or default_max_length(model)
+    return {name: cache_key(weights_fp, tok_fp, name, dtype, n_samples, max_length, Path(corpus))
+            for name in module_names}
 
 
 def _cache_file(cache_dir: Path, module_name: str, key: str) -> Path:
@@ -178,12 +195,9 @@ def layer_second_moments(model, tok, module_names: Sequence[str], *, corpus: str
     if not corpus.exists():
         raise FileNotFoundError(f"stats_corpus {str(corpus)!r} does not exist")
     cache_dir = Path(cache_dir) if cache_dir is not None else paths.cache_dir()
-    if max_length is None:
-        max_length = int(min(getattr(model.config, "max_position_embeddings", None)
-                             or getattr(model.config, "n_positions", 2048), 2048))
-    weights_fp = weights_fp or weights_fingerprint(model)
-    tok_fp = tokenizer_fingerprint(tok)
-    keys = {name: cache_key(weights_fp, tok_fp, name, dtype, n_samples, max_length, corpus) for name in module_names}
+    max_length = max_length or default_max_length(model)
+    keys = stats_keys(model, tok, module_names, corpus=corpus, n_samples=n_samples, dtype=dtype,
+                      max_length=max_length, weights_fp=weights_fp)
     result: dict[str, torch.Tensor] = {}
     for name in module_names:
         cached = _load(_cache_file(cache_dir, name, keys[name]), keys[name])
@@ -192,6 +206,9 @@ def layer_second_moments(model, tok, module_names: Sequence[str], *, corpus: str
     missing = [name for name in module_names if name not in result]
     if missing:
         texts = read_corpus(corpus, n_samples)
+        if len(texts) < n_samples:
+            warnings.warn(f"stats_corpus {str(corpus)!r} holds {len(texts)} texts, fewer than mom2_n_samples="
+                          f"{n_samples}: C0 is their mean", stacklevel=2)
         fresh = compute_second_moments(model, tok, missing, texts, max_length=max_length, batch_tokens=batch_tokens,
                                        progress=progress)
         for name in missing:

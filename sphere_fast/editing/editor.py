@@ -21,10 +21,13 @@ both cases.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import threading
 import time
+import warnings
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -34,8 +37,8 @@ from .._validation import all_finite, check_alpha, check_eta
 from ..projector import SphereProjector
 from . import paths
 from .compute import context_templates, validate_request
-from .covariance import layer_second_moments, load_cached
-from .hparams import EditHparams
+from .covariance import layer_second_moments, load_cached, stats_keys
+from .hparams import FIELDS as HPARAM_FIELDS, EditHparams
 from .methods import method_class
 from .model_utils import get_module, is_conv1d, oriented_weight, tokenizer_fingerprint, weights_fingerprint
 from .requests import EditRequest
@@ -49,6 +52,11 @@ DEFAULT_ETA = 0.5
 _TEMPLATE_CACHE: dict[tuple, list[list[str]]] = {}
 # The parts of a batch that edit_batch times (info["seconds"]; reports and bench/ read these keys).
 TIMED_PARTS = ("stats", "targets", "keys", "solve", "sphere", "apply", "cache")
+
+
+class EditCollapsed(FloatingPointError):
+    """A batch's update, or the weights it produced, held NaN/Inf: the method diverged (the weights are
+    restored). Studies record it as the run's collapse; anything else that fails is a bug to surface."""
 
 
 @contextlib.contextmanager
@@ -104,6 +112,11 @@ class Editor:
             raise TypeError(f"overlap_sphere_fit must be True or False, got {overlap_sphere_fit!r}")
         self.overlap_sphere_fit = overlap_sphere_fit
         self._prefit: _Prefit | None = None
+        # One fitting thread and one side stream per device for the Editor's life: the extension's
+        # cuBLAS/cuSOLVER handles are per thread, and a thread per batch would create and destroy them
+        # (a device-wide sync) every batch.
+        self._prefit_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._prefit_streams: dict[torch.device, torch.cuda.Stream] = {}
         eta = eta if eta is not None else hparams.cumulative_ratio
         alpha = alpha if alpha is not None else hparams.suppression_strength
         self.eta = check_eta(DEFAULT_ETA if eta is None else eta)
@@ -112,6 +125,9 @@ class Editor:
             # mom2_dataset may name a local corpus file; names like "wikipedia" fall back to WikiText-2.
             named = Path(str(hparams.mom2_dataset)).expanduser()
             stats_corpus = named if named.suffix in (".txt", ".jsonl") and named.is_file() else paths.wikitext_path()
+            if stats_corpus != named and hparams.mom2_dataset != "wikitext":
+                warnings.warn(f"mom2_dataset {hparams.mom2_dataset!r} is not a local .txt/.jsonl file: key statistics "
+                              f"from {str(stats_corpus)!r} (pass stats_corpus to choose)", stacklevel=2)
         self.stats_corpus = Path(stats_corpus)
         if not self.stats_corpus.exists():
             raise FileNotFoundError(f"stats_corpus {str(self.stats_corpus)!r} does not exist")
@@ -176,7 +192,15 @@ class Editor:
         self._set_stats(c0s)
 
     def key_statistics(self, name: str) -> torch.Tensor:
-        """C0 of an edited module (computed or read from the cache)."""
+        """C0 of an edited module, always of the unedited weights: computed (or read from the cache) while the
+        model holds them, afterwards only read from the cache by its key (never computed on edited weights)."""
+        if weights_fingerprint(self.model) != self._base_fp:
+            key = self._stats_keys.get(name)
+            c0 = load_cached(self.model, name, key, self.cache_dir) if key else None
+            if c0 is None:
+                raise RuntimeError(f"key statistics of {name}: the model no longer holds the unedited weights and the "
+                                   f"cache in {str(self.cache_dir)!r} has no entry for them")
+            return c0
         c0s, _ = layer_second_moments(
             self.model, self.tokenizer, [name], corpus=self.stats_corpus, n_samples=self.hparams.mom2_n_samples,
             dtype=self.hparams.mom2_dtype, cache_dir=self.cache_dir, progress=self.progress, weights_fp=self._base_fp,
@@ -232,6 +256,8 @@ class Editor:
                                f"weight {tuple(W.shape)} (is hidden_size the module's output size?)")
         with torch.no_grad():
             delta = self.edit_method.before_projection(name, W, delta)
+            if not all_finite(delta):  # before SPHERE, whose argument check would call it bad input
+                raise EditCollapsed(f"{name}: the update holds NaN/Inf")
             before_w = W.clone()
             rank = None
             if self.sphere:
@@ -246,7 +272,7 @@ class Editor:
                 with _timed(seconds, "apply", self.clock):
                     W.add_(delta.to(W.dtype))
             if not all_finite(W):
-                raise FloatingPointError(f"{name}: the update produced NaN/Inf weights")
+                raise EditCollapsed(f"{name}: the update produced NaN/Inf weights")
             return {
                 "rank": rank,
                 "update_norm": float(delta.norm()),
@@ -289,6 +315,7 @@ class Editor:
             "alpha": self.alpha,
             "seed": self.seed,
             "layers_edited": list(self.hparams.layers),
+            "hparams": self._hparams_record(),
             "batches_done": self.batches_done,
             "templates": copy.deepcopy(self.templates),
             "base_fingerprint": self._base_fp,
@@ -296,6 +323,10 @@ class Editor:
             "layers": layers,
             "rng": {"torch": torch.get_rng_state()},
         }
+
+    def _hparams_record(self) -> dict:
+        """The settings a resumed run must share (the hparams fields, without bookkeeping keys)."""
+        return {k: v for k, v in self.hparams.to_dict().items() if k in HPARAM_FIELDS}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict`. Call it before loading the edited weights into the model.
@@ -312,10 +343,23 @@ class Editor:
         missing = [n for n in self.edited_module_names if n not in state["layers"]]
         if missing:
             raise ValueError(f"state has no entry for edited module(s) {missing}")
+        saved, mine = state.get("hparams"), self._hparams_record()  # saved: None in states from before it was kept
+        changed = [] if saved is None else sorted(k for k in {*saved, *mine} if saved.get(k) != mine.get(k))
+        if changed:
+            raise ValueError("state was saved with other hparams: " + "; ".join(
+                f"{k}={saved.get(k)!r}, this Editor has {mine.get(k)!r}" for k in changed))
+        unedited = weights_fingerprint(self.model) == state["base_fingerprint"]
+        if self.edit_method.uses_key_statistics and unedited and state.get("stats_keys"):
+            keys = stats_keys(self.model, self.tokenizer, self.edited_module_names, corpus=self.stats_corpus,
+                              n_samples=self.hparams.mom2_n_samples, dtype=self.hparams.mom2_dtype,
+                              weights_fp=state["base_fingerprint"])
+            if keys != state["stats_keys"]:
+                raise ValueError(f"state's key statistics came from another corpus or tokenizer than this Editor's "
+                                 f"stats_corpus {str(self.stats_corpus)!r}")
         self._templates = copy.deepcopy(state["templates"])
         self._base_fp = state["base_fingerprint"]
         self.edit_method, self._projectors = self._method_class(self.hparams), {}
-        if not self.edit_method.uses_key_statistics or weights_fingerprint(self.model) == state["base_fingerprint"]:
+        if not self.edit_method.uses_key_statistics or unedited:
             self._prepare()
         else:
             c0s = {}
@@ -343,8 +387,8 @@ class Editor:
 
 
 class _Prefit:
-    """One batch's SPHERE fits, started when the batch starts on a background thread (on CUDA, in a
-    side stream of each weight's device) so that they run while the method computes its targets.
+    """One batch's SPHERE fits, started when the batch starts on the Editor's fitting thread (on CUDA, in
+    its side stream of each weight's device) so that they run while the method computes its targets.
 
     Each fit reads the batch-start copy of its weight (FT changes the live weight while it trains);
     :meth:`take` hands it over only while the weight still equals that copy."""
@@ -358,11 +402,13 @@ class _Prefit:
         self._streams = {}
         for W in snapshot.values():
             if W.device.type == "cuda" and W.device not in self._streams:
-                stream = torch.cuda.Stream(W.device)
+                stream = editor._prefit_streams.setdefault(W.device, torch.cuda.Stream(W.device))
                 stream.wait_stream(torch.cuda.current_stream(W.device))  # the snapshot's copies are done
                 self._streams[W.device] = stream
-        self._thread = threading.Thread(target=self._run, name="sphere-prefit", daemon=True)
-        self._thread.start()
+        if editor._prefit_thread is None:
+            editor._prefit_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sphere-prefit")
+            weakref.finalize(editor, editor._prefit_thread.shutdown, wait=False)
+        self._running = editor._prefit_thread.submit(self._run)
 
     def _run(self) -> None:
         for name, W in self._snapshot.items():
@@ -390,8 +436,8 @@ class _Prefit:
         return projector
 
     def close(self) -> None:
-        """Join the thread; the editing stream then waits for the side streams, so that the batch-start
+        """Wait for the fits; the editing stream then waits for the side streams, so that the batch-start
         copies (freed with the batch) outlive any fit still reading them, used or not."""
-        self._thread.join()
+        concurrent.futures.wait([self._running])
         for device, stream in self._streams.items():
             torch.cuda.current_stream(device).wait_stream(stream)

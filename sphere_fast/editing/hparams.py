@@ -211,10 +211,6 @@ def shipped_hparams(name: str) -> Path:
     raise ValueError(f"no shipped hparams named {name!r}; available: {available}")
 
 
-# The editing methods (sphere_fast.editing.methods.METHODS, kept here as names: no import cycle).
-SHIPPED_METHODS = ("memit", "alphaedit", "rect", "prune", "ft")
-
-
 def shipped_for_model(model_name: str | None, method: str, *, sphere: bool) -> str | None:
     """The shipped settings for a named model and method (e.g. ``"SPHERE/smollm2-135m"``), or None.
 
@@ -224,8 +220,8 @@ def shipped_for_model(model_name: str | None, method: str, *, sphere: bool) -> s
     file. None when ``model_name`` has no shipped settings.
     """
     method = method.lower()
-    if method not in SHIPPED_METHODS:
-        raise ValueError(f"method must be one of {', '.join(SHIPPED_METHODS)}, got {method!r}")
+    if method not in METHOD_NAMES:
+        raise ValueError(f"method must be one of {', '.join(METHOD_NAMES)}, got {method!r}")
     stem = SHIPPED_MODELS.get(model_name) if model_name is not None else None
     if stem is None:
         return None

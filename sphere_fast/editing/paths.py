@@ -13,8 +13,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..files import file_sha256  # noqa: F401  (its former home, still imported from here)
-
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

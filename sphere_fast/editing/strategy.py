@@ -114,8 +114,8 @@ class LocateThenEdit(EditMethod):
                 with batch.timed("solve"):
                     delta = self.layer_update(name, K, R, W)
                 layers_info[name] = batch.apply(name, delta)
-            self.after_layers(batch)
             after = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
+            self.after_layers(batch)  # last: a failure before it leaves the method's state as it was
         return {
             "layers": layers_info,
             "z_residual_before": before,

@@ -223,8 +223,7 @@ def _example_prompts(request) -> list[str]:
 def _continue(model, tokenizer, prompts: list[str]) -> list[str]:
     from .metrics import generate
 
-    texts = generate(model, tokenizer, prompts, max_new_tokens=CONTINUATION_TOKENS)
-    return [text[len(prompt):] if text.startswith(prompt) else text for prompt, text in zip(prompts, texts)]
+    return generate(model, tokenizer, prompts, max_new_tokens=CONTINUATION_TOKENS, continuation=True)
 
 
 def _example_rows(examples, continuations: dict[str, list[str]]) -> list[dict]:

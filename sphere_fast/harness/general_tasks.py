@@ -115,9 +115,8 @@ def evaluate_task(model, tokenizer, task: str, items: list[dict], *, batch_size:
             return {"task": task, "n": len(items), "accuracy": sum(correct) / len(items), "chance": 0.5,
                     "majority": majority / len(items), "answered_yes": answers.count("yes") / len(items)}
         tokens = 24 if task == "nq" else 160
-        texts = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=tokens,
-                         batch_size=batch_size)
-        replies = [t[len(it["prompt"]):] if t.startswith(it["prompt"]) else t for t, it in zip(texts, items)]
+        replies = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=tokens,
+                           batch_size=batch_size, continuation=True)
         if task == "nq":
             correct = [any(_normalise(g) and _normalise(g) in _normalise(r) for g in it["gold"])
                        for r, it in zip(replies, items)]

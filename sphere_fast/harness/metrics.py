@@ -1,10 +1,11 @@
 """Editing metrics: efficacy, generalisation, specificity, locality, fluency, energy.
 
-Accuracy metrics are teacher-forced top-1 token accuracy, as in MEMIT's ZsRE
-evaluation and SPHERE/AlphaEdit's tables: the prompt is followed by the target
-with a leading space (``" " + target``); for every target token, the model's
-arg-max at the position before it is compared with it; a prompt scores the
-fraction of its target tokens predicted correctly. Per request:
+Accuracy metrics are teacher-forced top-1 token accuracy, as EasyEdit scores
+both CounterFact and ZsRE and MEMIT scores ZsRE (ROME/MEMIT/AlphaEdit's own
+CounterFact tables count P(new) > P(true) instead, a looser test): the prompt is
+followed by the target with a leading space (``" " + target``); for every target
+token, the model's arg-max at the position before it is compared with it; a
+prompt scores the fraction of its target tokens predicted correctly. Per request:
 
 * efficacy        ``prompt.format(subject)`` -> ``target_new``
 * generalization  each rephrase prompt -> ``target_new`` (mean over prompts)
@@ -284,8 +285,11 @@ def generate(
     top_k: int = 5,
     seed: int = 0,
     batch_size: int = 16,
+    continuation: bool = False,
 ) -> list[str]:
-    """Prompt plus continuation for each prompt (greedy, or top-k sampling as in ROME), left-padded batches."""
+    """Prompt plus continuation for each prompt (greedy, or top-k sampling as in ROME), left-padded batches;
+    with ``continuation`` only the generated text (decoded from the new tokens: whether the decoded whole
+    starts with the prompt string depends on the tokenizer)."""
     prefix = special_prefix(tokenizer)
     pad = pad_token_id(tokenizer)
     device = model_device(model)
@@ -310,7 +314,8 @@ def generate(
             )
             for row, seq in enumerate(chunk):
                 new = out[row, width:].tolist()
-                texts.append(tokenizer.decode(seq[len(prefix):] + new, skip_special_tokens=True))
+                texts.append(tokenizer.decode(new if continuation else seq[len(prefix):] + new,
+                                              skip_special_tokens=True))
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

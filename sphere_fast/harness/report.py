@@ -102,7 +102,9 @@ def energy_drift(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def mean_energy_drift(row: Mapping[str, Any], first: Mapping[str, Any]) -> float | None:
-    vals = [row[k] / first[k] - 1.0 for k in energy_columns(first) if k in row and first[k]]
+    """Mean over the edited layers of the relative change in hyperspherical energy from ``first``."""
+    vals = [(float(row[k]) - float(first[k])) / float(first[k]) for k in energy_columns(first)
+            if row.get(k) not in (None, "") and first[k] not in (None, "") and float(first[k])]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -153,8 +155,13 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str 
     evaluated = [r for r in rows if any(r.get(k) is not None for k in METRIC_COLUMNS)]
     for key in METRIC_COLUMNS:
         pts = [(r["edits"], r[key]) for r in evaluated if r.get(key) is not None]
-        if pts:
+        if pts and key != "fluency":
             ax_m.plot(*zip(*pts), marker="o", label=key)
+        elif pts:  # n-gram entropy in bits: its own axis
+            ax_f = ax_m.twinx()
+            ax_f.plot(*zip(*pts), marker="s", linestyle="--", color="grey", label="fluency (right)")
+            ax_f.set_ylabel("fluency (n-gram entropy, bits)")
+            ax_m.plot([], [], marker="s", linestyle="--", color="grey", label="fluency (right)")
     ax_m.set_xlabel("edits")
     ax_m.set_ylabel("top-1 token accuracy")
     ax_m.set_ylim(-0.02, 1.02)

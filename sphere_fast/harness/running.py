@@ -27,7 +27,8 @@ from .report import energy_drift, plot_run, read_csv, read_json, write_csv, writ
 from .sequential import run_sequential
 
 # The settings a resumed run must share with the run recorded in its folder's run.json.
-RUN_KEYS = ("model", "data", "method", "sphere", "eta", "alpha", "edits", "batch_size", "hparams", "seed", "schema")
+RUN_KEYS = ("model", "data", "method", "sphere", "eta", "alpha", "edits", "batch_size", "hparams", "seed", "schema",
+            "stats_corpus", "dtype")
 
 
 def hparams_source(method: str, *, sphere: bool, given: str | Path | None = None,
@@ -58,7 +59,7 @@ def record_run(out: str | Path, settings: dict, *, resume: bool, log=print) -> N
     path = out / "run.json"
     if resume and path.exists():
         old = read_json(path)
-        diff = [k for k in RUN_KEYS if old.get(k) != settings.get(k)]
+        diff = [k for k in RUN_KEYS if k in old and old[k] != settings.get(k)]  # absent: not recorded then
         if diff:
             details = "; ".join(f"{k}: was {old.get(k)!r}, now {settings.get(k)!r}" for k in diff)
             raise ValueError(f"{out} holds a different run ({details})")
@@ -106,14 +107,13 @@ def run_edit(
     csv_path, png_path = out / "edits.csv", out / "edits.png"
     if hparams is None:
         hparams = choose_hparams(model, method)
-    if stats_corpus is None and paths.wikitext_path("test").exists():
-        stats_corpus = paths.wikitext_path("test")
 
     t_start = time.perf_counter()
-    log(f"[{title or method}] neighbourhood predictions of the unedited model ({len(requests)} requests)")
-    reference = neighborhood_predictions(model, tokenizer, requests, batch_size=eval_batch_size, progress=progress)
+    # The Editor first: it checks the settings against the model before minutes of predictions.
     editor = Editor(model, tokenizer, hparams, method=method, sphere=sphere, eta=eta, alpha=alpha,
                     stats_corpus=stats_corpus, cache_dir=paths.cache_dir(), seed=seed, progress=progress)
+    log(f"[{title or method}] neighbourhood predictions of the unedited model ({len(requests)} requests)")
+    reference = neighborhood_predictions(model, tokenizer, requests, batch_size=eval_batch_size, progress=progress)
 
     rows: dict[int, dict[str, Any]] = {}
     if resume and csv_path.exists():

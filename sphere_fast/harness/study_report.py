@@ -15,10 +15,9 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from .report import atomic_write_bytes, format_table, read_csv, read_json, write_json
-from .study import GENERAL_METRICS
+from .report import atomic_write_bytes, format_table, mean_energy_drift, read_csv, read_json, write_json
+from .study_spec import EDIT_METRICS, GENERAL_METRICS
 
-EDIT_METRICS = ("efficacy", "generalization", "specificity", "locality")
 GAIN_METRICS = ("efficacy", "generalization", "specificity")  # the paper's Fig. 7
 
 
@@ -66,14 +65,6 @@ def load_runs(out: Path) -> dict[str, dict]:
         runs[run["name"]] = {"status": status, "rows": rows,
                              "evals": [r for r in rows if r.get("efficacy") not in (None, "")]}
     return runs
-
-
-def mean_energy_change(row: dict, first: dict) -> float | None:
-    """Mean over edited layers of the relative change in hyperspherical energy."""
-    keys = [k for k in row if k.startswith("energy:") and first.get(k)]
-    if not keys:
-        return None
-    return sum((float(row[k]) - float(first[k])) / float(first[k]) for k in keys) / len(keys)
 
 
 def accuracy(row: dict) -> float:
@@ -135,12 +126,12 @@ def summarise(out: Path) -> dict:
             if row is not None:
                 table.append({"run": name, "edits": edits, "eval_requests": row.get("eval_requests"),
                               **{k: row.get(k) for k in EDIT_METRICS + general},
-                              "energy_change": mean_energy_change(row, first)})
-        drift = [mean_energy_change(r, first) for r in evals]
+                              "energy_change": mean_energy_drift(row, first)})
+        drift = [mean_energy_drift(r, first) for r in evals]
         correlations[name] = {m: spearman(drift, [float(r[m]) for r in evals])
                               for m in EDIT_METRICS + general if all(r.get(m) not in (None, "") for r in evals)}
         for a, b in zip(evals, evals[1:]):
-            points.append((name, mean_energy_change(b, first) - mean_energy_change(a, first), accuracy(b) - accuracy(a)))
+            points.append((name, mean_energy_drift(b, first) - mean_energy_drift(a, first), accuracy(b) - accuracy(a)))
         timed = [r for r in run["rows"] if r.get("seconds_total") not in (None, "")]
         if timed:
             per_edit = lambda key: sum(float(r.get(key) or 0.0) for r in timed) / sum(  # noqa: E731

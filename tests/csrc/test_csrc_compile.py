@@ -226,6 +226,62 @@ def test_extension_builds_links_and_imports_for_sm90a(include_flags, tmp_path):
     for name, keywords in calls.items():
         assert keywords == declared[name], (name, sorted(set(keywords) ^ set(declared[name])))
 
+    # project's argument rules on made-up addresses: every case stops at a ValueError before any device work
+    # (alpha is NaN and checked last, so a layout the rules accept ends there).
+    cases = json.dumps({name: over for name, (over, _) in PROJECT_ARGS.items()})
+    proc = subprocess.run([sys.executable, "-c", PROJECT_ARGS_CHECK, str(built[0]), cases], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    for name, (_, expected) in PROJECT_ARGS.items():
+        assert got[name].startswith(expected), (name, expected, got[name])
+
+
+OUT = 1 << 40  # PROJECT_ARGS_CHECK's out: made-up device addresses, never dereferenced
+# name: (overrides of project's arguments, the start of its ValueError). The base is a contiguous fp32 4 x 6 out
+# and B at disjoint addresses, r = 0, no W.
+ACCEPTED = "project: alpha must be finite"
+PROJECT_ARGS = {
+    "base": ({}, ACCEPTED),
+    "out row stride 0": ({"os0": 0}, "project: out's strides must be >= 1"),
+    "out column stride -1": ({"os1": -1}, "project: out's strides must be >= 1"),
+    "one row, any row stride": ({"n": 1, "os0": 0}, ACCEPTED),
+    "out strides past int64": ({"os0": 1 << 61}, "project: out's strides (2305843009213693952, 1) overflow"),
+    "out strides (1, 1)": ({"os0": 1, "os1": 1}, "project: out's strides (1, 1) map different elements"),
+    "2 x 3 out, strides (2, 1)": ({"n": 2, "d": 3, "ldb": 3, "os0": 2}, "project: out's strides (2, 1) map"),
+    "2 x 2 out, strides (3, 2)": ({"n": 2, "d": 2, "ldb": 2, "os0": 3, "os1": 2}, ACCEPTED),
+    "W row stride 0": ({"W": 1 << 42, "ws0": 0}, "project: W's strides must be >= 1"),
+    "W is out": ({"W": OUT, "ws0": 6}, ACCEPTED),
+    "W one element past out": ({"W": OUT + 4, "ws0": 6}, "project: W must be out itself"),
+    "W is out transposed": ({"W": OUT, "ws0": 1, "ws1": 4}, "project: W must be out itself"),
+    "W elsewhere": ({"W": 1 << 42, "ws0": 6}, ACCEPTED),
+    "B is out": ({"B": OUT}, ACCEPTED),
+    "B is out as float16": ({"B": OUT, "b_dtype": 2}, "project: B must be out itself"),
+    "B is out with row stride 7": ({"B": OUT, "ldb": 7}, "project: B must be out itself"),
+    "B ends where out starts": ({"B": OUT - 96}, ACCEPTED),
+    "B overlaps out's first element": ({"B": OUT - 92}, "project: B must be out itself"),
+    "more than 65535 x 128 rows": ({"n": 65535 * 128 + 1, "d": 1, "ldb": 1, "os0": 1}, ACCEPTED),
+    "2^45 tiles": ({"n": 1 << 29, "d": 1 << 30, "ldb": 1 << 30, "os0": 1 << 30, "B": 1 << 62},
+                   "project: B of 536870912 x 1073741824 needs more than 2^31 - 1 tiles"),
+}
+# Calls project once per case (argv[2]: JSON of name -> overrides) and prints name -> its ValueError.
+PROJECT_ARGS_CHECK = """
+import importlib.util, json, math, sys
+spec = importlib.util.spec_from_file_location("sphere_fast._C", sys.argv[1])
+ext = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ext)
+base = dict(out=1 << 40, out_dtype=0, os0=6, os1=1, W=0, ws0=0, ws1=1, B=1 << 41, b_dtype=0, ldb=6, U=0, ldu=0,
+            n=4, d=6, r=0, alpha=math.nan, T=0, u_hi=0, u_lo=0, ldh=0, t3=0, u3=0, ld3=0, C=0, c_rows=0, stream=0)
+out = {}
+for name, over in json.loads(sys.argv[2]).items():
+    try:
+        ext.project(**dict(base, **over))
+        out[name] = "no error"
+    except ValueError as exc:
+        out[name] = str(exc)
+print(json.dumps(out))
+"""
+
 
 # The keyword names each function of the built module declares (pybind11's signature line).
 SIGNATURE_CHECK = """

@@ -6,6 +6,7 @@ checked by eigenvalues, residuals and orthogonality, never entry by entry.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
@@ -545,6 +546,51 @@ def test_project_into_an_overlapping_view_of_b():
     out = square.T  # the same storage, transposed
     _cuda.project(square, U, 0.5, out=out)
     assert _rel(out, expected) <= PROJECT_TOL[torch.float32]
+
+
+@needs_ext
+def test_project_more_row_tiles_than_grid_y_holds():
+    """More than 65535 tiles of 128 rows: the FMA kernel's tiles run along grid x."""
+    n, d, r = 65535 * 128 + 77, 5, 2
+    B = torch.randn(n, d, generator=torch.Generator().manual_seed(29)).cuda()
+    U = _basis(d, r, torch.float32)
+    ref = B.double() - 0.8 * (B.double() @ U.double()) @ U.double().T
+    out = _cuda.project(B, U, 0.8)
+    assert _rel(out, ref) <= PROJECT_TOL[torch.float32]
+    # The last rows, those of tiles past grid y's limit, on their own.
+    assert _rel(out[-200:], ref[-200:]) <= PROJECT_TOL[torch.float32]
+
+
+CUDA_ERROR_MEMORY_ALLOCATION = 2  # cudaErrorMemoryAllocation
+
+
+def _extension_runtime() -> ctypes.CDLL:
+    """The CUDA runtime sphere_fast._C calls: it links libcudart.so dynamically, and symbols looked up through its
+    handle come from it or its dependencies (of which only libcudart exports the runtime API)."""
+    lib = ctypes.CDLL(_cuda.load_extension().__file__)
+    lib.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+    lib.cudaMalloc.restype = ctypes.c_int
+    lib.cudaPeekAtLastError.restype = ctypes.c_int
+    return lib
+
+
+@needs_ext
+def test_an_earlier_failed_allocation_does_not_fail_project_add_or_apply_it_twice():
+    """A failed cudaMalloc leaves its error for the runtime's cudaGetLastError. project_add_ must not report it
+    after writing W: the OOM retry would then apply the update a second time."""
+    n, d, r = 123, 300, 17
+    g = torch.Generator().manual_seed(23)
+    W = torch.randn(n, d, generator=g).cuda()
+    B = torch.randn(n, d, generator=g).cuda()  # fp32 B: its first launch check used to follow the kernel writing W
+    U = _basis(d, r, torch.float32)
+    once = W.double() + B.double() - 0.7 * (B.double() @ U.double()) @ U.double().T
+    runtime = _extension_runtime()
+    torch.cuda.synchronize()
+    ptr = ctypes.c_void_p()
+    assert runtime.cudaMalloc(ctypes.byref(ptr), 1 << 50) == CUDA_ERROR_MEMORY_ALLOCATION
+    assert runtime.cudaPeekAtLastError() == CUDA_ERROR_MEMORY_ALLOCATION  # left for the extension to see
+    _cuda.project_add_(W, B, U, 0.7)
+    assert _rel(W, once) <= PROJECT_TOL[torch.float32]
 
 
 @needs_ext

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -74,9 +75,10 @@ def test_c0_is_mean_second_moment(setup, corpus, tmp_path):
     tok, model = setup
     other = "model.layers.0.mlp.down_proj"
     # A small token budget: several length-sorted batches, most of them padded.
-    c0s, keys = cov.layer_second_moments(model, tok, [NAME, other], corpus=corpus, n_samples=100, dtype="float64",
-                                         cache_dir=tmp_path / "cache", max_length=12, batch_tokens=30,
-                                         progress=False)
+    with pytest.warns(UserWarning, match=f"holds {len(LINES)} texts, fewer than mom2_n_samples=100"):
+        c0s, keys = cov.layer_second_moments(model, tok, [NAME, other], corpus=corpus, n_samples=100,
+                                             dtype="float64", cache_dir=tmp_path / "cache", max_length=12,
+                                             batch_tokens=30, progress=False)
     assert_c0_close(c0s[NAME], explicit_c0(model, tok, LINES, 12))
     assert_c0_close(c0s[other], explicit_c0(model, tok, LINES, 12, other))
     assert c0s[NAME].shape == (512, 512) and c0s[NAME].dtype == torch.float64
@@ -117,8 +119,10 @@ def test_n_samples_and_jsonl(setup, tmp_path):
     texts = [" " + t for t in TEXTS]
     path.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["  ", *texts])) + "\n")
     assert cov.read_corpus(path, 3) == texts[:3]
-    c0s, _ = cov.layer_second_moments(model, tok, [NAME], corpus=path, n_samples=3, dtype="float64",
-                                      cache_dir=tmp_path / "c", max_length=64, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough texts: no warning
+        c0s, _ = cov.layer_second_moments(model, tok, [NAME], corpus=path, n_samples=3, dtype="float64",
+                                          cache_dir=tmp_path / "c", max_length=64, progress=False)
     assert_c0_close(c0s[NAME], explicit_c0(model, tok, texts[:3], 64))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"txt": "no text field"}\n')

@@ -174,6 +174,22 @@ def test_sphere_layer_order(tok, cache):
     assert all(type(p).__name__ == "Recording" for p in ed._projectors.values())
 
 
+def test_key_statistics_are_never_computed_on_edited_weights(tok, tmp_path):
+    """After an edit C0 comes only from the cache (the unedited weights' entry); without it, an error."""
+    import shutil
+
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, tmp_path / "stats", "memit", hp=FAST)
+    name = ed.edited_module_names[0]
+    unedited = ed.key_statistics(name).clone()
+    ed.edit_batch(small(tok, 2))
+    assert torch.equal(ed.key_statistics(name), unedited)
+    shutil.rmtree(tmp_path / "stats")
+    with pytest.raises(RuntimeError, match="no longer holds the unedited weights"):
+        ed.key_statistics(name)
+    assert not (tmp_path / "stats").exists()
+
+
 def test_nullspace_property(tok, cache):
     """AlphaEdit's update annihilates C0's directions above the threshold (chosen relative to the spectrum)."""
     model = tiny_model("llama", tok)
@@ -241,6 +257,53 @@ def test_failed_batch_leaves_no_trace(tok, cache):
         assert torch.equal(w, clean.edited_weights()[n]), n
 
 
+def test_failure_after_the_last_layer_keeps_cache_c(tok, cache, monkeypatch):
+    """A batch that fails after every layer was updated (its last forward) leaves AlphaEdit's cache_c as it was."""
+    from sphere_fast.editing import strategy
+
+    reqs = small(tok, 4)
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, cache, "alphaedit", hp=FAST)
+    real, calls = strategy.layer_outputs, []
+
+    def counted(*a, **k):
+        calls.append(1)
+        if fail_at and len(calls) == fail_at:
+            raise RuntimeError("injected failure in the last forward")
+        return real(*a, **k)
+
+    monkeypatch.setattr(strategy, "layer_outputs", counted)
+    fail_at = 0
+    ed.edit_batch(reqs[:2])
+    fail_at, calls[:] = len(calls), []  # the same forwards, the last one fails
+    before, state = params_copy(model), ed.state_dict()
+    with pytest.raises(RuntimeError, match="last forward"):
+        ed.edit_batch(reqs[2:])
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for n in ed.edited_module_names:
+        assert torch.equal(ed.state_dict()["layers"][n]["cache_c"], state["layers"][n]["cache_c"]), n
+
+
+@pytest.mark.parametrize("sphere", [False, True])
+def test_non_finite_update_is_a_collapse(tok, cache, monkeypatch, sphere):
+    """A NaN update is the method's divergence (EditCollapsed), with or without SPHERE; nothing changes."""
+    from sphere_fast.editing.editor import EditCollapsed
+    from sphere_fast.editing.memit import MEMIT
+
+    reqs = small(tok, 2)
+    model = tiny_model("llama", tok)
+    ed = make_editor(model, tok, cache, "memit", hp=FAST, sphere=sphere)
+    real = MEMIT.layer_update
+    monkeypatch.setattr(MEMIT, "layer_update", lambda self, *a: real(self, *a) * float("nan"))
+    before = params_copy(model)
+    with pytest.raises(EditCollapsed, match="NaN/Inf"):
+        ed.edit_batch(reqs)
+    assert ed.batches_done == 0
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 class RefitFails(SphereProjector):
     """A projector whose warm refit (the second batch's fits) fails."""
 
@@ -253,13 +316,17 @@ class ThreadRecording(SphereProjector):
 
     threads: list[str] = []
 
+    seen: list[threading.Thread] = []  # the threads themselves: an ident may be reused once one ends
+
     @classmethod
     def fit(cls, W, *a, **k):
         cls.threads.append(threading.current_thread().name)
+        cls.seen.append(threading.current_thread())
         return super().fit(W, *a, **k)
 
     def refit(self, W, *a, **k):
         ThreadRecording.threads.append(threading.current_thread().name)
+        ThreadRecording.seen.append(threading.current_thread())
         return super().refit(W, *a, **k)
 
 
@@ -290,22 +357,24 @@ def test_overlapped_sphere_fit_edits_the_same(tok, cache, method):
                              overlap_sphere_fit=overlap, projector=ThreadRecording)
             if nudge:
                 nudged(ed, ed.edited_module_names[0])
-            ThreadRecording.threads = []
+            ThreadRecording.threads, ThreadRecording.seen = [], []
             ranks = [{n: layer["rank"] for n, layer in ed.edit_batch(batch)["layers"].items()}
                      for batch in (reqs[:2], reqs[2:])]
             runs.append((ed, ranks))
             # Overlapped, every layer is fitted in the background, and the nudged one again when its update comes.
             layers = len(ed.edited_module_names)
-            expected = ((["sphere-prefit"] * layers + ["MainThread"] * nudge) * 2 if overlap
+            # One fitting thread for the Editor's life, both batches (its handles are made once).
+            expected = ((["sphere-prefit_0"] * layers + ["MainThread"] * nudge) * 2 if overlap
                         else ["MainThread"] * layers * 2)
             assert sorted(ThreadRecording.threads) == sorted(expected), (overlap, nudge)
+            assert len({id(t) for t in ThreadRecording.seen}) == 1 + (overlap and nudge), (overlap, nudge)
         (plain, plain_ranks), (overlapped, overlapped_ranks) = runs
         assert overlapped_ranks == plain_ranks
         assert all(r is not None for batch in plain_ranks for r in batch.values())
         for n, w in plain.edited_weights().items():
             assert torch.equal(w, overlapped.edited_weights()[n]), (nudge, n)
             assert torch.equal(plain._projectors[n].U, overlapped._projectors[n].U), (nudge, n)
-        assert overlapped._prefit is None  # the thread is joined when the batch ends
+        assert overlapped._prefit is None  # the fits are waited for when the batch ends
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -392,6 +461,8 @@ def test_editor_argument_errors(tok, cache):
     assert (ed.eta, ed.alpha) == (0.5, 0.5)
     assert Editor(model, tok, hp, method="memit", cache_dir=cache).alpha == 0.8
     assert Editor(model, tok, hp.replace(suppression_strength=0.3), method="memit", cache_dir=cache).alpha == 0.3
+    with pytest.warns(UserWarning, match="mom2_dataset 'wikipedia' is not a local"):
+        Editor(model, tok, hp.replace(mom2_dataset="wikipedia"), method="memit", cache_dir=cache)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2", "gptj"])
@@ -425,7 +496,7 @@ def test_full_counterfact_prompts_run(tok, cache):
     assert all(layer["rank"] >= 1 for layer in info["layers"].values())
 
 
-def test_state_dict_round_trip(tok, cache):
+def test_state_dict_round_trip(tok, cache, tmp_path):
     model = tiny_model("llama", tok)
     ed = make_editor(model, tok, cache, "alphaedit", hp=FAST, sphere=True)
     ed.edit_batch(small(tok, 2))
@@ -442,6 +513,20 @@ def test_state_dict_round_trip(tok, cache):
     wrong = make_editor(tiny_model("llama", tok), tok, cache, "memit", hp=FAST, sphere=True)
     with pytest.raises(ValueError, match="method"):
         wrong.load_state_dict(state)
+    # Other settings, or C0 from another corpus: refused before anything changes.
+    other_hp = make_editor(tiny_model("llama", tok), tok, cache, "alphaedit", hp={**FAST, "L2": 20.0}, sphere=True)
+    with pytest.raises(ValueError, match=r"other hparams: L2=.*this Editor has 20\.0"):
+        other_hp.load_state_dict(state)
+    assert other_hp.batches_done == 0 and other_hp._templates is None
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Another corpus, for other key statistics.\n" * 8)
+    other_corpus = make_editor(tiny_model("llama", tok), tok, cache, "alphaedit", hp=FAST, sphere=True,
+                               stats_corpus=corpus)
+    with pytest.raises(ValueError, match="another corpus"):
+        other_corpus.load_state_dict(state)
+    assert other_corpus.batches_done == 0 and other_corpus._templates is None
+    legacy = {k: v for k, v in state.items() if k != "hparams"}  # saved before the hparams were kept
+    make_editor(tiny_model("llama", tok), tok, cache, "alphaedit", hp=FAST, sphere=True).load_state_dict(legacy)
 
 
 def test_bf16_model_keeps_its_dtype(tok, cache):

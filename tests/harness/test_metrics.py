@@ -158,6 +158,8 @@ def test_generation_and_fluency(tiny_llama_and_tokenizers):
     texts = generate(model, tok, prompts, max_new_tokens=4)
     assert [t.startswith(p) for t, p in zip(texts, prompts)] == [True, True]
     assert texts == generate(model, tok, prompts, max_new_tokens=4, batch_size=1)  # left padding is transparent
+    replies = generate(model, tok, prompts, max_new_tokens=4, continuation=True)
+    assert [p + r for p, r in zip(prompts, replies)] == texts and all(replies)
     sampled = generate(model, tok, prompts[:1], max_new_tokens=4, sample=True, seed=5)
     assert sampled == generate(model, tok, prompts[:1], max_new_tokens=4, sample=True, seed=5)
     reqs = [EditRequest(prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_new="English")]

@@ -19,7 +19,7 @@ from sphere_fast.harness import model_sources
 from sphere_fast.harness.model_sources import (
     MARKER, NAMED_MODELS, ModelSourceError, NamedModel, cached_model, load_model, resolve_model, save_model,
 )
-from sphere_fast.editing.paths import file_sha256
+from sphere_fast.files import file_sha256
 from tests.harness.fixtures import write_llama_gguf, write_wheel
 
 TINY = "tinyllama-test"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from sphere_fast.editing.hparams import load_hparams
-from sphere_fast.harness.report import read_json
+from sphere_fast.harness.report import read_json, write_json
 from sphere_fast.harness.running import RUN_KEYS, choose_hparams, hparams_source, record_run
 
 SETTINGS = {key: 1 for key in RUN_KEYS} | {"eval_every": 1}
@@ -20,6 +20,12 @@ def test_record_run_writes_and_a_resume_must_match(tmp_path):
     with pytest.raises(ValueError, match=r"holds a different run \(batch_size: was 1, now 2; seed: was 1, now 3\)"):
         record_run(out, SETTINGS | {"batch_size": 2, "seed": 3}, resume=True)
     assert read_json(out / "run.json")["batch_size"] == 1
+    with pytest.raises(ValueError, match=r"stats_corpus: was 1, now 'other.txt'; dtype: was 1, now 'bfloat16'"):
+        record_run(out, SETTINGS | {"stats_corpus": "other.txt", "dtype": "bfloat16"}, resume=True)
+    # A run.json from before a key was recorded resumes; the key is recorded from then on.
+    write_json(out / "run.json", {k: v for k, v in SETTINGS.items() if k != "dtype"})
+    record_run(out, SETTINGS | {"dtype": "float32"}, resume=True)
+    assert read_json(out / "run.json")["dtype"] == "float32"
 
 
 def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path):

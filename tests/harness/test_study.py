@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from sphere_fast.editing.editor import Editor
-from sphere_fast.harness import study
+from sphere_fast.editing.memit import MEMIT
+from sphere_fast.harness import study, study_baseline, study_spec
 from sphere_fast.harness.report import read_csv, read_json
-from sphere_fast.harness.study import StudySpecError, load_spec, run_study, shipped_spec
+from sphere_fast.harness.study import run_study
 from sphere_fast.harness.study_report import spearman, write_report
+from sphere_fast.harness.study_spec import StudySpecError, load_spec, shipped_spec
 
 from tests.editing.fixtures import counterfact_requests, subject_end_requests, tiny_model
 
@@ -59,6 +61,11 @@ def loader(tok):
     ({"eval_every": 3}, "eval_every"),
     ({"batch": 2}, "batch"),
     ({"runs": [{"method": "memit", "alpha": 1.5}]}, "runs[0].alpha"),
+    ({"runs": [{"method": "memit+sphere", "eta": 0}]}, "runs[0].eta"),
+    ({"hparams_overrides": {"v_num_grad_stepz": 3}}, "hparams_overrides"),
+    ({"runs": [{"method": "memit", "hparams": "/nonexistent/memit.yaml"}]}, "runs[0].hparams"),
+    ({"runs": [{"method": "memit", "hparams": "MEMIT/smollm2-135m"}], "hparams_overrides": {"L2": "big"}},
+     "hparams_overrides"),
 ])
 def test_bad_spec_names_the_field_and_writes_nothing(files, tok, tmp_path, change, field):
     out = tmp_path / "out"
@@ -168,7 +175,7 @@ def test_a_longer_horizon_continues_the_study(files, tok, tmp_path):
     assert {s["state"] for s in grown.values()} == {"done"} and {s["edits"] for s in grown.values()} == {6}
     written = read_json(out / "spec.json")
     assert written["key"] == longer.key() != old_key and written["grown"][0]["from_horizon"] == 4
-    assert not study._work_dir(longer, out, old_key).exists()  # the checkpoints moved to the new key
+    assert not study_spec._work_dir(longer, out, old_key).exists()  # the checkpoints moved to the new key
     whole_base, grown_base = read_json(tmp_path / "whole" / "baseline.json"), read_json(out / "baseline.json")
     assert grown_base["edit_requests"] == 6
     for key, value in whole_base["edit_metrics"].items():
@@ -185,6 +192,21 @@ def test_a_longer_horizon_continues_the_study(files, tok, tmp_path):
                     assert ra[key] == rb[key], (run, ra["edits"], key, ra[key], rb[key])
     write_report(out)
     assert "The horizon grew from 4" in (out / "report" / "study.md").read_text()
+
+
+def test_a_new_machine_keeps_the_baseline(files, tok, tmp_path):
+    """Without the cache's unedited predictions (a new machine), they are computed again; baseline.json, the
+    study's record (its retention facts among it), stays byte for byte."""
+    spec = load_spec(spec_dict(files, horizon=2, full_eval_at=[2]))
+    out = tmp_path / "out"
+    run_study(spec, out, load=loader(tok), log=lambda m: None)
+    ref_path = study_spec._work_dir(spec, out) / "reference.json"
+    baseline, reference = (out / "baseline.json").read_bytes(), read_json(ref_path)
+    ref_path.unlink()
+    said = []
+    study_baseline.prepare(spec, out, study_spec.spec_requests(spec), loader(tok), log=said.append)
+    assert (out / "baseline.json").read_bytes() == baseline
+    assert read_json(ref_path) == reference and "not in this cache" in said[0]
 
 
 @pytest.mark.parametrize("change,why", [
@@ -209,27 +231,38 @@ def test_a_longer_horizon_that_would_change_the_records_is_refused(files, tok, t
 
 
 def test_collapsed_run_is_recorded_and_the_study_goes_on(files, tok, tmp_path, monkeypatch):
-    real = Editor.edit_batch
+    """MEMIT's second batch diverges (its update turns NaN): recorded as a collapse, not a crash."""
+    real = MEMIT.layer_update
+    calls = []
 
-    def poisoned(self, requests):
-        info = real(self, requests)
-        if self.method == "memit" and self.batches_done == 2:
-            with torch.no_grad():
-                next(iter(self.edited_weights().values()))[0, 0] = float("nan")
-        return info
+    def diverging(self, name, K, R, W):
+        calls.append(name)
+        delta = real(self, name, K, R, W)
+        return delta * float("nan") if len(calls) > len(self.hparams.layers) else delta
 
-    monkeypatch.setattr(Editor, "edit_batch", poisoned)
+    monkeypatch.setattr(MEMIT, "layer_update", diverging)
     out = tmp_path / "out"
     statuses = run_study(load_spec(spec_dict(files)), out, load=loader(tok), log=lambda m: None)
     assert statuses["memit"]["state"] == "collapsed"
     assert statuses["memit"]["edits"] == 2 and statuses["memit"]["collapsed_at"] == 4
-    assert "non-finite" in statuses["memit"]["reason"]
+    assert statuses["memit"]["reason"].startswith("EditCollapsed") and "NaN/Inf" in statuses["memit"]["reason"]
     assert statuses["alphaedit+sphere"]["state"] == "done"
     md = (write_report(out)[1]).read_text()
     assert "collapsed" in md
     # A collapsed run stays collapsed: calling again does not retry it.
     assert run_study(load_spec(spec_dict(files)), out, load=loader(tok), log=lambda m: None)["memit"]["state"] == \
         "collapsed"
+
+
+def test_a_bug_is_not_a_collapse(files, tok, tmp_path, monkeypatch):
+    """An error that is not the run's numerical failure stops the study, whatever its message says."""
+    def broken(self, name, K, R, W):
+        raise RuntimeError("Inference tensors cannot be saved for backward")
+
+    monkeypatch.setattr(MEMIT, "layer_update", broken)
+    with pytest.raises(RuntimeError, match="Inference tensors"):
+        run_study(load_spec(spec_dict(files)), tmp_path / "out", load=loader(tok), log=lambda m: None)
+    assert read_json(tmp_path / "out" / "runs" / "memit" / "status.json")["state"] == "running"
 
 
 def test_spearman():
