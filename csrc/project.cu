@@ -4,10 +4,11 @@
 //
 // Stage 1, T = B U (n x r), on cuBLAS: fp32 B uses a full-fp32 GEMM
 // (CUBLAS_COMPUTE_32F, no TF32: TF32 operands carry 10 mantissa bits, a unit
-// roundoff of 2^-11 per product, against the fp32 contract's 1e-5); fp16/bf16 B is read in its own dtype on tensor cores
-// against U split into two halves of B's dtype, 2^12 U = u_hi + u_lo (~2^-16
-// relative for bf16, ~2^-22 for fp16), accumulated in fp32 and scaled back by
-// 2^-12 in the GEMMs' alpha; fp64 B uses DGEMM. The scale (a power of two,
+// roundoff of 2^-11 per product, against the fp32 contract's 1e-5); fp16/bf16
+// B is read in its own dtype on tensor cores against U split into two halves of
+// B's dtype, 2^12 U = u_hi + u_lo (~2^-16 relative for bf16, ~2^-22 for fp16),
+// accumulated in fp32 and scaled back by 2^-12 in the GEMMs' alpha; fp64 B
+// uses DGEMM. The scale (a power of two,
 // exact) lifts fp16's u_lo, about 2^-11 of an entry of a unit column, out of
 // fp16's subnormal range, where it would keep only a few bits.
 // Stage 2, T U^T with an epilogue that reads B and W in their dtypes and writes

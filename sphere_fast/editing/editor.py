@@ -195,12 +195,7 @@ class Editor:
         """C0 of an edited module, always of the unedited weights: computed (or read from the cache) while the
         model holds them, afterwards only read from the cache by its key (never computed on edited weights)."""
         if weights_fingerprint(self.model) != self._base_fp:
-            key = self._stats_keys.get(name)
-            c0 = load_cached(self.model, name, key, self.cache_dir) if key else None
-            if c0 is None:
-                raise RuntimeError(f"key statistics of {name}: the model no longer holds the unedited weights and the "
-                                   f"cache in {str(self.cache_dir)!r} has no entry for them")
-            return c0
+            return self._cached_c0(name, self._stats_keys.get(name))
         c0s, _ = layer_second_moments(
             self.model, self.tokenizer, [name], corpus=self.stats_corpus, n_samples=self.hparams.mom2_n_samples,
             dtype=self.hparams.mom2_dtype, cache_dir=self.cache_dir, progress=self.progress, weights_fp=self._base_fp,
@@ -324,6 +319,17 @@ class Editor:
             "rng": {"torch": torch.get_rng_state()},
         }
 
+    def _cached_c0(self, name: str, key: str | None) -> torch.Tensor:
+        """C0 of the unedited weights from the cache by its key, once the model holds edited ones."""
+        c0 = load_cached(self.model, name, key, self.cache_dir) if key else None
+        if c0 is None:
+            raise RuntimeError(
+                f"cannot restore key statistics for {name}: the model no longer holds the unedited weights and the "
+                f"cache in {str(self.cache_dir)!r} has no entry {key!r}; load the state into an Editor on the "
+                "unedited model"
+            )
+        return c0
+
     def _hparams_record(self) -> dict:
         """The settings a resumed run must share (the hparams fields, without bookkeeping keys)."""
         return {k: v for k, v in self.hparams.to_dict().items() if k in HPARAM_FIELDS}
@@ -362,17 +368,7 @@ class Editor:
         if not self.edit_method.uses_key_statistics or unedited:
             self._prepare()
         else:
-            c0s = {}
-            for name in self.edited_module_names:
-                key = state["stats_keys"].get(name)
-                c0 = load_cached(self.model, name, key, self.cache_dir) if key else None
-                if c0 is None:
-                    raise RuntimeError(
-                        f"cannot restore key statistics for {name}: the model no longer holds the unedited weights and "
-                        f"the cache in {str(self.cache_dir)!r} has no entry {key!r}; load the state into an Editor on "
-                        "the unedited model"
-                    )
-                c0s[name] = c0
+            c0s = {name: self._cached_c0(name, state["stats_keys"].get(name)) for name in self.edited_module_names}
             self._stats_keys = dict(state["stats_keys"])
             self._set_stats(c0s)
         for name in self.edited_module_names:
@@ -402,7 +398,9 @@ class _Prefit:
         self._streams = {}
         for W in snapshot.values():
             if W.device.type == "cuda" and W.device not in self._streams:
-                stream = editor._prefit_streams.setdefault(W.device, torch.cuda.Stream(W.device))
+                if W.device not in editor._prefit_streams:
+                    editor._prefit_streams[W.device] = torch.cuda.Stream(W.device)
+                stream = editor._prefit_streams[W.device]
                 stream.wait_stream(torch.cuda.current_stream(W.device))  # the snapshot's copies are done
                 self._streams[W.device] = stream
         if editor._prefit_thread is None:
