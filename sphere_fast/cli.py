@@ -551,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     study.add_argument("--spec", default=None,
                        help="study spec file (YAML or JSON) or a shipped spec's name: smollm2-counterfact (the "
-                            "default), smollm2-counterfact-methods (RECT, PRUNE, FT +- SPHERE)")
+                            "default), smollm2-counterfact-methods (RECT, PRUNE, FT +- SPHERE), smollm2-zsre (MEMIT, "
+                            "AlphaEdit +- SPHERE on ZsRE, 900 edits)")
     study.add_argument("--out", default=None, help="output folder (results; resumable)")
     study.add_argument("--report", default=None, metavar="DIR",
                        help="only write the report of the study in DIR, from whatever runs are finished")

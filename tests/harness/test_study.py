@@ -15,7 +15,7 @@ from sphere_fast.harness import study, study_baseline, study_spec
 from sphere_fast.harness.report import read_csv, read_json
 from sphere_fast.harness.study import run_study
 from sphere_fast.harness.study_report import spearman, write_report
-from sphere_fast.harness.study_spec import StudySpecError, load_spec, shipped_spec
+from sphere_fast.harness.study_spec import StudySpecError, load_spec, shipped_spec, spec_requests
 
 from tests.editing.fixtures import counterfact_requests, subject_end_requests, tiny_model
 
@@ -353,8 +353,21 @@ def test_shipped_specs_load_by_name():
         "rect", "rect+sphere", "prune", "prune+sphere", "ft", "ft+sphere"]
     assert all(r.alpha == 0.8 for r in methods.runs if r.sphere)
     assert load_spec("smollm2-counterfact") == load_spec(shipped_spec())
+    zsre = load_spec("smollm2-zsre")
+    assert zsre.horizon == 900 and zsre.full_eval_at == (300, 600, 900) and zsre.eval_sample >= zsre.horizon
+    assert [(r.name, r.alpha) for r in zsre.runs] == [(r.name, r.alpha) for r in load_spec(shipped_spec()).runs]
     with pytest.raises(StudySpecError, match="cannot read"):
         load_spec("no-such-spec")
+
+
+def test_zsre_spec_reads_its_requests():
+    spec = load_spec("smollm2-zsre")
+    if not Path(spec.data).exists():
+        pytest.skip(f"{spec.data} not present (set SPHERE_FAST_DATA_DIR)")
+    requests = spec_requests(spec)  # the file's two records with an empty answer are skipped, not edited
+    assert len(requests) == 900 and requests[0].target_new == "unmanned aircraft"
+    assert all(r.neighborhood_prompts[0].startswith("nq question: ") for r in requests)
+    assert "Michaela Staniford" not in {r.subject for r in requests}
 
 
 def test_general_tasks_join_a_study_under_way(files, tok, tmp_path, monkeypatch):
