@@ -230,8 +230,8 @@ def cmd_edit(args) -> int:
         summary = run_edit(
             model=model, tokenizer=tokenizer, requests=requests, method=args.method, sphere=args.sphere, out=out,
             batch_size=args.batch_size, eval_every=args.eval_every, hparams=hparams, eta=args.eta, alpha=args.alpha,
-            stats_corpus=args.stats_corpus, resume=args.resume, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-            eval_batch_size=args.eval_batch_size,
+            stats_corpus=args.stats_corpus, overlap_sphere_fit=args.overlap_sphere_fit, resume=args.resume,
+            keep_checkpoints=args.keep_checkpoints, seed=args.seed, eval_batch_size=args.eval_batch_size,
             fluency=args.fluency, progress=not args.quiet, run_info={"settings": settings},
             title=f"{args.method}{' + SPHERE' if args.sphere else ''}",
         )
@@ -486,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="YAML/JSON hparams file or shipped name (default: the shipped settings of a named "
                            "model for --method and --sphere, else sized to the model)")
     edit.add_argument("--stats-corpus", default=None, help="text corpus for the key covariance (default WikiText-2)")
+    edit.add_argument("--overlap-sphere-fit", action="store_true",
+                      help="start each layer's SPHERE fit when a batch starts, on a background thread (a side "
+                           "stream on CUDA), so that it runs during target optimisation; the same edits. For a "
+                           "GPU, where the fit is most of SPHERE's cost; on a CPU it shares the cores")
     edit.add_argument("--eval-every", type=_positive_int, default=1,
                       help="evaluate and checkpoint every K batches (and after the last)")
     edit.add_argument("--out", required=True, help="output directory")

@@ -101,6 +101,29 @@ def test_keep_checkpoints_keeps_the_newest(env, full_run):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_overlap_sphere_fit_edits_the_same(env, full_run, monkeypatch):
+    """--overlap-sphere-fit reaches the Editor (every batch fits in the background) and changes no edit."""
+    from safetensors.torch import load_file
+
+    from sphere_fast.editing import editor as editor_module
+
+    started = []
+
+    class CountedPrefit(editor_module._Prefit):
+        def __init__(self, *args, **kwargs):
+            started.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(editor_module, "_Prefit", CountedPrefit)
+    out = env["root"] / "overlap"
+    assert main(_args(env, out, "--overlap-sphere-fit")) == 0
+    assert len(started) == 2  # two batches
+    a = load_file(str(full_run / "checkpoints" / "batch-000002" / "weights.safetensors"))
+    b = load_file(str(out / "checkpoints" / "batch-000002" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_csv(out / "edits.csv")[-1]["efficacy"] == read_csv(full_run / "edits.csv")[-1]["efficacy"]
+
+
 def test_resume_after_a_crash_matches_the_full_run(env, full_run, monkeypatch):
     from safetensors.torch import load_file
 

@@ -83,6 +83,7 @@ def run_edit(
     eta: float | None = None,
     alpha: float | None = None,
     stats_corpus: str | Path | None = None,
+    overlap_sphere_fit: bool = False,
     resume: bool = False,
     keep_checkpoints: int | None = None,
     seed: int = 0,
@@ -111,7 +112,8 @@ def run_edit(
     t_start = time.perf_counter()
     # The Editor first: it checks the settings against the model before minutes of predictions.
     editor = Editor(model, tokenizer, hparams, method=method, sphere=sphere, eta=eta, alpha=alpha,
-                    stats_corpus=stats_corpus, cache_dir=paths.cache_dir(), seed=seed, progress=progress)
+                    stats_corpus=stats_corpus, cache_dir=paths.cache_dir(), seed=seed, progress=progress,
+                    overlap_sphere_fit=overlap_sphere_fit)
     log(f"[{title or method}] neighbourhood predictions of the unedited model ({len(requests)} requests)")
     reference = neighborhood_predictions(model, tokenizer, requests, batch_size=eval_batch_size, progress=progress)
 
