@@ -9,8 +9,9 @@ Scoring, zero-shot, the same for every model:
 
 * BoolQ and RTE: the model's log-likelihood of " yes" against " no" after a fixed prompt (accuracy;
   chance 0.5, and the majority answer's share is reported beside it);
-* NQ-open: greedy answer after the passage and question; correct when a gold answer appears in it
-  (case- and punctuation-insensitive);
+* NQ-open: greedy answer after the passage and question; correct when a gold answer is a run of whole
+  words in it, after lower-casing and dropping punctuation and articles (the SPHERE code's "soft exact
+  match": gold "6" does not match "1960");
 * GSM8K: greedy answer; correct when its last number equals the gold ``#### number``.
 
 This is not RECT's own scoring (which generates free text from instruction-tuned 7B models): on a
@@ -95,6 +96,12 @@ def _normalise(text: str) -> str:
     return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
 
 
+def _contains_words(reply: str, gold: str) -> bool:
+    """Whether the normalised ``gold`` is a run of whole words of the normalised ``reply``."""
+    gold = _normalise(gold)
+    return bool(gold) and f" {gold} " in f" {_normalise(reply)} "
+
+
 def _same_number(a: str, b: str) -> bool:
     try:
         return abs(float(a) - float(b)) < 1e-9
@@ -118,8 +125,7 @@ def evaluate_task(model, tokenizer, task: str, items: list[dict], *, batch_size:
         replies = generate(model, tokenizer, [it["prompt"] for it in items], max_new_tokens=tokens,
                            batch_size=batch_size, continuation=True)
         if task == "nq":
-            correct = [any(_normalise(g) and _normalise(g) in _normalise(r) for g in it["gold"])
-                       for r, it in zip(replies, items)]
+            correct = [any(_contains_words(r, g) for g in it["gold"]) for r, it in zip(replies, items)]
         else:
             correct = []
             for r, it in zip(replies, items):
