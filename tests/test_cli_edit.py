@@ -15,18 +15,19 @@ from sphere_fast.cli import main
 from sphere_fast.editing import paths
 from sphere_fast.harness.report import read_csv
 
-pytestmark = [
-    pytest.mark.skipif(
-        not (paths.counterfact_path().exists() and paths.wikitext_path("test").exists()),
-        reason=f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)",
-    ),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Only the tests that read CounterFact or WikiText-2 (through ``env`` or directly) skip without them.
+DATA_MISSING = None if paths.counterfact_path().exists() and paths.wikitext_path("test").exists() else (
+    f"CounterFact / WikiText-2 not present under {paths.data_dir()} (set SPHERE_FAST_DATA_DIR)")
+needs_data = pytest.mark.skipif(DATA_MISSING is not None, reason=str(DATA_MISSING))
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A saved tiny Llama + tokenizer, fast hparams, and a private cache directory."""
+    if DATA_MISSING:
+        pytest.skip(DATA_MISSING)
     from sphere_fast.editing.hparams import default_hparams
     from tests.editing.fixtures import tiny_model, tiny_tokenizer
 
@@ -215,7 +216,10 @@ def test_edit_takes_the_shipped_settings_of_a_named_model(monkeypatch, tmp_path,
 
     entry = tmp_path / "models" / "smollm2"
     monkeypatch.setattr(model_sources, "models_dir", lambda: tmp_path / "models")
-    base = ["edit", "--data", str(paths.counterfact_path()), "--edits", "2", "--batch-size", "1", "--quiet"]
+    data = tmp_path / "two.json"  # read, never edited: run_edit is replaced below
+    data.write_text(json.dumps([{"prompt": f"The mother tongue of Kalo{i} is", "subject": f"Kalo{i}",
+                                 "target_new": "English"} for i in range(2)]))
+    base = ["edit", "--data", str(data), "--edits", "2", "--batch-size", "1", "--quiet"]
     parse = lambda *extra: cli.build_parser().parse_args(base + ["--out", str(tmp_path / "o"), *extra])  # noqa: E731
     for extra, expected in ((["--method", "alphaedit"], "SPHERE/smollm2-135m"),
                             (["--method", "alphaedit", "--no-sphere"], "AlphaEdit/smollm2-135m"),
@@ -245,6 +249,7 @@ def test_edit_takes_the_shipped_settings_of_a_named_model(monkeypatch, tmp_path,
     assert json.loads((tmp_path / "c" / "run.json").read_text())["hparams"] is None
 
 
+@needs_data
 def test_train_lm_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPHERE_FAST_CACHE_DIR", str(tmp_path / "cache"))
     args = ["train-lm", "--preset", "tiny", "--steps", "3", "--device", "cpu", "--quiet"]
@@ -258,6 +263,7 @@ def test_train_lm_command(tmp_path, monkeypatch, capsys):
         main(args + ["--hidden-size", "30", "--heads", "4"])
 
 
+@needs_data
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     """The demo's whole path (train, synthetic requests, both runs, table, plot) on the tiny preset."""
     from sphere_fast.harness.demo import run_demo

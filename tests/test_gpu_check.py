@@ -125,8 +125,10 @@ def test_end_to_end_batches_cover_every_path(dry_run):
     for batch in e2e["batches"]:
         parts = batch["components"]
         assert set(parts) == {"targets", "keys", "solve", "sphere", "update", "other"}
-        assert all(v >= 0 for v in parts.values()) and parts["targets"] > 0 and parts["sphere"] > 0
-        assert sum(parts.values()) == pytest.approx(batch["batch"], rel=1e-6)
+        assert all(v >= 0 for k, v in parts.items() if k != "other") and parts["targets"] > 0 and parts["sphere"] > 0
+        # The timed parts lie inside the batch: the untimed rest is >= 0 up to the rounding of float sums of
+        # at most 64 (exact) clock differences.
+        assert parts["other"] >= -64 * 2.0**-53 * (batch["batch"] + batch["one_time_stats"])
         if batch["path"] == "overlap":  # fits on the Editor's background thread, timers unsynchronised
             assert batch["timers"] == "unsynchronised" and batch["sphere_split"] == {"fit": None, "apply": None}
         else:
@@ -138,7 +140,6 @@ def test_end_to_end_batches_cover_every_path(dry_run):
     summary = e2e["summary"]
     overlap = summary["overlap"]
     assert overlap["batch_seconds"] == e2e["batches"][2]["batch"] > 0 and 0 <= overlap["sphere_share_estimate"] < 1
-    assert overlap["batch_saved_vs_refit"] == pytest.approx(e2e["batches"][1]["batch"] - overlap["batch_seconds"])
     assert set(summary["cost_ranking_refit"]) == set(e2e["batches"][0]["components"])
     dd = e2e["alphaedit_dd"]
     assert dd["nullspace_eigh"]["seconds"] > 0 and dd["solve"]["seconds"] > 0

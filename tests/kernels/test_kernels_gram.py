@@ -172,6 +172,21 @@ def test_bf16_precision_is_honoured(device, shape):
 
 
 @pytest.mark.parametrize("device", CUDA_DEVICES)
+@pytest.mark.parametrize("shape", [(37, 123), (123, 37)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tf32x3_precision_is_more_accurate_than_tf32(device, shape):
+    """precision="tf32x3" really splits the operands (the interpreter runs both as IEEE fp32, hence CUDA only).
+
+    TF32 keeps 10 of fp32's 23 mantissa bits (operand rounding 2^-11, 2^-10 truncated); 3xTF32 drops only
+    the low x low product (about 2^-20) and otherwise rounds like fp32 (2^-24): some 2^10 apart, so 10 is loose.
+    """
+    W = make_matrix(*shape, torch.float32, device, seed=4)
+    ref = normalized_gram_reference(W.cpu(), dtype=torch.float64).gram
+    err = {p: float((ng.normalized_gram(W, precision=p).gram.cpu().double() - ref).abs().max())
+           for p in ("tf32", "tf32x3")}
+    assert err["tf32x3"] * 10 < err["tf32"]
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(257, 1031), (1031, 257), (300, 300)], ids=lambda s: f"{s[0]}x{s[1]}")
@@ -307,14 +322,22 @@ _AOT_CASES = [
     # 16-bit tiles go to the tensor cores as loaded (exact products, fp32 accumulation)
     (("gram", "bf16", "rows", "fp32", 90, []), ["wgmma.mma_async", "f32.bf16.bf16", "div.rn.f32"], ["div.full"]),
     (("gram", "fp32", "rows", "fp32", 90, []), ["fma.rn.f32"], ["wgmma", "mma.sync"]),  # IEEE fp32: no tensor cores
-    (("gram", "fp32", "cols", "tf32", 90, []), ["wgmma.mma_async", "f32.tf32.tf32"], []),
-    (("gram", "fp32", "rows", "tf32x3", 90, []), ["wgmma.mma_async", "f32.tf32.tf32"], []),
+    (("gram", "fp32", "cols", "tf32", 90, []), ["wgmma.mma_async", "f32.tf32.tf32"], ["cvt.rna.tf32"]),
+    # 3xTF32: the high parts and residuals rounded to TF32 (cvt.rna), three dots per k-step (_TF32X3_PAIRS)
+    (("gram", "fp32", "rows", "tf32x3", 90, []), ["wgmma.mma_async", "f32.tf32.tf32", "cvt.rna.tf32.f32"], []),
     (("gram", "bf16", "cols", "bf16", 80, []), ["mma.sync.aligned", "f32.bf16.bf16.f32"], ["wgmma"]),
     (("gram", "fp64", "cols", "fp32", 80, []), ["mma.sync.aligned", "f64.f64.f64.f64"], ["tf32", "bf16"]),
     (("energy", "bf16", "rows", "fp32", 90, []), ["wgmma.mma_async", "f32.bf16.bf16"], []),
     (("gram", "bf16", "rows", "fp32", 90, ["n", "m", "stride_xk"]), ["wgmma.mma_async"], []),
     (("energy", "fp32", "rows", "fp32", 80, ["m", "stride_wd"]), ["fma.rn.f32"], ["mma.sync"]),
     (("norms", "fp64", "rows", "fp32", 90, ["n", "d", "stride_wn", "stride_wd"]), ["sqrt.rn.f64"], []),
+]
+
+# (tf32 case, tf32x3 case, the mma instruction): the same kernel and config, so 3xTF32 issues three times the
+# mma instructions of TF32 (high x high, high x low, low x high)
+_TF32X3_PAIRS = [
+    (("gram", "fp32", "rows", "tf32", 90, []), ("gram", "fp32", "rows", "tf32x3", 90, []), "wgmma.mma_async"),
+    (("gram", "fp32", "cols", "tf32", 80, []), ("gram", "fp32", "cols", "tf32x3", 80, []), "mma.sync.aligned"),
 ]
 
 
@@ -364,9 +387,18 @@ def test_every_autotune_config_fits_in_shared_memory():
 @pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend (bundled ptxas) is not installed")
 def test_kernels_compile_for_hopper_and_ampere():
     """Every kernel family compiles for sm_90 / sm_80 and uses the arithmetic its precision promises."""
-    ptxs = [k["ptx"] for k in _compile_ahead_of_time([c for c, _, _ in _AOT_CASES])]
-    for (case, must, must_not), ptx in zip(_AOT_CASES, ptxs):
+    cases = [c for c, _, _ in _AOT_CASES]
+    cases += [c for pair in _TF32X3_PAIRS for c in pair[:2] if c not in cases]
+    ptxs = {repr(c): k["ptx"] for c, k in zip(cases, _compile_ahead_of_time(cases))}
+    for case, must, must_not in _AOT_CASES:
         for s in must:
-            assert s in ptx, f"{case}: expected {s!r} in the PTX"
+            assert s in ptxs[repr(case)], f"{case}: expected {s!r} in the PTX"
         for s in must_not:
-            assert s not in ptx, f"{case}: unexpected {s!r} in the PTX"
+            assert s not in ptxs[repr(case)], f"{case}: unexpected {s!r} in the PTX"
+    for tf32, tf32x3, mma in _TF32X3_PAIRS:
+        cap = (tf32[4] // 10, tf32[4] % 10)
+        assert [str(c) for c in tiles.cuda_configs(cap, tiles.DOT_TF32, 4)] == [
+            str(c) for c in tiles.cuda_configs(cap, tiles.DOT_TF32X3, 4)]
+        once = ptxs[repr(tf32)].count(mma)
+        assert once > 0 and ptxs[repr(tf32x3)].count(mma) == 3 * once, (tf32x3, mma, once)
+        assert "cvt.rna.tf32" not in ptxs[repr(tf32)] and "cvt.rna.tf32.f32" in ptxs[repr(tf32x3)], tf32x3
