@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sphere_fast.harness.general_tasks import TASKS, _normalise, _same_number, evaluate_task, load_task
+from sphere_fast.harness.general_tasks import TASKS, _contains_words, _normalise, _same_number, evaluate_task, load_task
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,8 @@ def _index(item: dict) -> int:
 REPLIES = {
     "boolq": ["yes", "no", "no", "no", "yes", "no"],  # gold: yes for even i
     "rte": ["no", "no", "yes", "yes", "yes", "yes"],  # gold: no for i = 0, 3
-    "nq": ["It was the author!", "Someone else wrote it", "x", "nobody knows"],  # gold: The Author, X
+    # gold: The Author, X; whole words only ("next" holds the letter x, "authors" the word author)
+    "nq": ["It was the author!", "Someone else wrote it", "x", "next, the authors"],
     "gsm8k": ["0 + 0 = 0", "it is 2.0", "4 or 5", "I do not know"],  # gold: 2 i, the last number counts
 }
 CORRECT = {"boolq": [1, 1, 0, 1, 1, 1], "rte": [1, 0, 1, 0, 1, 1], "nq": [1, 0, 1, 0], "gsm8k": [1, 1, 0, 0]}
@@ -146,3 +147,6 @@ def test_scoring_with_known_answers(data_dir, task):
 def test_answer_matching():
     assert _normalise("The  Author!") == "author"
     assert _same_number("18", "18.0") and not _same_number("18", "19") and not _same_number("x", "1")
+    assert _contains_words("It was in 1960.", "1960") and not _contains_words("It was in 1960.", "6")
+    assert _contains_words("born in New York City", "new york") and not _contains_words("a York", "new york")
+    assert not _contains_words("anything", "The")  # a gold that normalises to nothing never matches
