@@ -162,22 +162,22 @@ def test_flat_spectrum_degenerate_everywhere():
     assert_contract(A, B, 0.5, 0.5, B_proj, U)
 
 
-def test_degenerate_cluster_at_the_cut():
+def test_degenerate_cluster_at_the_cut(device):
     # Eigenvalues 8, 7, 6, then a triple cluster at 5 straddling the eta cut, then a tail.
     eigs = torch.tensor([8.0, 7.0, 6.0, 5.0, 5.0, 5.0] + [0.5] * 26)
-    A = weight_with_spectrum(eigs, 100, seed=12).float()
+    A = weight_with_spectrum(eigs, 100, seed=12).float().to(device)
     eta = float((eigs[:4].sum() + 0.01) / eigs.sum())  # the cut falls inside the cluster
-    B = torch.randn(20, 100, generator=torch.Generator().manual_seed(13))
+    B = torch.randn(20, 100, generator=torch.Generator().manual_seed(13)).to(device)
     B_proj, _, U = sparse_projection(A, B, eta, 0.8)
     assert_contract(A, B, eta, 0.8, B_proj, U)
 
 
-def test_cluster_near_cut_with_gap():
+def test_cluster_near_cut_with_gap(device):
     # lambda_r - lambda_{r+1} = 1e-3 * lambda_1: a narrow but resolvable gap.
     eigs = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6010, 0.6000] + [0.05] * 26)
-    A = weight_with_spectrum(eigs, 120, seed=14).float()
+    A = weight_with_spectrum(eigs, 120, seed=14).float().to(device)
     eta = float(eigs[:5].sum() / eigs.sum()) - 1e-3
-    B = torch.randn(30, 120, generator=torch.Generator().manual_seed(15))
+    B = torch.randn(30, 120, generator=torch.Generator().manual_seed(15)).to(device)
     B_proj, _, U = sparse_projection(A, B, eta, 0.5)
     assert U.shape[1] == 5
     assert_contract(A, B, eta, 0.5, B_proj, U)
@@ -315,18 +315,19 @@ def test_torch_apply_computes_in_the_working_precision_of_the_update():
     assert_contract(W.float(), B32, 0.5, alpha, W32, P64.U)
 
 
-def test_refit_after_low_rank_change_matches_cold_fit():
+def test_refit_after_low_rank_change_matches_cold_fit(device):
     g = torch.Generator().manual_seed(24)
     W = make_weight("steep", 128, 300, seed=25).float()
-    P = SphereProjector.fit(W, 0.5, 0.5)
     W2 = W + 0.05 * W.std() * (torch.randn(128, 8, generator=g) @ torch.randn(8, 300, generator=g)) / math.sqrt(8)
     B = torch.randn(40, 300, generator=g)
+    W, W2, B = W.to(device), W2.to(device), B.to(device)
     cold = SphereProjector.fit(W2, 0.5, 0.5)
     for method in ("auto", "block"):
         warm = SphereProjector.fit(W, 0.5, 0.5).refit(W2, method=method)
         assert warm.rank == cold.rank
         assert_contract(W2, B, 0.5, 0.5, warm.apply(B), warm.U)
-        torch.testing.assert_close(warm.apply(B), cold.apply(B), rtol=1e-4, atol=2e-5)
+        # Both lie within the fp32 contract of the oracle (the cut is gapped: assert_contract held them there).
+        assert float((warm.apply(B) - cold.apply(B)).norm() / B.norm()) <= 2 * TOL_GAPPED[torch.float32]
 
 
 def test_refit_rejects_a_different_shape():
@@ -335,16 +336,18 @@ def test_refit_rejects_a_different_shape():
         P.refit(torch.randn(21, 30))
 
 
-def test_state_dict_round_trip_restores_projection_and_warm_start():
+def test_state_dict_round_trip_restores_projection_and_warm_start(device):
     g = torch.Generator().manual_seed(31)
-    W = make_weight("steep", 64, 150, seed=32).float()
+    W = make_weight("steep", 64, 150, seed=32).float().to(device)
     P = SphereProjector.fit(W, 0.5, 0.4)
     state = P.state_dict()
-    Q = SphereProjector.from_state_dict(state)
-    B = torch.randn(7, 150, generator=g)
+    assert all(v.device.type == "cpu" for v in state.values() if isinstance(v, torch.Tensor))
+    Q = SphereProjector.from_state_dict(state, device=device)
+    assert Q.U.device == P.U.device
+    B = torch.randn(7, 150, generator=g).to(device)
     assert (Q.rank, Q.eta, Q.alpha, Q.trace, Q.shape, Q.precision) == (P.rank, P.eta, P.alpha, P.trace, P.shape, "fp32")
     assert torch.equal(Q.apply(B), P.apply(B))
-    W2 = W + 0.01 * W.std() * torch.randn(64, 150, generator=g)
+    W2 = W + 0.01 * W.std() * torch.randn(64, 150, generator=g).to(device)
     assert torch.equal(Q.refit(W2).U, P.refit(W2).U)  # the warm start came back too
     legacy = {k: v for k, v in state.items() if k != "precision"}  # checkpoints from before precision was kept
     assert SphereProjector.from_state_dict(legacy).precision == "fp32"
