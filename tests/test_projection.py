@@ -9,6 +9,7 @@ U^T U = I, captured energy >= eta * trace, and ||B_proj|| <= ||B||.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -338,7 +339,7 @@ def test_refit_after_low_rank_change_matches_cold_fit(device):
 
 def test_refit_rejects_a_different_shape():
     P = SphereProjector.fit(torch.randn(20, 30), 0.5, 0.5)
-    with pytest.raises(ValueError, match="W_new"):
+    with pytest.raises(ValueError, match=exactly("W_new must have the fitted shape (20, 30), got (21, 30)")):
         P.refit(torch.randn(21, 30))
 
 
@@ -377,27 +378,45 @@ def test_refit_keeps_the_fitted_precision(monkeypatch):
 
 # -- bad input: clear errors naming the argument, nothing changed -------------------------
 
+def exactly(message: str) -> str:
+    """A pytest.raises pattern that matches the whole message and nothing else."""
+    return "^" + re.escape(message) + "$"
+
+
+_BACKENDS = "'auto', 'cuda', 'triton', 'torch'"
+_DTYPES = "float16, bfloat16, float32 or float64"
+# (the call, the exception, its whole message)
 BAD_CASES = [
-    (lambda: sparse_projection(torch.randn(5), torch.randn(3, 5)), ValueError, "A must be 2-D"),
-    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 6)), ValueError, "B must have 5 columns"),
-    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta=0.0), ValueError, "eta"),
-    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta=1.5), ValueError, "eta"),
-    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=-0.1), ValueError, "alpha"),
-    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=1.1), ValueError, "alpha"),
-    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta="0.5"), TypeError, "eta"),
-    (lambda: sparse_projection(torch.full((4, 5), float("nan")), torch.randn(3, 5)), ValueError, "A contains NaN"),
+    (lambda: sparse_projection(torch.randn(5), torch.randn(3, 5)), ValueError, "A must be 2-D, got shape (5,)"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 6)), ValueError,
+     "B must have 5 columns (as many as A), got shape (3, 6)"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta=0.0), ValueError,
+     "eta must be in (0, 1], got 0.0"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta=1.5), ValueError,
+     "eta must be in (0, 1], got 1.5"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=-0.1), ValueError,
+     "alpha must be in [0, 1], got -0.1"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=1.1), ValueError,
+     "alpha must be in [0, 1], got 1.1"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta="0.5"), TypeError,
+     "eta must be a real number, got str"),
+    (lambda: sparse_projection(torch.full((4, 5), float("nan")), torch.randn(3, 5)), ValueError,
+     "A contains NaN or Inf"),
     (lambda: sparse_projection(torch.randn(4, 5), torch.tensor([[float("inf")] * 5])), ValueError,
      "B contains NaN or Inf"),
-    (lambda: sparse_projection(torch.empty(0, 5), torch.randn(3, 5)), ValueError, "A must not be empty"),
-    (lambda: sparse_projection(torch.ones(4, 5, dtype=torch.int64), torch.randn(3, 5)), TypeError, "A must be"),
-    (lambda: sparse_projection([[1.0]], torch.randn(3, 5)), TypeError, "A must be a torch.Tensor"),
-    (lambda: SphereProjector.fit(torch.randn(4, 5), backend="nope"), ValueError, "backend"),
+    (lambda: sparse_projection(torch.empty(0, 5), torch.randn(3, 5)), ValueError,
+     "A must not be empty, got shape (0, 5)"),
+    (lambda: sparse_projection(torch.ones(4, 5, dtype=torch.int64), torch.randn(3, 5)), TypeError,
+     f"A must be {_DTYPES}, got torch.int64"),
+    (lambda: sparse_projection([[1.0]], torch.randn(3, 5)), TypeError, "A must be a torch.Tensor, got list"),
+    (lambda: SphereProjector.fit(torch.randn(4, 5), backend="nope"), ValueError,
+     f"backend must be one of {_BACKENDS}; got 'nope'"),
 ]
 
 
-@pytest.mark.parametrize("call, exc, match", BAD_CASES, ids=[c[2] for c in BAD_CASES])
-def test_bad_input_raises_naming_the_argument(call, exc, match):
-    with pytest.raises(exc, match=match):
+@pytest.mark.parametrize("call, exc, message", BAD_CASES, ids=[c[2] for c in BAD_CASES])
+def test_bad_input_raises_naming_the_argument(call, exc, message):
+    with pytest.raises(exc, match=exactly(message)):
         call()
 
 
@@ -474,30 +493,31 @@ def test_each_public_entry_scans_its_inputs_once(monkeypatch, entry, call, expec
 
 
 def test_all_zero_weight_raises():
-    with pytest.raises(ValueError, match="W has only zero rows"):
+    message = "W has only zero rows: it has no principal directions to project out"
+    with pytest.raises(ValueError, match=exactly(message)):
         SphereProjector.fit(torch.zeros(4, 6))
 
 
 def test_tensors_on_different_devices_raise():
     meta = torch.empty(3, 5, device="meta")
-    with pytest.raises(ValueError, match="one device"):
+    with pytest.raises(ValueError, match=exactly("tensors must be on one device, got A on cpu, B on meta")):
         sparse_projection(torch.randn(4, 5), meta)
 
 
 @pytest.mark.parametrize(
     "make_B, match",
     [
-        (lambda: torch.full((6, 9), float("nan")), "B contains NaN"),
-        (lambda: torch.randn(6, 8), "B must have 9 columns"),
-        (lambda: torch.randn(5, 9), "same shape"),
-        (lambda: torch.ones(6, 9, dtype=torch.int32), "B must be"),
+        (lambda: torch.full((6, 9), float("nan")), "B contains NaN or Inf"),
+        (lambda: torch.randn(6, 8), "B must have 9 columns (as many as the fitted weight), got shape (6, 8)"),
+        (lambda: torch.randn(5, 9), "W and B must have the same shape, got W (6, 9) and B (5, 9)"),
+        (lambda: torch.ones(6, 9, dtype=torch.int32), f"B must be {_DTYPES}, got torch.int32"),
     ],
 )
 def test_apply_in_place_leaves_W_untouched_on_error(make_B, match):
     W = torch.randn(6, 9)
     before = W.clone()
     P = SphereProjector.fit(W, 0.5, 0.5)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError), match=exactly(match)):
         P.apply_(W, make_B())
     assert torch.equal(W, before)
 
