@@ -13,7 +13,7 @@ import torch
 
 from . import _validation as val
 from .backends import implementation
-from .eigensolver import Eigenpairs, orthonormalize
+from .eigensolver import METHODS, Eigenpairs, orthonormalize
 from .gram import NormalizedGram, ieee_fp32_matmul, work_dtype
 
 
@@ -90,6 +90,8 @@ class SphereProjector:
         val.check_matrix(W, "W", finite=False)
         eta = val.check_eta(eta)
         alpha = val.check_alpha(alpha)
+        val.check_choice(method, "method", METHODS)  # before the Gram is computed, not after
+        val.check_precision(precision)
         val.check_finite(W, "W")
         return cls._fit(W, eta, alpha, backend=backend, method=method, precision=precision, init=None)
 
@@ -124,6 +126,7 @@ class SphereProjector:
         """
         val.check_matrix(W_new, "W_new", finite=False)
         val.check_shape(W_new, "W_new", self.shape, "the fitted shape")
+        val.check_choice(method, "method", METHODS)
         val.check_finite(W_new, "W_new")
         init = self._basis.to(device=W_new.device, dtype=work_dtype(W_new.dtype))
         fresh = self._fit(

@@ -411,6 +411,22 @@ BAD_CASES = [
     (lambda: sparse_projection([[1.0]], torch.randn(3, 5)), TypeError, "A must be a torch.Tensor, got list"),
     (lambda: SphereProjector.fit(torch.randn(4, 5), backend="nope"), ValueError,
      f"backend must be one of {_BACKENDS}; got 'nope'"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=float("nan")), ValueError,
+     "alpha must be finite, got nan"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), alpha=float("inf")), ValueError,
+     "alpha must be finite, got inf"),
+    (lambda: SphereProjector.fit(torch.randn(4, 5), alpha=float("-inf")), ValueError, "alpha must be finite, got -inf"),
+    (lambda: SphereProjector.fit(torch.randn(4, 5), alpha=float("nan")), ValueError, "alpha must be finite, got nan"),
+    (lambda: sparse_projection(torch.randn(4, 5), torch.randn(3, 5), eta=True), TypeError,
+     "eta must be a real number, got bool"),
+    (lambda: SphereProjector.fit(torch.randn(4, 5), eta=torch.tensor([0.5, 0.6])), TypeError,
+     "eta must be a real number, got a tensor of shape (2,)"),
+    (lambda: SphereProjector.fit(torch.randn(4, 5), backend=3), ValueError,
+     f"backend must be one of {_BACKENDS}; got 3"),
+    (lambda: normalized_gram(torch.randn(4, 5), backend="Nope"), ValueError,
+     f"backend must be one of {_BACKENDS}; got 'Nope'"),
+    (lambda: hyperspherical_energy(torch.randn(4, 5), backend="nope"), ValueError,
+     f"backend must be one of {_BACKENDS}; got 'nope'"),
 ]
 
 
@@ -418,6 +434,46 @@ BAD_CASES = [
 def test_bad_input_raises_naming_the_argument(call, exc, message):
     with pytest.raises(exc, match=exactly(message)):
         call()
+
+
+def _unchanged(P: SphereProjector, before: dict) -> bool:
+    """P's state equals ``before`` (a state_dict taken earlier), tensors bit for bit."""
+    after = P.state_dict()
+    return before.keys() == after.keys() and all(
+        torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k] for k, v in before.items())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"method": "lanczos"}, "method must be one of ('auto', 'dense', 'block'), got 'lanczos'"),
+    ({"precision": "fp8"}, "precision must be one of ('fp32', 'tf32', 'tf32x3', 'bf16'), got 'fp8'"),
+])
+def test_fit_refuses_a_bad_method_or_precision_before_any_work(monkeypatch, change, message):
+    import sphere_fast.projector as projector_module
+
+    monkeypatch.setattr(projector_module, "_gram", lambda *a, **k: pytest.fail("the Gram was computed"))
+    with pytest.raises(ValueError, match=exactly(message)):
+        SphereProjector.fit(torch.randn(6, 9), 0.5, 0.5, **change)
+
+
+def test_a_refit_with_a_bad_method_leaves_the_projector_as_it_was():
+    P = _fitted()
+    before = P.state_dict()
+    with pytest.raises(ValueError, match=exactly("method must be one of ('auto', 'dense', 'block'), got 'bogus'")):
+        P.refit(1.01 * torch.randn(6, 9), method="bogus")
+    assert _unchanged(P, before)
+
+
+def test_apply_in_place_refuses_a_bad_weight():
+    P = _fitted()
+    B = torch.randn(6, 9, generator=torch.Generator().manual_seed(49))
+    W = torch.arange(54, dtype=torch.int32).reshape(6, 9)
+    with pytest.raises(TypeError, match=exactly(f"W must be {_DTYPES}, got torch.int32")):
+        P.apply_(W, B)
+    assert torch.equal(W, torch.arange(54, dtype=torch.int32).reshape(6, 9))
+    with pytest.raises(ValueError, match=exactly("tensors must be on one device, got W on meta, B on cpu")):
+        P.apply_(torch.empty(6, 9, device="meta"), B)
+    with pytest.raises(ValueError, match=exactly("W must be 2-D, got shape (54,)")):
+        P.apply_(torch.zeros(54), B)
 
 
 def _nan(shape, where=(1, 2)):
@@ -462,8 +518,7 @@ def test_a_refit_on_nan_leaves_the_projector_as_it_was():
     before = P.state_dict()
     with pytest.raises(ValueError, match="^W_new contains NaN or Inf$"):
         P.refit(_nan((6, 9)))
-    after = P.state_dict()
-    assert all(torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else v == after[k] for k, v in before.items())
+    assert _unchanged(P, before)
 
 
 SCAN_CASES = [
