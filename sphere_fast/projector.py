@@ -149,12 +149,10 @@ class SphereProjector:
     def from_state_dict(cls, state: dict, device: torch.device | str | None = None) -> "SphereProjector":
         """A projector from :meth:`state_dict`, its tensors on ``device`` (default: as saved).
 
-        States saved before ``precision`` was recorded were fitted in fp32.
+        The fields are checked against each other first (ValueError / TypeError naming the field). States saved
+        before ``precision`` was recorded were fitted in fp32.
         """
-        missing = [k for k in ("U", "eigenvalues", "basis", "trace", "eta", "alpha", "side", "backend", "method",
-                               "shape") if k not in state]
-        if missing:
-            raise ValueError(f"state is not a SphereProjector.state_dict(): missing {missing}")
+        val.check_projector_state(state)
         return cls(
             state["U"].to(device).clone(), state["eigenvalues"].clone(), trace=state["trace"], eta=state["eta"],
             alpha=state["alpha"], side=state["side"], basis=state["basis"].to(device).clone(),

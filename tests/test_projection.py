@@ -358,8 +358,62 @@ def test_state_dict_round_trip_restores_projection_and_warm_start(device):
     assert torch.equal(Q.refit(W2).U, P.refit(W2).U)  # the warm start came back too
     legacy = {k: v for k, v in state.items() if k != "precision"}  # checkpoints from before precision was kept
     assert SphereProjector.from_state_dict(legacy).precision == "fp32"
-    with pytest.raises(ValueError, match="missing \\['basis'\\]"):
+    with pytest.raises(ValueError, match=exactly("state is not a SphereProjector.state_dict(): missing ['basis']")):
         SphereProjector.from_state_dict({k: v for k, v in state.items() if k != "basis"})
+
+
+def _corrupt(**changes):
+    """A state of _fitted() (6 x 9: the 6 x 6 rows-side Gram) with ``changes`` applied (None removes a field)."""
+    state = _fitted().state_dict()
+    state.update(changes)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+_U_MESSAGE = "state['U'] must have shape (d, r) with d = 9 and 1 <= r <= 6 for shape (6, 9), got "
+CORRUPT_STATES = [
+    (lambda: _corrupt(U=torch.zeros(5, 2)), ValueError, _U_MESSAGE + "(5, 2)"),
+    (lambda: _corrupt(U=torch.zeros(9, 7)), ValueError, _U_MESSAGE + "(9, 7)"),
+    (lambda: _corrupt(shape=[9, 6]), ValueError,
+     "state['side'] must be 'cols' for shape (9, 6) (the Gram's smaller side), got 'rows'"),
+    (lambda: _corrupt(shape=(6, 9, 1)), ValueError, "state['shape'] must be two positive ints (n, d), got (6, 9, 1)"),
+    (lambda: _corrupt(shape=["6", 9]), ValueError, "state['shape'] must be two positive ints (n, d), got ['6', 9]"),
+    (lambda: _corrupt(basis=torch.zeros(9, 2)), ValueError,
+     "state['basis'] must have shape (6, 2) (the rows side's Gram size, U's rank), got (9, 2)"),
+    (lambda: _corrupt(basis=torch.zeros(6, 3)), ValueError,
+     "state['basis'] must have shape (6, 2) (the rows side's Gram size, U's rank), got (6, 3)"),
+    (lambda: _corrupt(eigenvalues=torch.ones(4, dtype=torch.float64)), ValueError,
+     "state['eigenvalues'] must have shape (2,) (U's rank), got (4,)"),
+    (lambda: _corrupt(eigenvalues=[1.0, 0.5, 0.2]), TypeError,
+     "state['eigenvalues'] must be a float32 or float64 tensor, got list"),
+    (lambda: _corrupt(U=torch.zeros(9, 3, dtype=torch.int64)), TypeError,
+     "state['U'] must be float32 or float64, got torch.int64"),
+    (lambda: _corrupt(basis=torch.zeros(6, 2, dtype=torch.float64)), TypeError,
+     "state['basis'] must have U's dtype torch.float32, got torch.float64"),
+    (lambda: _corrupt(trace=-1.0), ValueError, "state['trace'] must be > 0, got -1.0"),
+    (lambda: _corrupt(eta=2.0), ValueError, "state['eta'] must be in (0, 1], got 2.0"),
+    (lambda: _corrupt(alpha=float("nan")), ValueError, "state['alpha'] must be finite, got nan"),
+    (lambda: _corrupt(precision="fp8"), ValueError,
+     "state['precision'] must be one of ('fp32', 'tf32', 'tf32x3', 'bf16'), got 'fp8'"),
+    (lambda: _corrupt(basis=None), ValueError, "state is not a SphereProjector.state_dict(): missing ['basis']"),
+    (lambda: [1, 2], TypeError, "state must be a dict (a SphereProjector.state_dict()), got list"),
+]
+
+
+@pytest.mark.parametrize("make, exc, message", CORRUPT_STATES, ids=[c[2] for c in CORRUPT_STATES])
+def test_a_corrupted_state_is_refused_naming_the_field(make, exc, message):
+    """Checked on load: a U of the wrong shape used to load and fail later, in apply, naming B."""
+    assert _fitted().rank == 2  # what the messages above count on
+    with pytest.raises(exc, match=exactly(message)):
+        SphereProjector.from_state_dict(make())
+
+
+def test_a_cols_side_state_loads():
+    W = make_weight("gaussian", 12, 5, seed=50)
+    P = SphereProjector.fit(W, 0.9, 0.5)
+    state = P.state_dict()
+    assert state["side"] == "cols" and state["basis"].shape == (5, P.rank)
+    B = torch.randn(3, 5, generator=torch.Generator().manual_seed(51), dtype=torch.float64)
+    assert torch.equal(SphereProjector.from_state_dict(state).apply(B), P.apply(B))
 
 
 def test_refit_keeps_the_fitted_precision(monkeypatch):
