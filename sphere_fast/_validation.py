@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .gram import PRECISIONS
+from .gram import PRECISIONS, gram_side
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -149,17 +149,17 @@ def check_eig_args(G, trace, eta, *, method, methods: tuple, init, tol, max_iter
     return trace, eta, tol
 
 
-def check_eta(eta) -> float:
-    eta = real_number(eta, "eta")
+def check_eta(eta, name: str = "eta") -> float:
+    eta = real_number(eta, name)
     if not (0.0 < eta <= 1.0):
-        raise ValueError(f"eta must be in (0, 1], got {eta}")
+        raise ValueError(f"{name} must be in (0, 1], got {eta}")
     return eta
 
 
-def check_alpha(alpha) -> float:
-    alpha = real_number(alpha, "alpha")
+def check_alpha(alpha, name: str = "alpha") -> float:
+    alpha = real_number(alpha, name)
     if not (0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise ValueError(f"{name} must be in [0, 1], got {alpha}")
     return alpha
 
 
@@ -215,3 +215,51 @@ def real_number(value, name: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+# -- a saved SphereProjector --
+
+PROJECTOR_STATE_FIELDS = ("U", "eigenvalues", "basis", "trace", "eta", "alpha", "side", "backend", "method", "shape")
+
+
+def check_projector_state(state) -> None:
+    """A ``SphereProjector.state_dict()`` whose fields agree with its ``shape`` (n, d) and ``side``: U (d, r) with
+    1 <= r <= m, basis (m, r) in U's dtype (m = n on the rows side, d on the cols side), eigenvalues (r,).
+    ``precision`` may be absent (states saved before it was kept were fitted in fp32)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict (a SphereProjector.state_dict()), got {type(state).__name__}")
+    missing = [k for k in PROJECTOR_STATE_FIELDS if k not in state]
+    if missing:
+        raise ValueError(f"state is not a SphereProjector.state_dict(): missing {missing}")
+    shape = state["shape"]
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError(f"state['shape'] must be two positive ints (n, d), got {shape!r}")
+    n, d = shape
+    side = gram_side(n, d)
+    if state["side"] != side:
+        raise ValueError(f"state['side'] must be {side!r} for shape ({n}, {d}) (the Gram's smaller side), "
+                         f"got {state['side']!r}")
+    m = n if side == "rows" else d
+    U = check_matrix(state["U"], "state['U']", finite=False, dtypes=EIG_DTYPES)
+    r = U.shape[1]
+    if U.shape[0] != d or not 1 <= r <= m:
+        raise ValueError(f"state['U'] must have shape (d, r) with d = {d} and 1 <= r <= {m} for shape ({n}, {d}), "
+                         f"got {tuple(U.shape)}")
+    basis = check_matrix(state["basis"], "state['basis']", finite=False, dtypes=EIG_DTYPES)
+    if basis.dtype != U.dtype:
+        raise TypeError(f"state['basis'] must have U's dtype {U.dtype}, got {basis.dtype}")
+    if tuple(basis.shape) != (m, r):
+        raise ValueError(f"state['basis'] must have shape ({m}, {r}) (the {side} side's Gram size, U's rank), "
+                         f"got {tuple(basis.shape)}")
+    values = state["eigenvalues"]
+    if not isinstance(values, torch.Tensor) or values.dtype not in EIG_DTYPES:
+        got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        raise TypeError(f"state['eigenvalues'] must be a float32 or float64 tensor, got {got}")
+    if tuple(values.shape) != (r,):
+        raise ValueError(f"state['eigenvalues'] must have shape ({r},) (U's rank), got {tuple(values.shape)}")
+    check_positive(state["trace"], "state['trace']")
+    check_eta(state["eta"], "state['eta']")
+    check_alpha(state["alpha"], "state['alpha']")
+    if "precision" in state:
+        check_choice(state["precision"], "state['precision']", PRECISIONS)

@@ -13,8 +13,13 @@ import torch
 
 from .gram import NORM_EPS
 
-# ||B_proj - B_proj_fp64|| / ||B|| by input dtype, for a well-separated cut (relative gap >= 1e-4).
-TOL_GAPPED = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# Unit roundoff of a 16-bit output: rounding B_proj to it adds at most this to the relative error
+# (||B_proj|| <= ||B||); the work before it runs in fp32.
+OUTPUT_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# ||B_proj - B_proj_fp64|| / ||B|| by input dtype, for a well-separated cut (relative gap >= 1e-4);
+# 16-bit input: the fp32 bound plus the output's rounding.
+TOL_GAPPED = {torch.float64: 1e-10, torch.float32: 1e-5}
+TOL_GAPPED.update({dtype: TOL_GAPPED[torch.float32] + u for dtype, u in OUTPUT_ROUNDING.items()})
 # For any cut: this over the relative gap g (rounding cannot place the cut better).
 TOL_OVER_GAP = {torch.float64: 1e-12, torch.float32: 1e-6}
 # max |U^T U - I| by U's dtype.

@@ -100,11 +100,12 @@ def cuda_extension():
 
 def requested_backend(backend: str | None) -> str:
     """The backend asked for: the argument, else the environment, else ``auto``."""
-    choice = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR, "auto") or "auto"
-    choice = choice.strip().lower()
+    given = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR, "auto") or "auto"
+    choice = given.strip().lower() if isinstance(given, str) else None
     if choice != "auto" and choice not in BACKENDS:
         source = "backend" if backend not in (None, "auto") else ENV_VAR
-        raise ValueError(f"{source} must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {choice!r}")
+        # what came in, as given (not lower-cased; a non-str would have failed on .strip())
+        raise ValueError(f"{source} must be one of 'auto', {', '.join(map(repr, BACKENDS))}; got {given!r}")
     return choice
 
 

@@ -13,7 +13,7 @@ import torch
 
 from . import _validation as val
 from .backends import implementation
-from .eigensolver import Eigenpairs, orthonormalize
+from .eigensolver import METHODS, Eigenpairs, orthonormalize
 from .gram import NormalizedGram, ieee_fp32_matmul, work_dtype
 
 
@@ -90,6 +90,8 @@ class SphereProjector:
         val.check_matrix(W, "W", finite=False)
         eta = val.check_eta(eta)
         alpha = val.check_alpha(alpha)
+        val.check_choice(method, "method", METHODS)  # before the Gram is computed, not after
+        val.check_precision(precision)
         val.check_finite(W, "W")
         return cls._fit(W, eta, alpha, backend=backend, method=method, precision=precision, init=None)
 
@@ -124,6 +126,7 @@ class SphereProjector:
         """
         val.check_matrix(W_new, "W_new", finite=False)
         val.check_shape(W_new, "W_new", self.shape, "the fitted shape")
+        val.check_choice(method, "method", METHODS)
         val.check_finite(W_new, "W_new")
         init = self._basis.to(device=W_new.device, dtype=work_dtype(W_new.dtype))
         fresh = self._fit(
@@ -146,12 +149,10 @@ class SphereProjector:
     def from_state_dict(cls, state: dict, device: torch.device | str | None = None) -> "SphereProjector":
         """A projector from :meth:`state_dict`, its tensors on ``device`` (default: as saved).
 
-        States saved before ``precision`` was recorded were fitted in fp32.
+        The fields are checked against each other first (ValueError / TypeError naming the field). States saved
+        before ``precision`` was recorded were fitted in fp32.
         """
-        missing = [k for k in ("U", "eigenvalues", "basis", "trace", "eta", "alpha", "side", "backend", "method",
-                               "shape") if k not in state]
-        if missing:
-            raise ValueError(f"state is not a SphereProjector.state_dict(): missing {missing}")
+        val.check_projector_state(state)
         return cls(
             state["U"].to(device).clone(), state["eigenvalues"].clone(), trace=state["trace"], eta=state["eta"],
             alpha=state["alpha"], side=state["side"], basis=state["basis"].to(device).clone(),
