@@ -13,6 +13,7 @@ from sphere_fast.editing.editor import Editor
 from sphere_fast.editing.memit import MEMIT
 from sphere_fast.harness import study, study_baseline, study_spec
 from sphere_fast.harness.report import read_csv, read_json
+from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
 from sphere_fast.harness.study import run_study
 from sphere_fast.harness.study_report import spearman, write_report
 from sphere_fast.harness.study_spec import StudySpecError, load_spec, shipped_spec, spec_requests
@@ -399,6 +400,27 @@ def test_general_tasks_join_a_study_under_way(files, tok, tmp_path, monkeypatch)
     assert "nq" in rows[0] and "nq" not in rows[2] and "nq" in rows[4] and "nq" in rows[6]
     write_report(out)
     assert " nq " in (out / "report" / "study.md").read_text()
+    # bench/rescore_general_tasks.py scores the unedited model and the last checkpoint again, on the same
+    # items with the same scorer: what the study recorded.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    import rescore_general_tasks
+
+    found = rescore_general_tasks.rescore(with_nq, out, tiny_model("llama", tok), tok)
+    assert found["nq"]["unedited"] == {"edits": 0, "recorded": read_json(out / "baseline.json")["general"]["nq"],
+                                       "now": found["nq"]["unedited"]["recorded"]}
+    assert found["nq"]["memit"] == {"edits": 6, "recorded": rows[6]["nq"], "now": rows[6]["nq"]}
+    # ... the run scored with its checkpoint's weights, the unedited model with its own, put back afterwards
+    saved = checkpoint_weights(latest_checkpoint(study_spec.checkpoint_dir(with_nq, out, "memit")))
+    name = sorted(saved)[0]
+    model = tiny_model("llama", tok)
+    weight = lambda m: m.get_submodule(name).weight.detach()  # noqa: E731
+    monkeypatch.setattr(rescore_general_tasks, "evaluate_task",
+                        lambda m, *args, **kwargs: {"accuracy": float(weight(m).double().sum())})
+    before = weight(model).clone()
+    found = rescore_general_tasks.rescore(with_nq, out, model, tok)
+    assert found["nq"]["unedited"]["now"] == float(before.double().sum())
+    assert found["nq"]["memit"]["now"] == float(saved[name].double().sum()) != found["nq"]["unedited"]["now"]
+    assert torch.equal(weight(model), before)
     with pytest.raises(StudySpecError) as info:
         load_spec(spec_dict(files, general_tasks=["mmlu"]))
     assert info.value.field == "general_tasks[0]"

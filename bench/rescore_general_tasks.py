@@ -1,0 +1,83 @@
+"""A study's general-ability tasks scored again, from its checkpoints, with the package's current scorer.
+
+When a task's scoring changes (NQ-open's gold answers count only as whole words since the study's later
+evaluations), this says whether the figures a study already recorded would have come out differently: for
+the unedited model and the latest checkpoint of each run (in the cache: the machine that ran it) it scores
+the spec's ``general_tasks`` on the same seeded items and puts the recorded accuracy beside it::
+
+    python bench/rescore_general_tasks.py [--out bench/results/cpu-smollm2-study] [--only alphaedit ...]
+
+Writes ``<out>/general_tasks_rescored.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sphere_fast.harness.general_tasks import evaluate_task, load_task
+from sphere_fast.harness.model_sources import load_model
+from sphere_fast.harness.report import read_csv, read_json, write_json
+from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
+from sphere_fast.harness.study_baseline import set_weights
+from sphere_fast.harness.study_spec import checkpoint_dir, checkpoint_edits, load_spec
+
+
+def _recorded(out: Path, run: str, edits: int, task: str):
+    """The accuracy the study recorded for ``run`` after ``edits`` edits (None where it scored none)."""
+    rows = [r for r in read_csv(out / "runs" / run / "edits.csv") if r["edits"] == edits]
+    value = rows[-1].get(task) if rows else None
+    return None if value in (None, "") else float(value)
+
+
+def rescore(spec, out: Path, model, tokenizer, only=()) -> dict:
+    """``{task: {"unedited" | run: {"edits", "recorded", "now"}}}`` for the runs with a checkpoint here."""
+    baseline = read_json(out / "baseline.json")["general"]
+    items = {task: load_task(task, spec.general_task_samples, seed=spec.seed) for task in spec.general_tasks}
+    score = lambda task: evaluate_task(model, tokenizer, task, items[task],  # noqa: E731
+                                       batch_size=spec.eval_batch_size)["accuracy"]
+    result = {task: {"unedited": {"edits": 0, "recorded": baseline.get(task), "now": score(task)}}
+              for task in spec.general_tasks}
+    for run in spec.runs:
+        if only and run.name not in only:
+            continue
+        ckpt = latest_checkpoint(checkpoint_dir(spec, out, run.name))
+        if ckpt is None:
+            print(f"{run.name}: no checkpoint on this machine", file=sys.stderr)
+            continue
+        edits = checkpoint_edits(spec, ckpt)
+        original = set_weights(model, checkpoint_weights(ckpt))
+        try:
+            for task in spec.general_tasks:
+                result[task][run.name] = {"edits": edits, "recorded": _recorded(out, run.name, edits, task),
+                                          "now": score(task)}
+        finally:
+            set_weights(model, original)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="bench/results/cpu-smollm2-study", help="the study's output folder")
+    parser.add_argument("--only", nargs="+", default=(), metavar="RUN", help="only these runs of the spec")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    spec = load_spec(read_json(out / "spec.json")["spec"])
+    unknown = set(args.only) - {run.name for run in spec.runs}
+    if unknown:
+        parser.error(f"--only: no run named {', '.join(sorted(unknown))} in {out / 'spec.json'}")
+    if not spec.general_tasks:
+        print(f"{out / 'spec.json'} scores no general-ability task", file=sys.stderr)
+        return 1
+    model, tokenizer = load_model(spec.model, dtype=spec.dtype)
+    result = rescore(spec, out, model, tokenizer, args.only)
+    for task, rows in result.items():
+        for name, row in rows.items():
+            recorded = "-" if row["recorded"] is None else f"{row['recorded']:.3f}"
+            print(f"{task} {name} at {row['edits']} edits: recorded {recorded}, now {row['now']:.3f}")
+    write_json(out / "general_tasks_rescored.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
