@@ -7,7 +7,7 @@ the spec's ``general_tasks`` on the same seeded items and puts the recorded accu
 
     python bench/rescore_general_tasks.py [--out bench/results/cpu-smollm2-study] [--only alphaedit ...]
 
-Writes ``<out>/general_tasks_rescored.json``.
+Writes ``<out>/general_tasks_rescored.json`` (with the date, commit and machine).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import benchutil  # puts the repository root on sys.path
 from sphere_fast.harness.general_tasks import evaluate_task, load_task
 from sphere_fast.harness.model_sources import load_model
 from sphere_fast.harness.report import read_csv, read_json, write_json
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         for name, row in rows.items():
             recorded = "-" if row["recorded"] is None else f"{row['recorded']:.3f}"
             print(f"{task} {name} at {row['edits']} edits: recorded {recorded}, now {row['now']:.3f}")
-    write_json(out / "general_tasks_rescored.json", result)
+    write_json(out / "general_tasks_rescored.json", {"environment": benchutil.environment(), **result})
     return 0
 
 
