@@ -21,9 +21,9 @@ from pathlib import Path
 from sphere_fast.harness.metrics import teacher_forced_predictions, token_accuracy
 from sphere_fast.harness.model_sources import load_model
 from sphere_fast.harness.report import read_json, write_json
-from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
+from sphere_fast.harness.sequential import checkpoint_weights
 from sphere_fast.harness.study_baseline import set_weights
-from sphere_fast.harness.study_spec import checkpoint_dir, checkpoint_edits, load_spec, spec_requests
+from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints, load_spec, spec_requests
 
 TOP_FIRST = 12
 
@@ -69,16 +69,11 @@ def neighbour_answers(spec, out: Path, model, tokenizer, only=()) -> dict:
 
     Requests some run skipped (``status.json``) are left out, as the study leaves them out of its
     evaluations; the edit targets are those of the requests the furthest run edited."""
-    checkpoints, skipped = {}, set()
-    for run in spec.runs:
-        if only and run.name not in only:
-            continue
-        ckpt = latest_checkpoint(checkpoint_dir(spec, out, run.name))
-        if ckpt is None:
-            print(f"{run.name}: no checkpoint on this machine", file=sys.stderr)
-            continue
-        checkpoints[run.name] = ckpt
-        status = out / "runs" / run.name / "status.json"
+    names = [run.name for run in spec.runs if not only or run.name in only]
+    checkpoints = latest_checkpoints(spec, out, names, log=lambda m: print(m, file=sys.stderr))
+    skipped = set()
+    for name in checkpoints:
+        status = out / "runs" / name / "status.json"
         skipped |= {int(i) for i in (read_json(status).get("skipped") or {})} if status.exists() else set()
     if not checkpoints:
         return {}

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from sphere_fast.harness.report import read_json, write_json
-from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
-from sphere_fast.harness.study_spec import checkpoint_dir, checkpoint_edits, load_spec
+from sphere_fast.harness.sequential import checkpoint_weights
+from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints, load_spec
 
 
 def layer_rows(ckpt: Path) -> list[dict]:
@@ -42,17 +42,12 @@ def main(argv=None) -> int:
     out = Path(args.out)
     spec = load_spec(read_json(out / "spec.json")["spec"])
     result = {}
-    for run in spec.runs:
-        if run.base_method != "prune":
-            continue
-        ckpt = latest_checkpoint(checkpoint_dir(spec, out, run.name))
-        if ckpt is None:
-            print(f"{run.name}: no checkpoint on this machine", file=sys.stderr)
-            continue
+    prune_runs = [run.name for run in spec.runs if run.base_method == "prune"]
+    for name, ckpt in latest_checkpoints(spec, out, prune_runs, log=lambda m: print(m, file=sys.stderr)).items():
         edits = checkpoint_edits(spec, ckpt)
-        result[run.name] = {"edits": edits, "layers": layer_rows(ckpt)}
-        for row in result[run.name]["layers"]:
-            print(f"{run.name} at {edits} edits, {row['layer']}: sigma_max(D) {row['sigma_max_D']:.3f}, "
+        result[name] = {"edits": edits, "layers": layer_rows(ckpt)}
+        for row in result[name]["layers"]:
+            print(f"{name} at {edits} edits, {row['layer']}: sigma_max(D) {row['sigma_max_D']:.3f}, "
                   f"sigma_max(W0) {row['sigma_max_W0']:.3f}, ratio {row['ratio']:.3f}, above {row['above']}")
     if not result:
         print("no PRUNE run with a checkpoint here", file=sys.stderr)

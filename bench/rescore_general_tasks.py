@@ -19,9 +19,9 @@ import benchutil  # puts the repository root on sys.path
 from sphere_fast.harness.general_tasks import evaluate_task, load_task
 from sphere_fast.harness.model_sources import load_model
 from sphere_fast.harness.report import read_csv, read_json, write_json
-from sphere_fast.harness.sequential import checkpoint_weights, latest_checkpoint
+from sphere_fast.harness.sequential import checkpoint_weights
 from sphere_fast.harness.study_baseline import set_weights
-from sphere_fast.harness.study_spec import checkpoint_dir, checkpoint_edits, load_spec
+from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints, load_spec
 
 
 def _recorded(out: Path, run: str, edits: int, task: str):
@@ -39,19 +39,14 @@ def rescore(spec, out: Path, model, tokenizer, only=()) -> dict:
                                        batch_size=spec.eval_batch_size)["accuracy"]
     result = {task: {"unedited": {"edits": 0, "recorded": baseline.get(task), "now": score(task)}}
               for task in spec.general_tasks}
-    for run in spec.runs:
-        if only and run.name not in only:
-            continue
-        ckpt = latest_checkpoint(checkpoint_dir(spec, out, run.name))
-        if ckpt is None:
-            print(f"{run.name}: no checkpoint on this machine", file=sys.stderr)
-            continue
+    names = [run.name for run in spec.runs if not only or run.name in only]
+    for name, ckpt in latest_checkpoints(spec, out, names, log=lambda m: print(m, file=sys.stderr)).items():
         edits = checkpoint_edits(spec, ckpt)
         original = set_weights(model, checkpoint_weights(ckpt))
         try:
             for task in spec.general_tasks:
-                result[task][run.name] = {"edits": edits, "recorded": _recorded(out, run.name, edits, task),
-                                          "now": score(task)}
+                result[task][name] = {"edits": edits, "recorded": _recorded(out, name, edits, task),
+                                      "now": score(task)}
         finally:
             set_weights(model, original)
     return result

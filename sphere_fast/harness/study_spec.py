@@ -19,6 +19,7 @@ from ..editing.methods import METHODS as EDIT_METHODS
 from .datasets import DatasetError, load_requests
 from .general_tasks import TASKS
 from .report import read_json
+from .sequential import latest_checkpoint
 
 # Method names a spec may use: (editing method, SPHERE on).
 METHODS = {f"{name}{'+sphere' if sphere else ''}": (name, sphere) for name in EDIT_METHODS for sphere in (False, True)}
@@ -319,6 +320,18 @@ def _work_dir(spec: StudySpec, out: Path, key: str | None = None) -> Path:
 def checkpoint_dir(spec: StudySpec, out: Path, run_name: str) -> Path:
     """Where a run of the study keeps its checkpoints (in the cache: the machine that ran it)."""
     return _work_dir(spec, out) / run_name / "checkpoints"
+
+
+def latest_checkpoints(spec: StudySpec, out: Path, run_names, log) -> dict[str, Path]:
+    """The latest checkpoint of each of ``run_names`` kept on this machine; ``log`` names the runs without one."""
+    found = {}
+    for name in run_names:
+        ckpt = latest_checkpoint(checkpoint_dir(spec, out, name))
+        if ckpt is None:
+            log(f"{name}: no checkpoint on this machine")
+        else:
+            found[name] = ckpt
+    return found
 
 
 def checkpoint_edits(spec: StudySpec, ckpt: Path) -> int:
