@@ -158,3 +158,26 @@ def environment() -> dict:
 def device_slug(env: dict) -> str:
     """A file-name-safe name of the device: "nvidia-h200", or "cpu"."""
     return re.sub(r"[^a-z0-9]+", "-", str(env.get("device", "cpu")).lower()).strip("-") or "cpu"
+
+
+def study_folder_args(description: str, default_out: str, argv=None, *, only: bool = True):
+    """Parse ``--out`` (a study's output folder) and, with ``only``, ``--only RUN ...`` for the scripts
+    that read a finished study back; returns (out, spec, only runs). An --only name the spec lacks is
+    a usage error naming it."""
+    import argparse
+
+    from sphere_fast.harness.report import read_json
+    from sphere_fast.harness.study_spec import load_spec
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=default_out, help="the study's output folder")
+    if only:
+        parser.add_argument("--only", nargs="+", default=(), metavar="RUN", help="only these runs of the spec")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    spec = load_spec(read_json(out / "spec.json")["spec"])
+    chosen = tuple(getattr(args, "only", ()))
+    unknown = set(chosen) - {run.name for run in spec.runs}
+    if unknown:
+        parser.error(f"--only: no run named {', '.join(sorted(unknown))} in {out / 'spec.json'}")
+    return out, spec, chosen

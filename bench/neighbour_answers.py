@@ -13,17 +13,17 @@ Writes ``<out>/neighbour_answers.json``.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from pathlib import Path
 
+import benchutil  # puts the repository root on sys.path
 from sphere_fast.harness.metrics import teacher_forced_predictions, token_accuracy
 from sphere_fast.harness.model_sources import load_model
 from sphere_fast.harness.report import read_json, write_json
 from sphere_fast.harness.sequential import checkpoint_weights
 from sphere_fast.harness.study_baseline import set_weights
-from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints, load_spec, spec_requests
+from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints, spec_requests
 
 TOP_FIRST = 12
 
@@ -101,17 +101,9 @@ def neighbour_answers(spec, out: Path, model, tokenizer, only=()) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench/results/cpu-smollm2-methods", help="the study's output folder")
-    parser.add_argument("--only", nargs="+", default=(), metavar="RUN", help="only these runs of the spec")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    spec = load_spec(read_json(out / "spec.json")["spec"])
-    unknown = set(args.only) - {run.name for run in spec.runs}
-    if unknown:
-        parser.error(f"--only: no run named {', '.join(sorted(unknown))} in {out / 'spec.json'}")
+    out, spec, only = benchutil.study_folder_args(__doc__.split("\n\n")[0], "bench/results/cpu-smollm2-methods", argv)
     model, tokenizer = load_model(spec.model, dtype=spec.dtype)
-    result = neighbour_answers(spec, out, model, tokenizer, args.only)
+    result = neighbour_answers(spec, out, model, tokenizer, only)
     if not result:
         print("no run with a checkpoint here", file=sys.stderr)
         return 1

@@ -11,15 +11,15 @@ Writes ``<out>/prune_restraint.json``.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from sphere_fast.harness.report import read_json, write_json
+import benchutil  # puts the repository root on sys.path
+from sphere_fast.harness.report import write_json
 from sphere_fast.harness.sequential import checkpoint_weights
-from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints, load_spec
+from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints
 
 
 def layer_rows(ckpt: Path) -> list[dict]:
@@ -36,11 +36,8 @@ def layer_rows(ckpt: Path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench/results/cpu-smollm2-methods", help="the study's output folder")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    spec = load_spec(read_json(out / "spec.json")["spec"])
+    out, spec, _ = benchutil.study_folder_args(__doc__.split("\n\n")[0], "bench/results/cpu-smollm2-methods", argv,
+                                               only=False)
     result = {}
     prune_runs = [run.name for run in spec.runs if run.base_method == "prune"]
     for name, ckpt in latest_checkpoints(spec, out, prune_runs, log=lambda m: print(m, file=sys.stderr)).items():

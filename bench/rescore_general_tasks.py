@@ -11,7 +11,6 @@ Writes ``<out>/general_tasks_rescored.json`` (with the date, commit and machine)
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from sphere_fast.harness.model_sources import load_model
 from sphere_fast.harness.report import read_csv, read_json, write_json
 from sphere_fast.harness.sequential import checkpoint_weights
 from sphere_fast.harness.study_baseline import set_weights
-from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints, load_spec
+from sphere_fast.harness.study_spec import checkpoint_edits, latest_checkpoints
 
 
 def _recorded(out: Path, run: str, edits: int, task: str):
@@ -53,20 +52,12 @@ def rescore(spec, out: Path, model, tokenizer, only=()) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench/results/cpu-smollm2-study", help="the study's output folder")
-    parser.add_argument("--only", nargs="+", default=(), metavar="RUN", help="only these runs of the spec")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    spec = load_spec(read_json(out / "spec.json")["spec"])
-    unknown = set(args.only) - {run.name for run in spec.runs}
-    if unknown:
-        parser.error(f"--only: no run named {', '.join(sorted(unknown))} in {out / 'spec.json'}")
+    out, spec, only = benchutil.study_folder_args(__doc__.split("\n\n")[0], "bench/results/cpu-smollm2-study", argv)
     if not spec.general_tasks:
         print(f"{out / 'spec.json'} scores no general-ability task", file=sys.stderr)
         return 1
     model, tokenizer = load_model(spec.model, dtype=spec.dtype)
-    result = rescore(spec, out, model, tokenizer, args.only)
+    result = rescore(spec, out, model, tokenizer, only)
     for task, rows in result.items():
         for name, row in rows.items():
             recorded = "-" if row["recorded"] is None else f"{row['recorded']:.3f}"

@@ -272,7 +272,7 @@ def test_spearman():
     assert spearman([1, 2], [1, 2]) is None
 
 
-def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path):
+def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path, capsys):
     runs = [{"name": "rect+sphere", "method": "rect+sphere"}, {"name": "prune", "method": "prune"},
             {"name": "ft+sphere", "method": "ft+sphere", "alpha": 0.5}]
     statuses = run_study(load_spec(spec_dict(files, runs=runs, horizon=2, full_eval_at=[2])), tmp_path / "out",
@@ -311,6 +311,15 @@ def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path):
         assert found[run["name"]]["edits"] == 2
         assert found[run["name"]]["specificity"] == pytest.approx(last["specificity"], abs=1e-12)
     assert found["unedited"]["answer_is_an_edit_target"] >= 0 and "gained" not in found["unedited"]
+    # The scripts' --out/--only: the spec read back from the folder; an --only name it lacks is a usage error.
+    import benchutil
+
+    folder = ["--out", str(tmp_path / "out")]
+    assert benchutil.study_folder_args("", "unused", [*folder, "--only", "prune"]) == (tmp_path / "out", spec, ("prune",))
+    with pytest.raises(SystemExit) as info:
+        benchutil.study_folder_args("", "unused", [*folder, "--only", "prune", "memit"])
+    assert info.value.code == 2
+    assert f"--only: no run named memit in {tmp_path / 'out' / 'spec.json'}" in capsys.readouterr().err
 
 
 def test_a_request_the_editor_refuses_is_skipped_and_left_out_of_evaluations(files, tok, tmp_path):
