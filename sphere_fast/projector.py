@@ -28,6 +28,10 @@ def _solve(gram: NormalizedGram, eta: float, *, backend: str, method: str, init:
     return top_eigenpairs(gram.gram, gram.trace, eta, method=method, init=init)
 
 
+# Bytes of the widened block of W that the lift multiplies at a time.
+LIFT_BLOCK_BYTES = 64 * 2**20
+
+
 # A caller's TF32 setting (unit roundoff 2^-11, about 4.9e-4, per product) would break the 1e-5 contract.
 @ieee_fp32_matmul()
 def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Tensor:
@@ -36,7 +40,13 @@ def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Ten
         return pairs.vectors
     dtype = pairs.vectors.dtype
     scaled = pairs.vectors * gram.row_scale.to(dtype).unsqueeze(1)  # D V
-    U = (scaled.T @ W.to(dtype)).T  # (V^T D W)^T: the faster orientation for CPU BLAS
+    # (V^T D W)^T, the faster orientation for CPU BLAS. A 16-bit W is widened a block of columns at a
+    # time: a whole fp32 copy would be twice the size of W.
+    n, d = W.shape
+    columns = d if W.dtype == dtype else max(1, LIFT_BLOCK_BYTES // (n * dtype.itemsize))
+    U = torch.empty(d, pairs.vectors.shape[1], dtype=dtype, device=W.device)
+    for start in range(0, d, columns):
+        U[start:start + columns] = (scaled.T @ W[:, start:start + columns].to(dtype)).T
     U /= torch.sqrt(gram.n * pairs.values.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
     # The lift is orthonormal in exact arithmetic, so one CholeskyQR pass (float64
     # block Gram) removes its rounding; a second would change nothing.

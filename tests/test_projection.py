@@ -23,6 +23,7 @@ from sphere_fast import (
 )
 from sphere_fast.accuracy import ORTHO_TOL, OUTPUT_ROUNDING, TOL_GAPPED, TOL_OVER_GAP
 from sphere_fast.gram import work_dtype
+import sphere_fast.projector as projector_module
 from sphere_fast.projector import project_work
 from sphere_fast.reference import oracle, sparse_projection_reference
 
@@ -139,6 +140,29 @@ def test_contract_dtypes(dtype, device):
     B_proj, P_soft, U = sparse_projection(A, B, 0.5, 0.5)
     assert U.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_contract(A, B, 0.5, 0.5, B_proj, U)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_weight_is_lifted_a_block_of_columns_at_a_time(dtype, device, monkeypatch):
+    # 7 columns per block over d = 150: 22 blocks, the last one ragged; each must land in its rows of U.
+    monkeypatch.setattr(projector_module, "LIFT_BLOCK_BYTES", 80 * 4 * 7)
+    A = make_weight("gaussian", 80, 150, seed=5).to(device=device, dtype=dtype)
+    B = torch.randn(40, 150, generator=torch.Generator().manual_seed(6)).to(device=device, dtype=dtype)
+    proj = SphereProjector.fit(A, 0.5, 0.5)
+    assert_contract(A, B, 0.5, 0.5, proj.apply(B), proj.U)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak device memory needs CUDA")
+def test_fitting_a_16_bit_weight_never_holds_an_fp32_copy_of_it(monkeypatch):
+    monkeypatch.setattr(projector_module, "LIFT_BLOCK_BYTES", 2**20)
+    W = make_weight("steep", 512, 8192, seed=3).to(device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    proj = SphereProjector.fit(W, 0.5, 0.5)
+    torch.cuda.synchronize()
+    assert proj.rank < 64  # U and its orthonormalisation stay small beside W
+    assert torch.cuda.max_memory_allocated() - before < W.numel() * 4 // 2
 
 
 def test_duplicate_and_zero_rows(device):
