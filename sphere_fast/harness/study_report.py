@@ -117,10 +117,12 @@ def summarise(out: Path) -> dict:
         if not evals:
             continue
         first = evals[0]
-        # The first evaluation at or after each of TABLE_AT (500 falls between evaluations every 200).
+        # The first evaluation at or after each of TABLE_AT (500 falls between evaluations every 200), and
+        # every evaluation that scored all the requests edited so far (full_eval_at).
         marks = {0, int(evals[-1]["edits"])}
         marks |= {next(int(r["edits"]) for r in evals if int(r["edits"]) >= t) for t in TABLE_AT
                   if int(evals[-1]["edits"]) >= t}
+        marks |= {int(t) for t in spec["spec"].get("full_eval_at") or ()}
         for edits in sorted(marks):
             row = _at(evals, edits)
             if row is not None:

@@ -445,7 +445,7 @@ def test_sphere_gains_in_the_report(tmp_path):
     runs = [{"name": "memit", "method": "memit"}, {"name": "memit+sphere", "method": "memit+sphere"},
             {"name": "ft", "method": "ft"}]
     spec = {"model": "tiny", "data": "edit.json", "horizon": 6, "batch_size": 2, "eval_every": 2, "eval_sample": 3,
-            "full_eval_at": [6], "runs": runs}
+            "full_eval_at": [2, 6], "runs": runs}
     write_json(out / "spec.json", {"spec": spec, "key": "k", "commit": None})
     scores = {"memit": {0: 0.1, 2: 0.5, 4: 0.4, 6: 0.2}, "memit+sphere": {0: 0.1, 2: 0.4, 4: 0.5}, "ft": {0: 0.1}}
     for name, by_edits in scores.items():
@@ -460,6 +460,11 @@ def test_sphere_gains_in_the_report(tmp_path):
     assert gain["specificity"]["gain_percent"] == 0.0
     assert "| memit | 4 | 0.400 -> 0.500 (25.0 %)" in (out / "report" / "study.md").read_text()
     assert sphere_gains(spec, {n: {"evals": []} for n in scores}) == []
+    # The metrics table: the start, every evaluation that scored all requests (full_eval_at) and the last one.
+    table = read_json(out / "report" / "study.json")["table"]
+    assert [(row["run"], row["edits"]) for row in table] == [
+        ("memit", 0), ("memit", 2), ("memit", 6), ("memit+sphere", 0), ("memit+sphere", 2), ("memit+sphere", 4),
+        ("ft", 0)]
 
 
 def test_default_jobs_and_pending_runs(files, tmp_path):
