@@ -44,9 +44,13 @@ def _lift(W: torch.Tensor, gram: NormalizedGram, pairs: Eigenpairs) -> torch.Ten
     # time: a whole fp32 copy would be twice the size of W.
     n, d = W.shape
     columns = d if W.dtype == dtype else max(1, LIFT_BLOCK_BYTES // (n * dtype.itemsize))
-    U = torch.empty(d, pairs.vectors.shape[1], dtype=dtype, device=W.device)
-    for start in range(0, d, columns):
-        U[start:start + columns] = (scaled.T @ W[:, start:start + columns].to(dtype)).T
+    if columns >= d:
+        U = (scaled.T @ W.to(dtype)).T
+    else:
+        Ut = torch.empty(scaled.shape[1], d, dtype=dtype, device=W.device)
+        for start in range(0, d, columns):
+            Ut[:, start:start + columns] = scaled.T @ W[:, start:start + columns].to(dtype)
+        U = Ut.T
     U /= torch.sqrt(gram.n * pairs.values.clamp_min(torch.finfo(torch.float64).tiny)).to(dtype)
     # The lift is orthonormal in exact arithmetic, so one CholeskyQR pass (float64
     # block Gram) removes its rounding; a second would change nothing.
