@@ -80,13 +80,19 @@ class GeneralProbe:
         preds = teacher_forced_predictions(self.model, self.tokenizer, known["prompts"], known["targets"],
                                            batch_size=spec.eval_batch_size)
         retained = sum(int(p == t) for p, t in preds) / len(preds) if preds else None
-        texts = generate(self.model, self.tokenizer, self.baseline["fluency_prompts"],
-                         max_new_tokens=spec.fluency_tokens, batch_size=spec.eval_batch_size)
+        fluency = _fluency(self.model, self.tokenizer, self.baseline["fluency_prompts"], spec)
         tasks = {task: evaluate_task(self.model, self.tokenizer, task, items,
                                      batch_size=spec.eval_batch_size)["accuracy"]
                  for task, items in self.tasks.items()}
         return {"perplexity": math.exp(nll / positions), "kl": kl / positions, "top1_agreement": agree / positions,
-                "retention": retained, "fluency": sum(map(ngram_entropy, texts)) / len(texts), **tasks}
+                "retention": retained, "fluency": fluency, **tasks}
+
+
+def _fluency(model, tokenizer, prompts: Sequence[str], spec: StudySpec) -> float | None:
+    """Mean n-gram entropy of the greedy continuations of ``prompts``; None without prompts (the edited
+    requests took every retention candidate's subject)."""
+    texts = generate(model, tokenizer, prompts, max_new_tokens=spec.fluency_tokens, batch_size=spec.eval_batch_size)
+    return sum(map(ngram_entropy, texts)) / len(texts) if texts else None
 
 
 def retention_pool(spec: StudySpec, requests: Sequence) -> list:
@@ -109,8 +115,6 @@ def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> d
     known = [c for c, (p, t) in zip(candidates, preds) if p == t][: spec.retention_max]
     fluency_prompts = [c.text for c in candidates[: spec.fluency_prompts]]
     perplexity_chunks = _text_chunks(tokenizer, _general_text(spec), spec.general_tokens, spec.general_seq_len)
-    texts = generate(model, tokenizer, fluency_prompts, max_new_tokens=spec.fluency_tokens,
-                     batch_size=spec.eval_batch_size)
     return {
         "retention": {"candidates": len(candidates), "known": len(known), "prompts": [c.text for c in known],
                       "targets": [c.target_true for c in known]},
@@ -118,7 +122,7 @@ def compute_baseline(spec: StudySpec, model, tokenizer, requests: Sequence) -> d
         "general": {"perplexity": _perplexity(model, perplexity_chunks, max(1, spec.eval_batch_size // 8)),
                     "kl": 0.0, "top1_agreement": 1.0,
                     "retention": 1.0 if known else None,
-                    "fluency": sum(map(ngram_entropy, texts)) / len(texts)},
+                    "fluency": _fluency(model, tokenizer, fluency_prompts, spec)},
         "general_tokens": int(perplexity_chunks.numel()),
     }
 
