@@ -210,6 +210,22 @@ def test_a_new_machine_keeps_the_baseline(files, tok, tmp_path):
     assert read_json(ref_path) == reference and "not in this cache" in said[0]
 
 
+def test_edits_that_take_every_retention_subject_leave_fluency_unmeasured(files, tok, tmp_path):
+    """Retention candidates drawn from the edited requests themselves: none is left to score retention or
+    fluency on, so both are None (not a division by zero) in the baseline, the evaluations and the report."""
+    spec = load_spec(spec_dict(files, horizon=2, full_eval_at=[2], eval_sample=2, retention_candidates=2,
+                               retention_data=str(files / "edit.json"), runs=[{"name": "memit", "method": "memit"}]))
+    out = tmp_path / "out"
+    assert run_study(spec, out, load=loader(tok), log=lambda m: None)["memit"]["state"] == "done"
+    baseline = read_json(out / "baseline.json")
+    assert baseline["fluency_prompts"] == [] and baseline["retention"]["candidates"] == 0
+    assert baseline["general"]["fluency"] is None and baseline["general"]["retention"] is None
+    rows = read_csv(out / "runs" / "memit" / "edits.csv")
+    assert rows[-1]["edits"] == 2 and rows[-1]["perplexity"] > 0
+    assert rows[-1].get("fluency") in (None, "") and rows[-1].get("retention") in (None, "")
+    write_report(out)  # the report takes the unmeasured columns
+
+
 @pytest.mark.parametrize("change,why", [
     ({"eval_sample": 1}, "full_eval_at"),  # the evaluation at 4 scored every request; the longer spec samples
     ({"retention_first": True}, "subject"),  # the added requests edit the subject of a fluency prompt
