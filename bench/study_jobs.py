@@ -6,9 +6,11 @@ of the runs' editing and evaluation (from each run's ``edits.csv``) and the wall
 The study: SmolLM2-135M, MEMIT and MEMIT + SPHERE, the first requests of CounterFact's *train*
 split, one evaluation at the end (general abilities on less text than the shipped study's). Key
 statistics come from the cache (the first call fills it).
+It also times the shared baseline alone (the unedited model scored on ``--baseline-requests``
+requests, what ``--jobs`` runs before starting its workers) on one thread and on every core.
 Run it on an otherwise idle machine::
 
-    python bench/study_jobs.py [--edits 40] [--batch-size 20]
+    python bench/study_jobs.py [--edits 40] [--batch-size 20] [--baseline-requests 200]
 
 Writes ``bench/results/cpu-study-jobs-<date>.{json,md}``.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,12 +62,23 @@ def throughput(out: Path, jobs: int) -> dict:
             "seconds": busy, "edits_per_s": edits / busy if busy else None}
 
 
+def baseline_seconds(spec: Path, out: Path, threads: int) -> float:
+    """Wall time of a baseline-only call (``--budget-minutes 0``) into a fresh folder, model loading included."""
+    cmd = [sys.executable, "-m", "sphere_fast.cli", "study", "--spec", str(spec), "--out", str(out),
+           "--budget-minutes", "0", "--jobs", "1", "--threads", str(threads)]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--edits", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=20)
+    ap.add_argument("--baseline-requests", type=int, default=200)
     args = ap.parse_args(argv)
-    results = {}
+    results, baseline = {}, {}
+    cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
         spec.write_text(spec_text(args.edits, args.batch_size))
@@ -77,8 +91,14 @@ def main(argv=None) -> int:
             results[label] = dict(throughput(out, jobs), wall_s=time.perf_counter() - start, jobs=jobs,
                                   threads=threads)
             print(f"{label}: {results[label]['edits_per_s']:.3f} edits/s, call {results[label]['wall_s']:.0f} s")
+        spec = Path(tmp) / "baseline.json"
+        spec.write_text(spec_text(args.baseline_requests, args.baseline_requests))
+        for threads in sorted({1, cores}):
+            baseline[threads] = baseline_seconds(spec, Path(tmp) / f"baseline{threads}", threads)
+            print(f"baseline on {threads} thread(s): {baseline[threads]:.0f} s")
     env = environment()
-    record = {"environment": env, "edits_per_run": args.edits, "batch_size": args.batch_size, "results": results}
+    record = {"environment": env, "edits_per_run": args.edits, "batch_size": args.batch_size, "results": results,
+              "baseline_requests": args.baseline_requests, "baseline_seconds_by_threads": baseline}
     lines = [f"# `sphere-fast study --jobs`: processes against threads ({env['date'][:10]})", "",
              f"- commit {env['commit']['id']}, {env['cpu_count']} CPUs, torch {env['torch']}",
              f"- SmolLM2-135M, MEMIT and MEMIT + SPHERE, {args.edits} CounterFact train requests each in batches of "
@@ -87,7 +107,10 @@ def main(argv=None) -> int:
     for label, r in results.items():
         lines.append(f"| {label} | {r['edits']} | {r['seconds']:.1f} | {r['edits_per_s']:.3f} | {r['wall_s']:.0f} |")
     (a, b) = (results[k]["edits_per_s"] for k in CONFIGS)
-    lines += ["", f"Two one-thread processes / one two-thread process: {a / b:.2f}x the edits per second."]
+    lines += ["", f"Two one-thread processes / one two-thread process: {a / b:.2f}x the edits per second.", "",
+              f"The shared baseline alone ({args.baseline_requests} requests scored, model loading included):", "",
+              "| threads | seconds |", "|---|---|"]
+    lines += [f"| {t} | {sec:.0f} |" for t, sec in baseline.items()]
     stem = ROOT / "bench" / "results" / f"cpu-study-jobs-{datetime.date.today().isoformat()}"
     atomic_write_text(stem.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     atomic_write_text(stem.with_suffix(".md"), "\n".join(lines) + "\n")

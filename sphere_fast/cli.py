@@ -366,17 +366,21 @@ def _pilot_tasks(spec, out: Path) -> int:
 
 
 def _study_jobs(args, spec, out: Path, runs: list[str], jobs: int) -> None:
-    """The runs left in ``jobs`` processes of cores / jobs threads each, after the shared baseline here."""
+    """The runs left in ``jobs`` processes of cores / jobs threads each, after the shared baseline here.
+
+    The baseline runs alone, so it gets the cores the workers will share (jobs x threads)."""
     import subprocess
 
     from .harness.study import run_study, set_threads
 
     threads = args.threads or max(1, (os.cpu_count() or 2) // jobs)
-    set_threads(threads)
+    set_threads(threads * jobs)
     run_study(spec, out, budget_minutes=0, only=runs[:1], log=lambda m: print(m, flush=True))  # baseline only
     groups = [runs[i::jobs] for i in range(jobs)]
     base = study_worker_command(args, out, threads)
-    procs = [subprocess.Popen(base + ["--only", *group], cwd=out.resolve()) for group in groups if group]
+    # The workers' BLAS and OpenMP pools size themselves from the environment, which set_threads filled above.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen(base + ["--only", *group], cwd=out.resolve(), env=env) for group in groups if group]
     codes = [p.wait() for p in procs]
     if any(codes):
         raise CLIError("study", f"a worker process failed (exit codes {codes})")

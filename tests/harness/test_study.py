@@ -519,6 +519,33 @@ def test_worker_command_names_files_the_workers_can_find(tmp_path, monkeypatch):
     assert dict(zip(cmd[4::2], cmd[5::2]))["--spec"] == str(tmp_path / "mine.yaml")
 
 
+def test_jobs_give_the_baseline_every_core_and_each_worker_its_share(tmp_path, monkeypatch):
+    """--jobs 2 --threads 3: the baseline runs alone on 6 threads, then each worker gets 3, in its torch
+    pool (--threads) and in the OMP_NUM_THREADS its BLAS reads."""
+    import subprocess as sp
+
+    from sphere_fast import cli
+    from sphere_fast.harness import study as study_module
+
+    calls = []
+    monkeypatch.setattr(study_module, "set_threads", lambda n: calls.append(("threads", n)))
+    monkeypatch.setattr(study_module, "run_study", lambda *a, **k: calls.append(("baseline", k["budget_minutes"])))
+
+    class Worker:
+        def __init__(self, cmd, cwd, env):
+            calls.append(("worker", cmd[cmd.index("--threads") + 1], env["OMP_NUM_THREADS"], cmd[-1]))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(sp, "Popen", Worker)
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # what the baseline's set_threads leaves for the parent
+    args = cli.build_parser().parse_args(["study", "--out", str(tmp_path), "--threads", "3", "--jobs", "2"])
+    cli._study_jobs(args, None, tmp_path, ["memit", "memit+sphere"], 2)
+    assert calls == [("threads", 6), ("baseline", 0), ("worker", "3", "3", "memit"),
+                     ("worker", "3", "3", "memit+sphere")]
+
+
 def test_two_processes_through_the_cli_match_one_process(files, tok, tmp_path):
     """--jobs 2: the baseline in the calling process, then one worker process per run; the records are
     those of --jobs 1, which runs both in the calling process."""
