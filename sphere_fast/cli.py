@@ -576,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "NQ-open, GSM8K; a sample of each) into OUT/general_tasks_pilot.json")
     study.add_argument("--jobs", type=_positive_int, default=None,
                        help="runs in parallel processes (default: on a CPU one per core, up to the runs left, "
-                            "one thread each; with a GPU 1)")
+                            "one thread each; with a GPU 1); the shared baseline runs first, on all their threads")
     study.add_argument("--threads", type=_positive_int, default=None, help="torch threads per process")
     study.set_defaults(handler=cmd_study)
 
