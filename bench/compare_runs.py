@@ -6,7 +6,8 @@ This puts two records of one run side by side at every evaluation both have and 
 difference of each metric: a measured floor under which a difference between two methods is not
 evidence. ::
 
-    python bench/compare_runs.py RUN_A RUN_B --out bench/results/cpu-smollm2-study/memit-rerun
+    python bench/compare_runs.py bench/results/cpu-smollm2-study/rerun/memit-first-machine \
+        bench/results/cpu-smollm2-study/runs/memit --out bench/results/cpu-smollm2-study/rerun/memit
 
 RUN_A and RUN_B are run folders (each with its ``edits.csv``); writes OUT.json and OUT.md.
 """
@@ -30,7 +31,7 @@ def evaluations(run: Path) -> dict[int, dict]:
     path = run / "edits.csv"
     if not path.is_file():
         raise SystemExit(f"{run}: no edits.csv (not a study run folder)")
-    return {int(row["edits"]): row for row in read_csv(path) if row.get("eval_requests") is not None}
+    return {row["edits"]: row for row in read_csv(path) if "eval_requests" in row}  # read_csv parses edits as int
 
 
 def compare(a: dict[int, dict], b: dict[int, dict]) -> dict:
