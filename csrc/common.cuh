@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -147,6 +148,23 @@ inline unsigned int blocks_for(int64_t count, int threads, unsigned int cap = 65
   if (b < 1) b = 1;
   if (b > static_cast<int64_t>(cap)) b = cap;
   return static_cast<unsigned int>(b);
+}
+
+// A launch over a rows x cols matrix for kernels that stride rows along y and
+// columns along x in grid-stride loops, so no thread divides a flat index:
+// x spans the columns up to `threads` wide (at least a warp), y takes the rest
+// of the block; both grid dimensions are capped, the loops cover the remainder.
+struct Launch2d {
+  dim3 grid, block;
+};
+inline Launch2d launch_2d(int64_t rows, int64_t cols, int threads = 256) {
+  int tx = 32;
+  while (tx < threads && tx < cols) tx *= 2;
+  const int ty = threads / tx;
+  auto capped = [](int64_t n, int64_t cap) {
+    return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(n, cap)));
+  };
+  return {dim3(capped((cols + tx - 1) / tx, 4096), capped((rows + ty - 1) / ty, 65535)), dim3(tx, ty)};
 }
 
 }  // namespace detail

@@ -33,7 +33,8 @@
 namespace sphere_fast {
 namespace {
 
-using detail::blocks_for;
+using detail::Launch2d;
+using detail::launch_2d;
 
 constexpr int kTileM = 128;   // rows of B / out per block
 constexpr int kTileN = 128;   // columns of out per block
@@ -148,10 +149,12 @@ template <typename BT, typename OutT>
 __global__ void _epilogue_kernel(OutT* out, const OutT* W, const BT* B, const float* __restrict__ C, int64_t i0,
                                  int64_t rows, int64_t d, int64_t os0, int64_t os1, int64_t ws0, int64_t ws1,
                                  int64_t ldb, float alpha) {
-  const int64_t count = rows * d;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    write_out<float>(out, W, B, i0 + e / d, e % d, os0, os1, ws0, ws1, ldb, alpha, C[e]);
+  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; i < rows;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      write_out<float>(out, W, B, i0 + i, j, os0, os1, ws0, ws1, ldb, alpha, C[i * d + j]);
+    }
   }
 }
 
@@ -159,17 +162,18 @@ __global__ void _epilogue_kernel(OutT* out, const OutT* W, const BT* B, const fl
 // [hi hi lo] (lo_last) or [hi lo hi]. hi + lo carries x to about 2^-16 relative.
 __global__ void _split3_kernel(const float* __restrict__ X, int64_t rows, int64_t r, int64_t ldx,
                                __nv_bfloat16* __restrict__ out, int64_t ld3, bool lo_last) {
-  const int64_t count = rows * r;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = e / r, k = e % r;
-    const float x = X[i * ldx + k];
-    const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-    const __nv_bfloat16 lo = __float2bfloat16_rn(x - __bfloat162float(hi));  // x - hi is exact in fp32
+  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; i < rows;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
     __nv_bfloat16* row = out + i * ld3;
-    row[k] = hi;
-    row[r + k] = lo_last ? hi : lo;
-    row[2 * r + k] = lo_last ? lo : hi;
+    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < r;
+         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const float x = X[i * ldx + k];
+      const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+      const __nv_bfloat16 lo = __float2bfloat16_rn(x - __bfloat162float(hi));  // x - hi is exact in fp32
+      row[k] = hi;
+      row[r + k] = lo_last ? hi : lo;
+      row[2 * r + k] = lo_last ? lo : hi;
+    }
   }
 }
 
@@ -182,14 +186,15 @@ constexpr float kSplitScale = 4096.0f;
 template <typename H>
 __global__ void _split_kernel(const float* __restrict__ U, int64_t d, int64_t r, int64_t ldu, H* __restrict__ hi,
                               H* __restrict__ lo, int64_t ldh) {
-  const int64_t count = d * r;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < count;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = e / r, k = e % r;
-    const float u = kSplitScale * U[j * ldu + k];
-    const H h = from_acc<H>(u);
-    hi[j * ldh + k] = h;
-    lo[j * ldh + k] = from_acc<H>(u - to_acc<float>(h));
+  for (int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; j < d;
+       j += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < r;
+         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const float u = kSplitScale * U[j * ldu + k];
+      const H h = from_acc<H>(u);
+      hi[j * ldh + k] = h;
+      lo[j * ldh + k] = from_acc<H>(u - to_acc<float>(h));
+    }
   }
 }
 
@@ -209,11 +214,12 @@ template <typename BT, typename OutT>
 Status launch_project_tensor_core(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream) {
   auto* t3 = static_cast<__nv_bfloat16*>(a.t3);
   auto* u3 = static_cast<__nv_bfloat16*>(a.u3);
-  _split3_kernel<<<blocks_for(a.n * a.r, 256), 256, 0, stream>>>(static_cast<const float*>(a.T), a.n, a.r, a.r, t3,
-                                                                  a.ld3, true);
+  const Launch2d t_launch = launch_2d(a.n, a.r), u_launch = launch_2d(a.d, a.r);
+  _split3_kernel<<<t_launch.grid, t_launch.block, 0, stream>>>(static_cast<const float*>(a.T), a.n, a.r, a.r, t3,
+                                                                a.ld3, true);
   SF_RETURN_IF_ERROR(detail::launch_status("_split3_kernel"));
-  _split3_kernel<<<blocks_for(a.d * a.r, 256), 256, 0, stream>>>(static_cast<const float*>(a.U), a.d, a.r, a.ldu, u3,
-                                                                  a.ld3, false);
+  _split3_kernel<<<u_launch.grid, u_launch.block, 0, stream>>>(static_cast<const float*>(a.U), a.d, a.r, a.ldu, u3,
+                                                                a.ld3, false);
   SF_RETURN_IF_ERROR(detail::launch_status("_split3_kernel"));
   const float one = 1.0f, zero = 0.0f;
   const int d = static_cast<int>(a.d), k3 = static_cast<int>(3 * a.r), ld3 = static_cast<int>(a.ld3);
@@ -223,7 +229,8 @@ Status launch_project_tensor_core(const ProjectArgs& a, cublasHandle_t blas, cud
     SF_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, d, static_cast<int>(rows), k3, &one, u3, CUDA_R_16BF, ld3,
                            t3 + i0 * a.ld3, CUDA_R_16BF, ld3, &zero, a.C, CUDA_R_32F, d, CUBLAS_COMPUTE_32F,
                            CUBLAS_GEMM_DEFAULT));
-    _epilogue_kernel<BT, OutT><<<blocks_for(rows * a.d, 256), 256, 0, stream>>>(
+    const Launch2d launch = launch_2d(rows, a.d);
+    _epilogue_kernel<BT, OutT><<<launch.grid, launch.block, 0, stream>>>(
         static_cast<OutT*>(a.out), static_cast<const OutT*>(a.W), static_cast<const BT*>(a.B),
         static_cast<const float*>(a.C), i0, rows, a.d, a.os0, a.os1, a.ws0, a.ws1, a.ldb, static_cast<float>(a.alpha));
     SF_RETURN_IF_ERROR(detail::launch_status("_epilogue_kernel"));
@@ -270,15 +277,15 @@ Status stage_one(const ProjectArgs& a, cublasHandle_t blas, cudaStream_t stream)
                            &zero, a.T, CUDA_R_32F, r, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return Status::Ok();
   }
-  const int64_t count = a.d * a.r;
+  const Launch2d launch = launch_2d(a.d, a.r);
   cudaDataType_t half_type;
   if (a.b_dtype == kFloat16) {
-    _split_kernel<__half><<<blocks_for(count, 256), 256, 0, stream>>>(static_cast<const float*>(a.U), a.d, a.r, a.ldu,
-                                                                      static_cast<__half*>(a.u_hi),
-                                                                      static_cast<__half*>(a.u_lo), a.ldh);
+    _split_kernel<__half><<<launch.grid, launch.block, 0, stream>>>(static_cast<const float*>(a.U), a.d, a.r, a.ldu,
+                                                                    static_cast<__half*>(a.u_hi),
+                                                                    static_cast<__half*>(a.u_lo), a.ldh);
     half_type = CUDA_R_16F;
   } else {
-    _split_kernel<__nv_bfloat16><<<blocks_for(count, 256), 256, 0, stream>>>(
+    _split_kernel<__nv_bfloat16><<<launch.grid, launch.block, 0, stream>>>(
         static_cast<const float*>(a.U), a.d, a.r, a.ldu, static_cast<__nv_bfloat16*>(a.u_hi),
         static_cast<__nv_bfloat16*>(a.u_lo), a.ldh);
     half_type = CUDA_R_16BF;
