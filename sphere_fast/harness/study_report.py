@@ -48,6 +48,11 @@ TABLE_AT = (500, 1000, 2000)
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
+# Measures that grow by orders of magnitude once an editor collapses: on a linear axis their
+# collapse flattens every other run's curve.
+LOG_SCALE_METRICS = ("perplexity",)
+
+
 def general_metrics(spec: dict) -> tuple[str, ...]:
     """The general-ability measures of a study (``spec``: spec.json's "spec"), its tasks included."""
     return GENERAL_METRICS + tuple(spec.get("general_tasks") or ())
@@ -273,14 +278,16 @@ def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
     folder = out / "report"
     written = []
 
-    def panels(metrics, name, ylabel=None):
+    def panels(metrics, name):
         fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), squeeze=False)
         for ax, m in zip(axes[0], metrics):
             for run, data in runs.items():
                 pts = [(int(r["edits"]), float(r[m])) for r in data["evals"] if r.get(m) not in (None, "")]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, color=colour[run], label=run)
-            ax.set_title(m)
+            ax.set_title(m + (" (log scale)" if m in LOG_SCALE_METRICS else ""))
+            if m in LOG_SCALE_METRICS:
+                ax.set_yscale("log")
             ax.set_xlabel("edits")
             ax.grid(alpha=0.3)
         if axes[0][0].get_legend_handles_labels()[0]:
