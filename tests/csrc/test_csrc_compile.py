@@ -131,6 +131,46 @@ def test_header_compiles_on_its_own_for_sm90a(path: Path, include_flags, tmp_pat
     assert proc.returncode == 0, f"nvcc failed on csrc/{path.name}:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
 
 
+LAUNCH_2D_SHAPES = [(1, 1), (1, 31), (3, 32), (5, 33), (7, 255), (4096, 256), (4096, 14336), (100000, 7),
+                    (14336, 778), (1, 1 << 40), (1 << 40, 64), (1 << 40, 1 << 40)]
+LAUNCH_2D_MAIN = """
+#include <cstdio>
+#include "common.cuh"
+int main() {
+  long long rows, cols;
+  while (std::scanf("%lld %lld", &rows, &cols) == 2) {
+    const auto l = sphere_fast::detail::launch_2d(rows, cols);
+    std::printf("%u %u %u %u %u %u\\n", l.grid.x, l.grid.y, l.grid.z, l.block.x, l.block.y, l.block.z);
+  }
+}
+"""
+
+
+@needs_nvcc
+def test_launch_2d_gives_every_block_work_within_the_grid_limits(include_flags, tmp_path):
+    """detail::launch_2d (the project kernels' elementwise launches), run on the host: 256 threads with a warp or
+    more along the columns, no block without an element, and grids capped where the grid-stride loops take over."""
+    (tmp_path / "main.cu").write_text(LAUNCH_2D_MAIN)
+    cmd = [NVCC, f"-arch={ARCH}", "-std=c++17", *include_flags, str(tmp_path / "main.cu"), "-o", str(tmp_path / "main")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    stdin = "".join(f"{rows} {cols}\n" for rows, cols in LAUNCH_2D_SHAPES)
+    proc = subprocess.run([str(tmp_path / "main")], input=stdin, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(LAUNCH_2D_SHAPES)
+    for (rows, cols), line in zip(LAUNCH_2D_SHAPES, lines):
+        gx, gy, gz, bx, by, bz = map(int, line.split())
+        shape = (rows, cols, line)
+        assert (gz, bz, bx * by) == (1, 1, 256), shape
+        # x: the smallest power of two from a warp up to 256 threads that spans the columns
+        assert bx in (32, 64, 128, 256) and (bx == 32 or bx // 2 < cols), shape
+        assert 1 <= gx <= 4096 and 1 <= gy <= 65535, shape
+        assert (gx - 1) * bx < cols and (gy - 1) * by < rows, shape  # every block has an element
+        assert gx * bx >= cols or gx == 4096, shape  # one pass unless capped
+        assert gy * by >= rows or gy == 65535, shape
+
+
 # Run in a fresh interpreter: import the built module by its path, then list what
 # the process has mapped. The CUDA driver (libcuda.so.1) is loaded by the runtime
 # on its first device call, so it must not be there after an import; libtorch
