@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -161,10 +160,7 @@ inline Launch2d launch_2d(int64_t rows, int64_t cols, int threads = 256) {
   int tx = 32;
   while (tx < threads && tx < cols) tx *= 2;
   const int ty = threads / tx;
-  auto capped = [](int64_t n, int64_t cap) {
-    return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(n, cap)));
-  };
-  return {dim3(capped((cols + tx - 1) / tx, 4096), capped((rows + ty - 1) / ty, 65535)), dim3(tx, ty)};
+  return {dim3(blocks_for(cols, tx, 4096), blocks_for(rows, ty, 65535)), dim3(tx, ty)};
 }
 
 }  // namespace detail

@@ -285,9 +285,9 @@ def _plots(out: Path, runs: dict, summary: dict) -> list[Path]:
                 pts = [(int(r["edits"]), float(r[m])) for r in data["evals"] if r.get(m) not in (None, "")]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, color=colour[run], label=run)
-            ax.set_title(m + (" (log scale)" if m in LOG_SCALE_METRICS else ""))
-            if m in LOG_SCALE_METRICS:
-                ax.set_yscale("log")
+            log = m in LOG_SCALE_METRICS
+            ax.set_title(m + (" (log scale)" if log else ""))
+            ax.set_yscale("log" if log else "linear")
             ax.set_xlabel("edits")
             ax.grid(alpha=0.3)
         if axes[0][0].get_legend_handles_labels()[0]:
