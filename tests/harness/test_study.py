@@ -375,9 +375,10 @@ def test_geometry_follows_the_last_checkpoint(files, tok, tmp_path, monkeypatch)
 
 def test_shipped_specs_load_by_name():
     methods = load_spec("smollm2-counterfact-methods")
-    assert methods.horizon == 2000 and methods.full_eval_at == (1000, 2000) and [r.name for r in methods.runs] == [
+    assert methods.horizon == 3000 and methods.full_eval_at == (1000, 2000, 3000) and [r.name for r in methods.runs] == [
         "rect", "rect+sphere", "prune", "prune+sphere", "ft", "ft+sphere"]
     assert all(r.alpha == 0.8 for r in methods.runs if r.sphere)
+    assert methods.general_tasks == ("nq",) and methods.general_tasks == load_spec(shipped_spec()).general_tasks
     assert load_spec("smollm2-counterfact") == load_spec(shipped_spec())
     zsre = load_spec("smollm2-zsre")
     assert zsre.horizon == 900 and zsre.full_eval_at == (300, 600, 900) and zsre.eval_sample >= zsre.horizon
