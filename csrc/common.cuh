@@ -163,5 +163,18 @@ inline Launch2d launch_2d(int64_t rows, int64_t cols, int threads = 256) {
   return {dim3(blocks_for(cols, tx, 4096), blocks_for(rows, ty, 65535)), dim3(tx, ty)};
 }
 
+// Inside a kernel launched with launch_2d: f(i, j) for this thread's share of
+// rows i < rows and columns j < cols, in the grid-stride loops described above.
+template <typename F>
+__device__ __forceinline__ void for_each_2d(int64_t rows, int64_t cols, F&& f) {
+  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; i < rows;
+       i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+    for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < cols;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      f(i, j);
+    }
+  }
+}
+
 }  // namespace detail
 }  // namespace sphere_fast

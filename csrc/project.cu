@@ -34,6 +34,7 @@ namespace sphere_fast {
 namespace {
 
 using detail::Launch2d;
+using detail::for_each_2d;
 using detail::launch_2d;
 
 constexpr int kTileM = 128;   // rows of B / out per block
@@ -149,32 +150,24 @@ template <typename BT, typename OutT>
 __global__ void _epilogue_kernel(OutT* out, const OutT* W, const BT* B, const float* __restrict__ C, int64_t i0,
                                  int64_t rows, int64_t d, int64_t os0, int64_t os1, int64_t ws0, int64_t ws1,
                                  int64_t ldb, float alpha) {
-  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; i < rows;
-       i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < d;
-         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      write_out<float>(out, W, B, i0 + i, j, os0, os1, ws0, ws1, ldb, alpha, C[i * d + j]);
-    }
-  }
+  for_each_2d(rows, d, [&](int64_t i, int64_t j) {
+    write_out<float>(out, W, B, i0 + i, j, os0, os1, ws0, ws1, ldb, alpha, C[i * d + j]);
+  });
 }
 
 // X (rows x r fp32, row stride ldx) -> three bf16 column blocks of a rows x ld3 matrix:
 // [hi hi lo] (lo_last) or [hi lo hi]. hi + lo carries x to about 2^-16 relative.
 __global__ void _split3_kernel(const float* __restrict__ X, int64_t rows, int64_t r, int64_t ldx,
                                __nv_bfloat16* __restrict__ out, int64_t ld3, bool lo_last) {
-  for (int64_t i = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; i < rows;
-       i += static_cast<int64_t>(gridDim.y) * blockDim.y) {
+  for_each_2d(rows, r, [&](int64_t i, int64_t k) {
+    const float x = X[i * ldx + k];
+    const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+    const __nv_bfloat16 lo = __float2bfloat16_rn(x - __bfloat162float(hi));  // x - hi is exact in fp32
     __nv_bfloat16* row = out + i * ld3;
-    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < r;
-         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const float x = X[i * ldx + k];
-      const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-      const __nv_bfloat16 lo = __float2bfloat16_rn(x - __bfloat162float(hi));  // x - hi is exact in fp32
-      row[k] = hi;
-      row[r + k] = lo_last ? hi : lo;
-      row[2 * r + k] = lo_last ? lo : hi;
-    }
-  }
+    row[k] = hi;
+    row[r + k] = lo_last ? hi : lo;
+    row[2 * r + k] = lo_last ? lo : hi;
+  });
 }
 
 // Entries of orthonormal columns are at most 1 in magnitude: scaled by 2^12 they
@@ -186,16 +179,12 @@ constexpr float kSplitScale = 4096.0f;
 template <typename H>
 __global__ void _split_kernel(const float* __restrict__ U, int64_t d, int64_t r, int64_t ldu, H* __restrict__ hi,
                               H* __restrict__ lo, int64_t ldh) {
-  for (int64_t j = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; j < d;
-       j += static_cast<int64_t>(gridDim.y) * blockDim.y) {
-    for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < r;
-         k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-      const float u = kSplitScale * U[j * ldu + k];
-      const H h = from_acc<H>(u);
-      hi[j * ldh + k] = h;
-      lo[j * ldh + k] = from_acc<H>(u - to_acc<float>(h));
-    }
-  }
+  for_each_2d(d, r, [&](int64_t j, int64_t k) {
+    const float u = kSplitScale * U[j * ldu + k];
+    const H h = from_acc<H>(u);
+    hi[j * ldh + k] = h;
+    lo[j * ldh + k] = from_acc<H>(u - to_acc<float>(h));
+  });
 }
 
 // project() has checked that the tiles fit grid x.

@@ -188,6 +188,15 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def fluency_score(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+            sample: bool = False, seed: int = 0) -> float | None:
+    """Mean n-gram entropy of the continuations of ``prompts`` (greedy unless ``sample``); None without
+    prompts."""
+    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sample=sample, seed=seed,
+                     batch_size=batch_size)
+    return _mean([ngram_entropy(t) for t in texts])
+
+
 def evaluate(
     model,
     tokenizer,
@@ -242,10 +251,9 @@ def evaluate(
         result["counts"][k] = len(vals)
         result["prompts"][k] = sum(len(s[k]) for s in scores)
     if fluency:
-        texts = generate(model, tokenizer, [r.text for r in requests], max_new_tokens=fluency_tokens,
-                         sample=sample, seed=seed, batch_size=batch_size)
-        result["fluency"] = _mean([ngram_entropy(t) for t in texts])
-        result["counts"]["fluency"] = len(texts)
+        result["fluency"] = fluency_score(model, tokenizer, [r.text for r in requests], max_new_tokens=fluency_tokens,
+                                          batch_size=batch_size, sample=sample, seed=seed)
+        result["counts"]["fluency"] = len(requests)
     if per_request:
         result["per_request"] = per
     return result

@@ -13,7 +13,7 @@ import torch
 
 from .datasets import load_requests
 from .general_tasks import evaluate_task, load_task
-from .metrics import evaluate, generate, neighborhood_predictions, ngram_entropy, scored_counts, \
+from .metrics import evaluate, fluency_score, neighborhood_predictions, scored_counts, \
     teacher_forced_predictions
 from .report import read_json, write_json
 from .study_spec import EDIT_METRICS, StudySpec, StudySpecError, _general_text, _retention_data, _work_dir
@@ -89,10 +89,10 @@ class GeneralProbe:
 
 
 def _fluency(model, tokenizer, prompts: Sequence[str], spec: StudySpec) -> float | None:
-    """Mean n-gram entropy of the greedy continuations of ``prompts``; None without prompts (the edited
-    requests took every retention candidate's subject)."""
-    texts = generate(model, tokenizer, prompts, max_new_tokens=spec.fluency_tokens, batch_size=spec.eval_batch_size)
-    return sum(map(ngram_entropy, texts)) / len(texts) if texts else None
+    """The spec's fluency of ``prompts``; None without prompts (the edited requests took every retention
+    candidate's subject)."""
+    return fluency_score(model, tokenizer, prompts, max_new_tokens=spec.fluency_tokens,
+                         batch_size=spec.eval_batch_size)
 
 
 def retention_pool(spec: StudySpec, requests: Sequence) -> list:

@@ -11,6 +11,7 @@ from sphere_fast.accuracy import energy_interval
 from sphere_fast.editing.requests import EditRequest
 from sphere_fast.harness.metrics import (
     evaluate,
+    fluency_score,
     generate,
     layer_energies,
     neighborhood_predictions,
@@ -167,6 +168,9 @@ def test_generation_and_fluency(tiny_llama_and_tokenizers):
     res = evaluate(model, tok, reqs, fluency=True, fluency_tokens=4)
     assert res["fluency"] == pytest.approx(ngram_entropy(texts[0]))
     assert "fluency" not in evaluate(model, tok, reqs)
+    both = fluency_score(model, tok, prompts, max_new_tokens=4)
+    assert both == pytest.approx((ngram_entropy(texts[0]) + ngram_entropy(texts[1])) / 2)
+    assert fluency_score(model, tok, [], max_new_tokens=4) is None
 
 
 def test_layer_energies_by_hand():
