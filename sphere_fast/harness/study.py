@@ -10,7 +10,8 @@ A study is a spec (:func:`load_spec`: a YAML/JSON file or a dict) and an output 
     runs/<name>/geometry.json   the first edited layer's rows in 2-D, unedited and at the last checkpoint
 
 Checkpoints live under the cache folder (``<cache>/study/<spec hash>-<hash of out's absolute path>/<run>``),
-never in ``out``: the same study run from another checkout starts its runs again.
+never in ``out``: the same study run from another checkout (or machine) starts its runs again, their
+records in ``out`` dropped as they start (git keeps what was committed).
 :func:`run_study` runs what is missing; with a time budget it stops at the next checkpoint and a
 later call continues. A run whose weights turn NaN/Inf, or whose batch fails to solve, is recorded
 as collapsed at that edit count and the study goes on. A spec that differs from the one in ``out``
@@ -112,6 +113,13 @@ def _refresh_geometry(spec: StudySpec, run: RunSpec, out: Path, model, model_nam
                     layer, edits)
 
 
+def _drop_records(run_dir: Path) -> None:
+    """Remove a run's edit records and evaluations (not its status): it edits again from the start."""
+    (run_dir / "edits.csv").unlink(missing_ok=True)
+    for path in (run_dir / "metrics").glob("edits_*.json"):
+        path.unlink()
+
+
 def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model_name: str | None,
             requests: Sequence, baseline: dict, reference: list, deadline: float | None,
             log: Callable[[str], None] = print) -> dict:
@@ -123,9 +131,12 @@ def run_one(spec: StudySpec, run: RunSpec, out: Path, *, model, tokenizer, model
     ckpt_dir = checkpoint_dir(spec, out, run.name)
     if status["state"] in ("running", "paused", "done") and latest_checkpoint(ckpt_dir) is None:
         # The checkpoints live in the cache, which a new machine (or another --out path) does not have:
-        # the run is redone from its start, and its first batch drops the rows it had past row 0.
+        # the run is redone from its start. Its old records go at once (git keeps them), so that a redo
+        # stopped early never leaves evaluations past its last batch.
         log(f"[{run.name}] no checkpoint in {ckpt_dir} (a new machine, a cleared cache or another --out path): "
-            f"editing again from 0 edits; its records of {status.get('edits', 0)} edits are replaced as it goes")
+            f"editing again from 0 edits; its records of {status.get('edits', 0)} edits are dropped")
+        _drop_records(run_dir)
+        status = {**status, "edits": 0}
     if status["state"] == "pending" and ckpt_dir.exists():
         import shutil
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,26 @@ def test_a_longer_horizon_continues_the_study(files, tok, tmp_path):
                     assert ra[key] == rb[key], (run, ra["edits"], key, ra[key], rb[key])
     write_report(out)
     assert "The horizon grew from 4" in (out / "report" / "study.md").read_text()
+
+
+def test_a_run_without_its_checkpoints_starts_again_without_its_old_records(files, tok, tmp_path, monkeypatch):
+    """A grown study on a machine without the run's checkpoints edits again from 0; a budget that stops the redo
+    early leaves no record of the old run past the redo's last batch."""
+    quiet = lambda m: None  # noqa: E731
+    one = [{"name": "memit", "method": "memit"}]
+    shorter = load_spec(spec_dict(files, runs=one, horizon=4, full_eval_at=[4], eval_sample=6))
+    out = tmp_path / "out"
+    run_study(shorter, out, load=loader(tok), log=quiet)
+    run_dir = out / "runs" / "memit"
+    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == ["edits_00002.json", "edits_00004.json"]
+    shutil.rmtree(study_spec.checkpoint_dir(shorter, out, "memit"))  # another machine
+
+    longer = load_spec(spec_dict(files, runs=one, full_eval_at=[4, 6], eval_sample=6))
+    stopped = _run_out_of_budget_in_the_first_batch(longer, out, tok, monkeypatch, tmp_path / "cache")
+    assert stopped["memit"]["state"] == "paused" and stopped["memit"]["edits"] == 2
+    assert [r["edits"] for r in read_csv(run_dir / "edits.csv")] == [0, 2]
+    assert [p.name for p in (run_dir / "metrics").iterdir()] == ["edits_00002.json"]
+    assert read_json(run_dir / "geometry.json")["edits"] == 2
 
 
 def test_a_new_machine_keeps_the_baseline(files, tok, tmp_path):
