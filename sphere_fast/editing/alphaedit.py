@@ -61,6 +61,7 @@ class AlphaEdit(LocateThenEdit):
     name = "alphaedit"
     label = "AlphaEdit"
     default_alpha = 0.5  # paper, Appendix D.4.1
+    default_update_order = "per_layer"  # the public AlphaEdit code
 
     def __init__(self, hparams):
         super().__init__(hparams)

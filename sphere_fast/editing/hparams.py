@@ -34,6 +34,7 @@ BOOKKEEPING_KEYS = frozenset({
 })
 FACT_TOKENS = ("subject_last", "last")
 FT_OBJECTIVES = ("prompt_last", "target_new")
+UPDATE_ORDERS = ("after_layers", "per_layer")
 MOM2_DTYPES = ("float32", "float64", "float16", "bfloat16")
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Named models (sphere_fast.harness.model_sources) with shipped settings: name -> file stem.
@@ -70,6 +71,10 @@ class EditHparams:
     norm_constraint: float | None = None  # FT only: L-infinity bound on the change; None (or false) for none
     weight_decay: float = 0.0  # FT only: Adam's weight decay
     objective_optimization: str = "prompt_last"  # FT only: FT-L ("prompt_last") or FT-M ("target_new")
+    # Locate-then-edit methods only: "after_layers" (MEMIT's public code: each layer's raw update is seen by
+    # the layers above, then every update is rectified/restrained and projected), "per_layer" (AlphaEdit's:
+    # each layer's final update is applied before the next layer's keys); None -> the method's own.
+    update_order: str | None = None
     cumulative_ratio: float | None = None  # SPHERE eta; None -> the Editor's default
     suppression_strength: float | None = None  # SPHERE alpha; None -> the Editor's default
     extra: dict = field(default_factory=dict)  # bookkeeping keys, kept for round trips
@@ -146,6 +151,8 @@ def _check(hp: EditHparams) -> None:
         raise ValueError(f"hparam 'fact_token' must be one of {FACT_TOKENS}, got {hp.fact_token!r}")
     if hp.mom2_dtype not in MOM2_DTYPES:
         raise ValueError(f"hparam 'mom2_dtype' must be one of {MOM2_DTYPES}, got {hp.mom2_dtype!r}")
+    if hp.update_order is not None and hp.update_order not in UPDATE_ORDERS:
+        raise ValueError(f"hparam 'update_order' must be one of {UPDATE_ORDERS} or null, got {hp.update_order!r}")
     if hp.objective_optimization not in FT_OBJECTIVES:
         raise ValueError(f"hparam 'objective_optimization' must be one of {FT_OBJECTIVES}, "
                          f"got {hp.objective_optimization!r}")

@@ -35,6 +35,7 @@ class MEMIT(LocateThenEdit):
     name = "memit"
     label = "MEMIT"
     default_alpha = 0.8  # paper, Appendix D.4.1
+    default_update_order = "after_layers"  # the public MEMIT code (and RECT's and PRUNE's on it)
 
     def __init__(self, hparams):
         super().__init__(hparams)

@@ -1,9 +1,10 @@
 """PRUNE (Ma et al., 2025) on MEMIT: restrain the accumulated change of each edited matrix.
 
-After MEMIT's update of a layer, the accumulated change ``D = W - W0`` (W0 the
-unedited weight) has its singular values above ``sigma_max(W0)`` replaced by
-``log(sigma) - log(sigma_max(W0)) + sigma_max(W0)``; SPHERE's projection, when
-on, acts on the resulting update of the batch. Unlike the public SPHERE code,
+Once MEMIT has computed a batch's updates (the layers above seeing each layer's
+raw update, ``update_order``), each layer's accumulated change ``D = W - W0``
+with its update (W0 the unedited weight) has its singular values above
+``sigma_max(W0)`` replaced by ``log(sigma) - log(sigma_max(W0)) + sigma_max(W0)``;
+SPHERE's projection, when on, acts on the resulting update. Unlike the public SPHERE code,
 which restrains only the weights it saves for evaluation, this restrains the
 live model after every batch, as the PRUNE paper describes; W0 is part of the
 saved state.
@@ -32,7 +33,7 @@ def restrained_correction(D: torch.Tensor, sigma_max: float) -> tuple[torch.Tens
 
 
 class PRUNE(MEMIT):
-    """MEMIT whose accumulated change is restrained after every layer update."""
+    """MEMIT whose accumulated change is restrained after every batch, layer by layer."""
 
     name = "prune"
     label = "PRUNE"

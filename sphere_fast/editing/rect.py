@@ -3,7 +3,9 @@
 Each layer's MEMIT update keeps only its entries with the largest relative
 change ``|Delta| / (|W| + 1e-8)``, 40 % of them (the threshold is the k-th
 smallest value over all entries, k = 60 % of the count); the rest are zeroed.
-SPHERE's projection, when on, acts on the masked update.
+SPHERE's projection, when on, acts on the masked update. As in that code, the
+layers above see each layer's unmasked update while the batch's updates are
+computed; the masks apply after the last layer (``update_order``).
 """
 from __future__ import annotations
 

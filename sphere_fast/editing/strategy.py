@@ -6,7 +6,9 @@ its addition (:meth:`Batch.apply`), timing and saved state. A method says how
 the updates of a batch are computed (:meth:`EditMethod.run_batch`), what it
 does to an update before the projection, what it keeps across batches and how
 that is saved. :class:`LocateThenEdit` is the loop MEMIT, AlphaEdit, RECT and
-PRUNE share; they differ only in their closed form and their hooks.
+PRUNE share; they differ only in their closed form, their hooks and the order
+in which the loop applies their updates (``update_order``, as each method's
+public code does).
 """
 from __future__ import annotations
 
@@ -83,8 +85,22 @@ class EditMethod:
 
 class LocateThenEdit(EditMethod):
     """The official code's loop: target values at the last edited layer, then per layer in ascending
-    order keys on the current model, the residual spread over the remaining layers, the closed form,
-    and the update applied before the next layer's keys."""
+    order keys on the current model, the residual spread over the remaining layers and the closed form.
+
+    ``update_order`` (hparams, else the method's ``default_update_order``) says what the layers above see:
+    "after_layers" (MEMIT's public code, and RECT's and PRUNE's on it): each layer's raw closed-form
+    update is added before the next layer's keys; after the last layer the weights are put back and
+    every update goes through ``before_projection`` and SPHERE (``batch.apply``), each fitted on its
+    layer's batch-start weight. "per_layer" (AlphaEdit's public code): each layer's final update
+    (through ``batch.apply``) is applied before the next layer's keys. Without a ``before_projection``
+    change and without SPHERE the two give the same weights, bit for bit.
+    """
+
+    default_update_order: ClassVar[str] = "per_layer"
+
+    @property
+    def update_order(self) -> str:
+        return self.hparams.update_order or self.default_update_order
 
     def layer_update(self, name: str, K: torch.Tensor, R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         """The closed-form update ``[d_out, d_in]`` from keys K ``[d_in, n]`` and residuals R ``[d_out, n]``."""
@@ -103,6 +119,7 @@ class LocateThenEdit(EditMethod):
             before = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
 
         layers_info: dict[str, dict] = {}
+        raw: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # after_layers: name -> (batch-start W, update)
         with torch.no_grad():
             for i, name in enumerate(batch.module_names):
                 W = batch.weight(name)
@@ -113,6 +130,13 @@ class LocateThenEdit(EditMethod):
                     R = (zs.to(dev) - cur).T / (len(hp.layers) - i)  # [hidden, n]
                 with batch.timed("solve"):
                     delta = self.layer_update(name, K, R, W)
+                if self.update_order == "per_layer":
+                    layers_info[name] = batch.apply(name, delta)
+                else:
+                    raw[name] = (W.clone(), delta)
+                    W.add_(delta.to(W.dtype))  # what the layers above see, as in the public MEMIT code
+            for name, (start, delta) in raw.items():
+                batch.weight(name).copy_(start)
                 layers_info[name] = batch.apply(name, delta)
             after = float((zs - layer_outputs(model, tok, requests, hp, z_layer).to(zs.device)).norm(dim=1).mean())
             self.after_layers(batch)  # last: a failure before it leaves the method's state as it was

@@ -32,6 +32,7 @@ import torch
 
 from ..editing import paths
 from ..editing.editor import EditCollapsed, Editor
+from ..editing.methods import method_class
 from ..eigensolver import ConvergenceError
 from .metrics import evaluate, layer_energies
 from .report import read_csv, read_json, write_csv, write_json
@@ -63,7 +64,10 @@ def _run_hparams(spec: StudySpec, run: RunSpec, model, model_name: str | None):
     source = hparams_source(run.base_method, sphere=run.sphere, given=run.hparams, model_name=model_name)
     hp = choose_hparams(model, run.base_method, source=source)
     # The spec's overrides apply whatever the source (tests shrink the shipped settings with them).
-    return hp.replace(**spec.hparams_overrides) if spec.hparams_overrides else hp
+    hp = hp.replace(**spec.hparams_overrides) if spec.hparams_overrides else hp
+    # The records name the order the run's updates were applied in (the method's own unless overridden).
+    order = getattr(method_class(run.base_method), "default_update_order", None)
+    return hp.replace(update_order=order) if hp.update_order is None and order is not None else hp
 
 
 def _geometry(weight: torch.Tensor, rows: int = 512, seed: int = 0) -> torch.Tensor:

@@ -6,6 +6,7 @@ are the prompts on which efficacy can be measured at all.
 """
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
 from sphere_fast.editing.compute import compute_keys, layer_outputs
 from sphere_fast.editing.editor import Editor
+from sphere_fast.editing.memit import memit_update
 from sphere_fast.editing.hparams import default_hparams
 from sphere_fast.editing.model_utils import get_module, oriented_weight
 from sphere_fast.editing.requests import EditRequest
@@ -127,6 +129,51 @@ def test_sphere_off_is_the_base_method(tok, cache):
             cache_c[name] += Ks[name].T @ Ks[name]
     for name in names:
         assert torch.equal(oriented_weight(get_module(model, name)), runs["off"][name]), name
+
+
+def test_update_order_after_layers_is_the_public_memit_code(tok, cache):
+    """MEMIT + SPHERE (update_order "after_layers", MEMIT's default) equals the public code written out by hand:
+    each layer's raw update is added for the layers above, then the weights go back and every update is
+    projected on its layer's batch-start weight. "per_layer" gives other weights with SPHERE and the same
+    weights, bit for bit, without it."""
+    reqs = small(tok, 6)
+    runs = {}
+    for sphere, order in [(True, None), (True, "per_layer"), (False, None), (False, "per_layer")]:
+        model = tiny_model("llama", tok)
+        ed = make_editor(model, tok, cache, "memit", hp={**FAST, "update_order": order}, sphere=sphere, eta=0.5,
+                         alpha=0.8)
+        ed.edit_batch(reqs[:3])
+        ed.edit_batch(reqs[3:])
+        runs[sphere, order] = {n: w.clone() for n, w in ed.edited_weights().items()}
+    for name in runs[False, None]:
+        assert torch.equal(runs[False, None][name], runs[False, "per_layer"][name]), name
+        assert not torch.equal(runs[True, None][name], runs[True, "per_layer"][name]), name
+
+    model = tiny_model("llama", tok)
+    hp = hparams(model, "memit", **FAST)
+    ref = make_editor(model, tok, cache, "memit", hp=FAST, sphere=False)
+    names, templates = ref.edited_module_names, ref.templates
+    C0 = {n: ref.key_statistics(n) for n in names}
+    projectors = {}
+    for batch in (reqs[:3], reqs[3:]):
+        zs = torch.stack([r.z for r in compute_targets(model, tok, batch, TargetPlan.from_hparams(hp), templates)])
+        updates = {}
+        for i, name in enumerate(names):
+            K = compute_keys(model, tok, batch, hp, [name], templates)[name].T
+            R = (zs - layer_outputs(model, tok, batch, hp, hp.layers[-1])).T / (len(names) - i)
+            W = oriented_weight(get_module(model, name))
+            updates[name] = (W.clone(), memit_update(K, R, C0[name], hp.mom2_update_weight))
+            with torch.no_grad():
+                W.add_(updates[name][1].float())
+        for name, (start, delta) in updates.items():
+            W = oriented_weight(get_module(model, name))
+            with torch.no_grad():
+                W.copy_(start)
+                old = projectors.get(name)
+                projectors[name] = SphereProjector.fit(W, 0.5, 0.8) if old is None else copy.copy(old).refit(W)
+                projectors[name].apply_(W, delta.float())
+    for name in names:
+        assert torch.equal(oriented_weight(get_module(model, name)), runs[True, None][name]), name
 
 
 def recording_projector(events: list, ptr_to_name: dict):

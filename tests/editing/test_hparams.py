@@ -161,6 +161,7 @@ def _base() -> dict:
         ({"cumulative_ratio": 1.5}, "cumulative_ratio"),
         ({"suppression_strength": -0.1}, "suppression_strength"),
         ({"L2": True}, "L2"),
+        ({"update_order": "sideways"}, "update_order"),
     ],
 )
 def test_bad_values_name_the_field(change, field):

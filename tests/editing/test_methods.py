@@ -123,9 +123,10 @@ def test_prune_restrains_the_accumulated_change():
 
 
 def test_prune_on_a_model_restrains_what_memit_would_add(tok, stats_cache):
-    """Edited weights scaled down so MEMIT's first update exceeds sigma_max(W0): PRUNE's first-layer change
-    has MEMIT's singular values, compressed by the formula; its state holds W0."""
-    changes = {}
+    """Edited weights scaled down so MEMIT's updates exceed sigma_max(W0): every layer's PRUNE change has
+    MEMIT's singular values, compressed by the formula (the layers above saw the raw updates, as in the
+    public code: update_order "after_layers"); its state holds W0."""
+    changes, sigma_max = {}, {}
     for method in ("memit", "prune"):
         model = tiny_model("llama", tok)
         ed = make_editor(model, tok, stats_cache, method)
@@ -134,18 +135,19 @@ def test_prune_on_a_model_restrains_what_memit_would_add(tok, stats_cache):
                 w.mul_(0.05)
         W0 = {n: w.clone() for n, w in ed.edited_weights().items()}
         info = ed.edit_batch(subject_end_requests(tok, 3))
-        first = ed.edited_module_names[0]
-        changes[method] = (ed.edited_weights()[first] - W0[first]).double()
+        changes[method] = {n: (w - W0[n]).double() for n, w in ed.edited_weights().items()}
         if method == "prune":
-            assert info["layers"][first]["restrained_singular_values"] > 0
-            state = ed.state_dict()["layers"][first]
-            assert torch.equal(state["W0"], W0[first])
-            sigma_max = state["sigma_max"]
-    memit_s = torch.linalg.svdvals(changes["memit"])
-    expected = torch.where(memit_s > sigma_max, memit_s.log() - math.log(sigma_max) + sigma_max, memit_s)
-    got = torch.linalg.svdvals(changes["prune"])
-    top = int((memit_s > 1e-3 * memit_s[0]).sum())  # the update's rank; below that fp32 rounding
-    assert torch.allclose(got[:top], expected[:top], rtol=1e-4)
+            for name in ed.edited_module_names:
+                assert info["layers"][name]["restrained_singular_values"] > 0
+                state = ed.state_dict()["layers"][name]
+                assert torch.equal(state["W0"], W0[name])
+                sigma_max[name] = state["sigma_max"]
+    for name, limit in sigma_max.items():
+        memit_s = torch.linalg.svdvals(changes["memit"][name])
+        expected = torch.where(memit_s > limit, memit_s.log() - math.log(limit) + limit, memit_s)
+        got = torch.linalg.svdvals(changes["prune"][name])
+        top = int((memit_s > 1e-3 * memit_s[0]).sum())  # the update's rank; below that fp32 rounding
+        assert torch.allclose(got[:top], expected[:top], rtol=1e-4), name
 
 
 # -- FT ------------------------------------------------------------------------------------------------

@@ -315,6 +315,9 @@ def test_rect_prune_and_ft_run_through_the_study(files, tok, tmp_path, capsys):
     statuses = run_study(load_spec(spec_dict(files, runs=runs, horizon=2, full_eval_at=[2])), tmp_path / "out",
                          load=loader(tok), log=lambda m: None)
     assert {name: s["state"] for name, s in statuses.items()} == {r["name"]: "done" for r in runs}
+    # The records name the order of each run's updates (the public code's; FT has none).
+    assert {name: s["hparams"]["update_order"] for name, s in statuses.items()} == {
+        "rect+sphere": "after_layers", "prune": "after_layers", "ft+sphere": None}
     for run in runs:
         rows = read_csv(tmp_path / "out" / "runs" / run["name"] / "edits.csv")
         assert [r["edits"] for r in rows] == [0, 2] and 0.0 <= rows[-1]["efficacy"] <= 1.0
