@@ -189,7 +189,7 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def fluency_score(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-            sample: bool = False, seed: int = 0) -> float | None:
+                  sample: bool = False, seed: int = 0) -> float | None:
     """Mean n-gram entropy of the continuations of ``prompts`` (greedy unless ``sample``); None without
     prompts."""
     texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sample=sample, seed=seed,
