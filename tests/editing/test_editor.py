@@ -15,8 +15,8 @@ import torch
 from sphere_fast.editing.alphaedit import alphaedit_update, nullspace_projector
 from sphere_fast.editing.compute import compute_keys, layer_outputs
 from sphere_fast.editing.editor import Editor
-from sphere_fast.editing.memit import memit_update
 from sphere_fast.editing.hparams import default_hparams
+from sphere_fast.editing.memit import memit_update
 from sphere_fast.editing.model_utils import get_module, oriented_weight
 from sphere_fast.editing.requests import EditRequest
 from sphere_fast.editing.targets import TargetPlan, compute_targets
