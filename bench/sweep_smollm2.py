@@ -128,16 +128,21 @@ def _write(kind: str, meta: dict, rows: list[dict]) -> Path:
     stem = RESULTS / f"cpu-smollm2-{kind}-{meta['date']}"
     payload = {**meta, "rows": rows}
     atomic_write_text(stem.with_suffix(".json"), json.dumps(payload, indent=1) + "\n")
-    md = [f"# SmolLM2-135M-Instruct, {kind} ({meta['split']} split)", "",
+    report = meta["split"] == "edit"
+    title = (f"{meta['n']} edit-split requests in sequential batches, shipped settings" if report
+             else f"{kind} ({meta['split']} split)")
+    settings = ("settings: " + ", ".join(f"{r['label']} `{RUNS[r['label']][2]}`" for r in rows if r["label"] in RUNS)
+                if report else f"base settings `{meta['base']}`")  # a report runs each label on its own file
+    md = [f"# SmolLM2-135M-Instruct, {title}", "",
           f"- date {meta['date']}, commit {meta['commit']}, device: {meta['device']}",
           f"- {meta['n']} requests (first of `{meta['data']}`), batches of {meta['batch_size']}, all evaluated after "
           "the last batch; top-1 token accuracy (package metrics); locality = agreement with the unedited model's "
           "top-1 on neighbourhood prompts",
-          f"- C0 from {meta['stats_lines']} lines of {meta['stats_corpus']}; base settings `{meta['base']}`",
+          f"- C0 from {meta['stats_lines']} lines of {meta['stats_corpus']}; {settings}",
           "- time columns: sums over batches (seconds) of target optimisation, keys, solve, SPHERE; "
           "edit s includes key statistics on the first configuration only when they were not cached", "",
-          _table(rows, "run" if kind == "edit" else "overrides"), ""]
-    if kind == "edit":
+          _table(rows, "run" if report else "overrides"), ""]
+    if report:
         md += ["## Per-batch time split (s)", "", "| run | batch | stats | targets | keys | solve | SPHERE | apply | total |",
                "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
@@ -145,7 +150,7 @@ def _write(kind: str, meta: dict, rows: list[dict]) -> Path:
                 s = b["seconds"]
                 md.append(f"| {r['label']} | {b['batch']} | " + " | ".join(f"{s[k]:.2f}" for k in (*TIME_KEYS, "total"))
                           + " |")
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), "\n".join(md) + "\n")
     return stem
 
 
