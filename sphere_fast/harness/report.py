@@ -65,20 +65,25 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _parse_cell(text: str) -> Any:
+    # Integers read back as integers, so a resumed run rewrites earlier rows exactly as they were written.
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
     """Rows with numbers parsed back (empty cells dropped)."""
     out = []
     with open(path, newline="", encoding="utf-8") as fh:
         for raw in csv.DictReader(fh):
-            row: dict[str, Any] = {}
-            for k, v in raw.items():
-                if v is None or v == "":
-                    continue
-                try:
-                    num = float(v)
-                    row[k] = int(num) if k in ("batch", "edits", "batch_size", "eval_requests") else num
-                except ValueError:
-                    row[k] = v
+            row = {k: _parse_cell(v) for k, v in raw.items() if v is not None and v != ""}
+            for k in ("batch", "edits", "batch_size", "eval_requests"):
+                if isinstance(row.get(k), float):  # records written as 3.0 by older versions
+                    row[k] = int(row[k])
             out.append(row)
     return out
 

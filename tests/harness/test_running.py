@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from sphere_fast.editing.hparams import load_hparams
-from sphere_fast.harness.report import read_json, write_json
+from sphere_fast.harness.report import read_csv, read_json, write_csv, write_json
 from sphere_fast.harness.running import RUN_KEYS, choose_hparams, hparams_source, record_run
 
 SETTINGS = {key: 1 for key in RUN_KEYS} | {"eval_every": 1}
@@ -26,6 +26,20 @@ def test_record_run_writes_and_a_resume_must_match(tmp_path):
     write_json(out / "run.json", {k: v for k, v in SETTINGS.items() if k != "dtype"})
     record_run(out, SETTINGS | {"dtype": "float32"}, resume=True)
     assert read_json(out / "run.json")["dtype"] == "float32"
+
+
+def test_a_record_read_back_and_written_again_is_unchanged(tmp_path):
+    # A resumed study rewrites its earlier rows from what it read: 0 must stay 0, not become 0.0.
+    rows = [{"batch": 0, "edits": 0, "efficacy": 0.5},
+            {"batch": 1, "edits": 100, "rank:l3": 138, "restrained:l3": 0, "efficacy": 1.0, "note": "x"}]
+    path = tmp_path / "edits.csv"
+    write_csv(path, rows)
+    first = path.read_bytes()
+    back = read_csv(path)
+    assert back == rows
+    assert {k: type(v) for k, v in back[1].items()} == {k: type(v) for k, v in rows[1].items()}
+    write_csv(path, back)
+    assert path.read_bytes() == first
 
 
 def test_resume_with_nothing_to_resume_starts_a_new_run_and_says_so(tmp_path):
